@@ -1,0 +1,43 @@
+# The README's quick start: `make demo` and `make test`. Both install whatever is missing.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := redis-server zstd postgresql-15 postgresql-client-15 pgbench
+
+.PHONY: install system-deps demo test lint bench clean
+
+install: system-deps $(STAMP)
+
+# Debian packages the runbooks and their tests use; installed only when missing (needs root, as on CI).
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v zstd >/dev/null || missing="$$missing zstd"; \
+	[ -x "$$(pg_config --bindir 2>/dev/null)/initdb" ] || missing="$$missing postgresql-15 postgresql-client-15"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/runbooks demo
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -x -p no:cacheprovider
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .demo .bench

@@ -1,0 +1,45 @@
+"""Typed errors: each says what went wrong, where, and what was left untouched.
+
+Transient failures (connection reset, 5xx) are left to the task's ``retries``; these are the permanent
+ones an operator has to act on. No message ever contains a secret.
+"""
+
+
+class RunbookError(Exception):
+    """Base class of every error a runbook raises on purpose."""
+
+
+class ConfigurationError(RunbookError):
+    """Bad input: rejected before anything was changed."""
+
+
+class ConnectionFailed(RunbookError):
+    """A service could not be reached or refused the credentials."""
+
+
+class StoreError(RunbookError):
+    """The backup store failed; the message names the store and the object."""
+
+
+class ObjectExists(StoreError):
+    """Refused to overwrite an object that already holds different content."""
+
+
+class DumpFailed(RunbookError):
+    """A dump tool exited non-zero or was killed; nothing was listed as a backup."""
+
+
+class ChecksumMismatch(RunbookError):
+    """Stored bytes differ from what the manifest recorded."""
+
+
+class BackupNotFound(RunbookError):
+    """No complete backup set (one with a manifest) has that id."""
+
+
+class RestoreFailed(RunbookError):
+    """A restore step failed; the message says what was left in place."""
+
+
+class VerificationFailed(RunbookError):
+    """Restored data differs from what the manifest recorded."""

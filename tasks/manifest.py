@@ -1,0 +1,229 @@
+"""Backup sets, object keys and the manifest: pure logic, no I/O.
+
+A backup set lives under ``backups/<set id>/``. It exists only once ``manifest.json`` is written, last;
+listing, restore and retention ignore a set without one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from datetime import UTC, datetime
+from typing import Literal
+from urllib.parse import quote, unquote
+
+from pydantic import BaseModel, Field, ValidationError
+
+from tasks.errors import ConfigurationError, StoreError
+
+MANIFEST_NAME = "manifest.json"
+SETS_PREFIX = "backups/"
+FORMAT_VERSION = 1
+_SET_ID = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{6})$")
+
+PartKind = Literal["postgres", "globals", "redis", "files"]
+
+
+def new_set_id(now: datetime | None = None, entropy: str | None = None) -> str:
+    """A set id that sorts by creation time (UTC), e.g. ``20261122T020000Z-3fa9c1``."""
+    now = (now or datetime.now(UTC)).astimezone(UTC)
+    return f"{now:%Y%m%dT%H%M%SZ}-{entropy or secrets.token_hex(3)}"
+
+
+def set_time(set_id: str) -> datetime:
+    """When a set was started, read from its id."""
+    match = _SET_ID.match(set_id)
+    if not match:
+        raise ConfigurationError(f"{set_id!r} is not a backup set id (like 20261122T020000Z-3fa9c1)")
+    return datetime.strptime(match.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+
+
+def is_set_id(text: str) -> bool:
+    return bool(_SET_ID.match(text))
+
+
+def set_prefix(set_id: str) -> str:
+    return f"{SETS_PREFIX}{set_id}/"
+
+
+def manifest_key(set_id: str) -> str:
+    return f"{set_prefix(set_id)}{MANIFEST_NAME}"
+
+
+def encode_name(name: str) -> str:
+    """A database name or path as one safe key segment (``My DB's`` -> ``My%20DB%27s``)."""
+    return quote(name, safe="") if name not in ("", ".", "..") else quote(name, safe="").replace(".", "%2E")
+
+
+def decode_name(segment: str) -> str:
+    return unquote(segment)
+
+
+def part_key(set_id: str, kind: PartKind, name: str = "") -> str:
+    """Deterministic object key of one part of a set."""
+    base = set_prefix(set_id)
+    match kind:
+        case "postgres":
+            return f"{base}postgres/{encode_name(name)}.dump.zst"
+        case "globals":
+            return f"{base}postgres/globals.sql.zst"
+        case "redis":
+            return f"{base}redis/{encode_name(name or 'redis')}.rdb.zst"
+        case "files":
+            return f"{base}files/{encode_name(name)}.tar.zst"
+    raise ConfigurationError(f"unknown part kind {kind!r}")
+
+
+def complete_set_ids(keys: list[str]) -> list[str]:
+    """Ids of sets that have a manifest, oldest first; anything else in the store is ignored."""
+    ids = set()
+    for key in keys:
+        if not key.startswith(SETS_PREFIX) or not key.endswith("/" + MANIFEST_NAME):
+            continue
+        set_id = key[len(SETS_PREFIX) : -len(MANIFEST_NAME) - 1]
+        if is_set_id(set_id):
+            ids.add(set_id)
+    return sorted(ids)
+
+
+def incomplete_set_ids(keys: list[str]) -> list[str]:
+    """Ids of sets that have parts but no manifest (failed or still running)."""
+    seen = set()
+    for key in keys:
+        if key.startswith(SETS_PREFIX):
+            candidate = key[len(SETS_PREFIX) :].split("/", 1)[0]
+            if is_set_id(candidate):
+                seen.add(candidate)
+    return sorted(seen - set(complete_set_ids(keys)))
+
+
+# -------------------------------------------------------------------------------------------- models
+
+
+class TableChecksum(BaseModel):
+    """Row count and an order-independent content checksum of one table, taken in the dump's snapshot."""
+
+    schema_name: str
+    table: str
+    rows: int
+    checksum: str | None = Field(default=None, description="None when skipped for size.")
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema_name}.{self.table}"
+
+
+class RedisSummary(BaseModel):
+    keys: int
+    digest: str
+    databases: dict[str, int] = Field(default_factory=dict)
+
+
+class FilesSummary(BaseModel):
+    files: int
+    bytes: int
+    digest: str
+
+
+class Part(BaseModel):
+    """One stored object of a set and what it holds."""
+
+    kind: PartKind
+    name: str
+    key: str
+    size: int = Field(description="Stored (compressed) bytes.")
+    raw_size: int = Field(description="Bytes before compression.")
+    sha256: str = Field(description="Of the stored bytes.")
+    compression: str = "zstd"
+    compression_level: int = 1
+    tool: str
+    tool_version: str = ""
+    server_version: str = ""
+    seconds: float = 0.0
+    tables: list[TableChecksum] = Field(default_factory=list)
+    redis: RedisSummary | None = None
+    files: FilesSummary | None = None
+
+
+class Manifest(BaseModel):
+    format_version: int = FORMAT_VERSION
+    set_id: str
+    started_at: datetime
+    completed_at: datetime
+    tags: list[str] = Field(default_factory=list)
+    source: dict[str, str] = Field(default_factory=dict, description="Where each part came from.")
+    runbooks_version: str = ""
+    flow_run_id: str | None = None
+    parts: list[Part]
+
+    @property
+    def size(self) -> int:
+        return sum(p.size for p in self.parts)
+
+    @property
+    def raw_size(self) -> int:
+        return sum(p.raw_size for p in self.parts)
+
+    def part(self, kind: PartKind, name: str = "") -> Part | None:
+        for part in self.parts:
+            if part.kind == kind and (not name or part.name == name):
+                return part
+        return None
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False).encode() + b"\n"
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, where: str = "") -> Manifest:
+        try:
+            manifest = cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise StoreError(f"manifest {where} is not valid: {exc.errors()[0]['msg']}") from None
+        if manifest.format_version > FORMAT_VERSION:
+            raise StoreError(
+                f"manifest {where} has format {manifest.format_version}; this version reads up to "
+                f"{FORMAT_VERSION}: upgrade runbooks"
+            )
+        return manifest
+
+
+def build_manifest(
+    set_id: str,
+    parts: list[Part],
+    *,
+    started_at: datetime,
+    completed_at: datetime,
+    tags: list[str],
+    source: dict[str, str],
+    runbooks_version: str,
+    flow_run_id: str | None = None,
+) -> Manifest:
+    """Check the parts belong together and make the manifest; refuses an empty or inconsistent set."""
+    if not parts:
+        raise ConfigurationError("a backup set needs at least one part")
+    keys = [p.key for p in parts]
+    if len(set(keys)) != len(keys):
+        raise ConfigurationError(f"duplicate part keys in set {set_id}")
+    prefix = set_prefix(set_id)
+    stray = [k for k in keys if not k.startswith(prefix)]
+    if stray:
+        raise ConfigurationError(f"parts outside set {set_id}: {stray}")
+    return Manifest(
+        set_id=set_id,
+        started_at=started_at,
+        completed_at=completed_at,
+        tags=tags,
+        source=source,
+        runbooks_version=runbooks_version,
+        flow_run_id=flow_run_id,
+        parts=parts,
+    )
+
+
+def human_size(num: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(num) < 1024 or unit == "TiB":
+            return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
+        num /= 1024
+    return f"{num:.1f} TiB"
