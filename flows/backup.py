@@ -1,0 +1,181 @@
+"""The `backup` runbook: PostgreSQL databases and globals, Redis, directories, streamed into a store.
+
+Parts are written first, each checksummed on the way; the manifest is written last, only when every
+part is stored. A failed run discards what it wrote, so it is never listed as a backup.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated, Literal
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
+from prefect.client.schemas.objects import Flow, FlowRun
+from prefect.runtime import flow_run as current_run
+from prefect.states import State
+from pydantic import BaseModel, Field
+
+from blocks.postgres import PostgresConnection
+from blocks.redis import RedisConnection
+from blocks.store import BackupStore
+from tasks.errors import ConfigurationError
+from tasks.files import archive_directory
+from tasks.log import run_logger
+from tasks.manifest import Manifest, Part, build_manifest, human_size, new_set_id
+from tasks.notify import send_notification
+from tasks.postgres import dump_database, dump_globals, inspect_server
+from tasks.progress import Progress
+from tasks.redis import snapshot_redis
+from tasks.store import discard_incomplete_set, write_manifest
+
+DEFAULT_STORE = "file:///var/backups/runbooks"
+
+
+class BackupResult(BaseModel):
+    set_id: str
+    store: str
+    parts: int
+    size: int
+    raw_size: int
+    seconds: float
+    manifest_key: str
+
+
+def runbooks_version() -> str:
+    try:
+        return version("prefect-runbooks")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def _notify_failure(flow: Flow, flow_run: FlowRun, state: State) -> None:
+    block_ref = (flow_run.parameters or {}).get("notify_block")
+    if block_ref:
+        send_notification.fn(
+            block_ref,
+            subject=f"backup FAILED: {flow_run.name}",
+            body=f"Flow run {flow_run.name} ({flow_run.id}) ended {state.type.value}: {state.message}",
+        )
+
+
+@flow(name="backup", on_failure=[_notify_failure], on_crashed=[_notify_failure], log_prints=False)
+def backup(
+    store: Annotated[BackupStore | None, Field(description="Where the set goes; empty: " + DEFAULT_STORE)] = None,
+    postgres: PostgresConnection | None = None,
+    databases: Annotated[list[str] | None, Field(description="Empty: every non-template database.")] = None,
+    include_globals: bool = True,
+    no_role_passwords: Annotated[bool, Field(description="For managed PostgreSQL (no pg_authid).")] = False,
+    redis: RedisConnection | None = None,
+    redis_mode: Literal["replication", "bgsave"] = "replication",
+    redis_rdb_path: Annotated[str | None, Field(description="bgsave mode: where dump.rdb is.")] = None,
+    paths: Annotated[list[str] | None, Field(description="Directories to archive (on this host).")] = None,
+    tags: list[str] | None = None,
+    table_checksums: Annotated[bool, Field(description="Record per-table content checksums.")] = True,
+    checksum_max_table_mb: Annotated[int | None, Field(description="Bigger tables: row count only.")] = None,
+    compression_level: Annotated[int, Field(ge=1, le=19, description="zstd level for dumps.")] = 1,
+    compression_threads: Annotated[int, Field(ge=0, le=64)] = 2,
+    retries: Annotated[int, Field(ge=0, le=10, description="Retries of each step on transient errors.")] = 2,
+    retry_delay_seconds: Annotated[float, Field(ge=0)] = 10,
+    notify_block: Annotated[str | None, Field(description="e.g. slack-webhook/ops: told of failures.")] = None,
+) -> BackupResult:
+    """Back up the configured sources into one verified, manifest-last backup set."""
+    log = run_logger()
+    if postgres is None and redis is None and not paths:
+        raise ConfigurationError("nothing to back up: give a postgres connection, a redis connection or paths")
+    if redis_mode == "bgsave" and redis is not None and not redis_rdb_path:
+        raise ConfigurationError("redis_mode=bgsave needs redis_rdb_path (where the server writes dump.rdb)")
+    store = store or BackupStore.from_url(DEFAULT_STORE)
+    store.get_client()  # configuration errors surface before anything is dumped
+    retry = {"retries": retries, "retry_delay_seconds": retry_delay_seconds}
+    set_id = new_set_id()
+    started_at = datetime.now(UTC)
+    started = time.monotonic()
+    log.info("backup set %s into %s", set_id, store.describe())
+
+    parts: list[Part] = []
+    source: dict[str, str] = {}
+    try:
+        server = inspect_server.with_options(**retry)(postgres, databases) if postgres else None
+        progress = Progress(
+            (server.total_bytes if server else 0),
+            create_progress_artifact(0.0, key="backup-progress", description=f"Backup {set_id}"),
+        )
+        if postgres is not None and server is not None:
+            source["postgres"] = f"{postgres.describe()} (PostgreSQL {server.version})"
+            if include_globals:
+                parts.append(dump_globals.with_options(**retry)(
+                    postgres, store, set_id, no_role_passwords=no_role_passwords))
+            for database in server.databases:
+                parts.append(dump_database.with_options(**retry)(
+                    postgres, database, store, set_id, table_checksums=table_checksums,
+                    checksum_max_table_bytes=checksum_max_table_mb * 2**20 if checksum_max_table_mb else None,
+                    level=compression_level, threads=compression_threads, progress=progress,
+                ))
+        if redis is not None:
+            source["redis"] = redis.describe()
+            parts.append(snapshot_redis.with_options(**retry)(
+                redis, store, set_id, mode=redis_mode, rdb_path=redis_rdb_path))
+        for path in paths or []:
+            source[f"files:{path}"] = path
+            parts.append(archive_directory.with_options(**retry)(path, store, set_id, progress=progress))
+        manifest = build_manifest(
+            set_id, parts, started_at=started_at, completed_at=datetime.now(UTC), tags=tags or [],
+            source=source, runbooks_version=runbooks_version(), flow_run_id=str(current_run.id or ""),
+        )
+        key = write_manifest(store, manifest)
+        progress.finish()
+    except BaseException:
+        log.error("backup set %s failed; discarding its parts so it is never listed", set_id)
+        discard_incomplete_set(store, set_id)
+        raise
+
+    seconds = round(time.monotonic() - started, 1)
+    _publish_artifacts(manifest, store.describe(), seconds)
+    return BackupResult(set_id=set_id, store=store.describe(), parts=len(parts), size=manifest.size,
+                        raw_size=manifest.raw_size, seconds=seconds, manifest_key=key)
+
+
+def _publish_artifacts(manifest: Manifest, store: str, seconds: float) -> None:
+    rows = [
+        {
+            "part": f"{p.kind}: {p.name}",
+            "key": p.key,
+            "raw": human_size(p.raw_size),
+            "stored": human_size(p.size),
+            "ratio": f"{p.raw_size / p.size:.2f}" if p.size else "-",
+            "sha256": p.sha256[:16],
+            "seconds": f"{p.seconds:.1f}",
+            "verified by": _verification_note(p),
+        }
+        for p in manifest.parts
+    ]
+    create_table_artifact(rows, key="backup-parts", description=f"Parts of backup set {manifest.set_id}")
+    lines = [
+        f"# Backup set `{manifest.set_id}`",
+        "",
+        f"- store: `{store}`",
+        f"- parts: {len(manifest.parts)}, {human_size(manifest.raw_size)} raw, "
+        f"{human_size(manifest.size)} stored",
+        f"- took {seconds:.1f} s; manifest written last at `{manifest.completed_at:%Y-%m-%d %H:%M:%S} UTC`",
+        f"- tags: {', '.join(manifest.tags) or '-'}",
+        "",
+        "| part | stored | what it holds |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {p.kind}: `{p.name}` | {human_size(p.size)} | {_verification_note(p)} |" for p in manifest.parts]
+    create_markdown_artifact("\n".join(lines), key="backup-summary", description="Backup summary")
+
+
+def _verification_note(part: Part) -> str:
+    if part.tables:
+        summed = sum(1 for t in part.tables if t.checksum and not t.checksum.startswith("seq:"))
+        rows = sum(t.rows for t in part.tables)
+        return f"{len(part.tables)} tables/sequences, {rows} rows, {summed} checksummed"
+    if part.redis is not None:
+        return f"{part.redis.keys} keys, digest {part.redis.digest[:12]}"
+    if part.files is not None:
+        return f"{part.files.files} files, {human_size(part.files.bytes)}"
+    return "sha256 only"

@@ -1,0 +1,334 @@
+"""PostgreSQL steps: list databases, dump one database or the globals into the store, restore them,
+and the per-table checksums that prove a restore equals the dump."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import psycopg
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from psycopg import sql
+
+from blocks.postgres import PostgresConnection
+from blocks.store import BackupStore
+from tasks.errors import ConfigurationError, DumpFailed, RestoreFailed, RunbookError, VerificationFailed
+from tasks.log import run_logger
+from tasks.manifest import Part, TableChecksum, part_key
+from tasks.process import Child, describe_exit, pg_tool, spawn, tool_version
+from tasks.progress import Progress
+from tasks.stream import CHUNK, compress_into_store, open_decompressed_reader
+
+# Settings that make ``row::text`` the same on the dumped and the restored server.
+_STABLE_TEXT = (
+    "SET TimeZone = 'UTC'",
+    "SET DateStyle = 'ISO, YMD'",
+    "SET IntervalStyle = 'postgres'",
+    "SET extra_float_digits = 3",
+    "SET bytea_output = 'hex'",
+)
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    version: str
+    databases: list[str]
+    total_bytes: int
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def inspect_server(pg: PostgresConnection, databases: list[str] | None = None) -> ServerInfo:
+    """Server version and the databases to back up (all non-template ones unless named); checks they exist."""
+    with pg.connect() as conn:
+        version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+        rows = conn.execute(
+            "SELECT datname, pg_database_size(datname) FROM pg_database "
+            "WHERE NOT datistemplate AND datallowconn ORDER BY datname"
+        ).fetchall()
+    sizes = {name: size for name, size in rows}
+    if databases:
+        missing = [d for d in databases if d not in sizes]
+        if missing:
+            raise ConfigurationError(
+                f"database(s) {missing} not found on {pg.describe()}; it has {sorted(sizes)}"
+            )
+        chosen = list(databases)
+    else:
+        chosen = list(sizes)
+    run_logger().info("PostgreSQL %s at %s: backing up %s", version, pg.describe(), chosen)
+    return ServerInfo(version=version, databases=chosen, total_bytes=sum(sizes[d] for d in chosen))
+
+
+def _stable_session(conn: psycopg.Connection) -> None:
+    for statement in _STABLE_TEXT:
+        conn.execute(statement)
+
+
+def collect_checksums(
+    conn: psycopg.Connection, *, max_table_bytes: int | None = None
+) -> list[TableChecksum]:
+    """Row count and content checksum of every user table, and every sequence's value.
+
+    The checksum is the sum of ``hashtextextended(row::text, 0)`` over the rows: order-independent,
+    one sequential scan, no sort. Tables larger than ``max_table_bytes`` get a row count only.
+    Runs in whatever transaction (snapshot) the connection is in.
+    """
+    _stable_session(conn)
+    tables = conn.execute(
+        "SELECT n.nspname, c.relname, c.relkind, pg_relation_size(c.oid) FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind IN ('r', 'S') AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+        "AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%' "
+        "AND c.relpersistence <> 't' ORDER BY 1, 2"
+    ).fetchall()
+    result: list[TableChecksum] = []
+    for schema, name, kind, size in tables:
+        ident = sql.Identifier(schema, name)
+        if kind == "S":
+            last, called = conn.execute(
+                sql.SQL("SELECT last_value, is_called FROM {}").format(ident)
+            ).fetchone()  # type: ignore[misc]
+            result.append(TableChecksum(schema_name=schema, table=name, rows=0, checksum=f"seq:{last}:{called}"))
+            continue
+        if max_table_bytes is not None and size > max_table_bytes:
+            rows = conn.execute(sql.SQL("SELECT count(*) FROM ONLY {}").format(ident)).fetchone()[0]  # type: ignore[index]
+            result.append(TableChecksum(schema_name=schema, table=name, rows=rows, checksum=None))
+            continue
+        rows, total = conn.execute(
+            sql.SQL(
+                "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text FROM ONLY {} AS t"
+            ).format(ident)
+        ).fetchone()  # type: ignore[misc]
+        result.append(TableChecksum(schema_name=schema, table=name, rows=rows, checksum=f"h64sum:{total}"))
+    return result
+
+
+def compare_checksums(expected: list[TableChecksum], actual: list[TableChecksum]) -> list[str]:
+    """Human-readable differences; empty when every table and sequence matches."""
+    want = {t.qualified: t for t in expected}
+    have = {t.qualified: t for t in actual}
+    problems = [f"{name}: missing after restore" for name in sorted(set(want) - set(have))]
+    problems += [f"{name}: not in the backup" for name in sorted(set(have) - set(want))]
+    for name in sorted(set(want) & set(have)):
+        w, h = want[name], have[name]
+        if w.rows != h.rows:
+            problems.append(f"{name}: {h.rows} rows, backup had {w.rows}")
+        elif w.checksum is not None and w.checksum != h.checksum:
+            problems.append(f"{name}: content checksum differs")
+    return problems
+
+
+@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, task_run_name="dump-database-{database}")
+def dump_database(
+    pg: PostgresConnection,
+    database: str,
+    store: BackupStore,
+    set_id: str,
+    *,
+    table_checksums: bool = True,
+    checksum_max_table_bytes: int | None = None,
+    level: int = 1,
+    threads: int = 2,
+    progress: Progress | None = None,
+) -> Part:
+    """``pg_dump -Fc -Z0`` of one database, streamed through zstd and sha256 into the store.
+
+    The dump and the table checksums read the same exported snapshot, so they describe the same data.
+    """
+    log = run_logger()
+    key = part_key(set_id, "postgres", database)
+    pg_dump = pg_tool("pg_dump")
+    started = time.monotonic()
+    with pg.connect(database, autocommit=True) as snap_conn:
+        server_version = str(snap_conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+        snap_conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        snapshot = str(snap_conn.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
+        log.info("dumping %s into %s", pg.describe(database), key)
+
+        checksums: list[TableChecksum] = []
+        checksum_error: list[BaseException] = []
+
+        def checksum_worker() -> None:
+            try:
+                checksums.extend(collect_checksums(snap_conn, max_table_bytes=checksum_max_table_bytes))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the task's thread below
+                checksum_error.append(exc)
+
+        argv = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={snapshot}", "--no-password"]
+        with spawn(argv, env=pg.libpq_env(database)) as child:
+            worker = threading.Thread(target=checksum_worker, daemon=True) if table_checksums else None
+            if worker:
+                worker.start()
+            try:
+                stored = compress_into_store(
+                    store.get_client(), key, _ExitChecked(child, pg.describe(database)),
+                    level=level, threads=threads, on_progress=progress.advance if progress else None,
+                )
+            finally:
+                if worker:
+                    worker.join()
+        if checksum_error:
+            raise DumpFailed(
+                f"table checksums of {pg.describe(database)} failed: {checksum_error[0]}"
+            ) from checksum_error[0]
+        snap_conn.execute("COMMIT")
+    part = Part(
+        kind="postgres", name=database, key=key, size=stored.size, raw_size=stored.raw_size,
+        sha256=stored.sha256, compression_level=level, tool="pg_dump -Fc -Z0",
+        tool_version=tool_version(pg_dump), server_version=server_version,
+        seconds=round(time.monotonic() - started, 3), tables=checksums,
+    )
+    log.info("dumped %s: %d bytes -> %d stored, %d tables checksummed",
+             pg.describe(database), part.raw_size, part.size, len(checksums))
+    return part
+
+
+class _ExitChecked:
+    """A child's stdout that, at EOF, raises DumpFailed unless the tool exited 0.
+
+    Raising before the store writer commits is what keeps a failed dump from ever being stored.
+    """
+
+    def __init__(self, child: Child, target: str) -> None:
+        self.child = child
+        self.target = target
+
+    def readinto(self, buffer: memoryview) -> int:
+        count = self.child.stdout.readinto(buffer)  # type: ignore[attr-defined]
+        if not count:
+            code = self.child.wait()
+            if code != 0:
+                raise DumpFailed(
+                    f"{self.child.proc.args[0]} of {self.target} failed ({describe_exit(code)}): "
+                    f"{self.child.stderr_tail()}"
+                )
+        return count
+
+
+@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def dump_globals(
+    pg: PostgresConnection, store: BackupStore, set_id: str, *, no_role_passwords: bool = False, level: int = 3
+) -> Part:
+    """``pg_dumpall --globals-only``: roles (with their password hashes unless told not to) and tablespaces."""
+    key = part_key(set_id, "globals")
+    tool = pg_tool("pg_dumpall")
+    argv = [tool, "--globals-only", "--no-password"]
+    if no_role_passwords:
+        argv.append("--no-role-passwords")  # managed PostgreSQL does not let anyone read pg_authid
+    started = time.monotonic()
+    with pg.connect() as conn:
+        server_version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+    with spawn(argv, env=pg.libpq_env()) as child:
+        stored = compress_into_store(
+            store.get_client(), key, _ExitChecked(child, pg.describe()), level=level, threads=0
+        )
+    run_logger().info("dumped globals of %s into %s", pg.describe(), key)
+    return Part(
+        kind="globals", name="globals", key=key, size=stored.size, raw_size=stored.raw_size,
+        sha256=stored.sha256, compression_level=level, tool=" ".join(["pg_dumpall", *argv[1:]]),
+        tool_version=tool_version(tool), server_version=server_version,
+        seconds=round(time.monotonic() - started, 3),
+    )
+
+
+# ------------------------------------------------------------------------------------------ restore
+
+
+@dataclass(frozen=True)
+class RestoredDatabase:
+    database: str
+    tables: int
+    seconds: float
+
+
+def _conninfo_dbname(name: str) -> str:
+    """``dbname='...'`` for tools that read -d as a connection string (a name may contain '=')."""
+    escaped = name.replace("\\", "\\\\").replace("'", "\\'")
+    return f"dbname='{escaped}'"
+
+
+@task(cache_policy=NO_CACHE, task_run_name="restore-database-{database}")
+def restore_database(
+    part: Part, store: BackupStore, pg: PostgresConnection, database: str, *, verify: bool = True
+) -> RestoredDatabase:
+    """Create ``database`` (it must not exist) and restore the dump into it, then compare checksums.
+
+    On any failure the database this step created is dropped again; nothing else is touched.
+    """
+    log = run_logger()
+    started = time.monotonic()
+    with pg.connect(autocommit=True) as admin:
+        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
+        if exists:
+            raise ConfigurationError(
+                f"database {database!r} already exists on {pg.describe()}; restore into a new name"
+            )
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(database)))
+    log.info("restoring %s into %s", part.key, pg.describe(database))
+    try:
+        argv = [pg_tool("pg_restore"), "--exit-on-error", "--no-password",
+                f"--dbname={_conninfo_dbname(database)}"]
+        with open_decompressed_reader(store.get_client(), part.key, sha256=part.sha256, size=part.size) as src:
+            with spawn(argv, env=pg.libpq_env(database), stdin=True, stdout=False) as child:
+                try:
+                    while chunk := src.read(CHUNK):
+                        child.stdin.write(chunk)
+                    child.stdin.close()
+                except BrokenPipeError:
+                    pass
+                code = child.wait()
+                if code != 0:
+                    raise RestoreFailed(
+                        f"pg_restore into {pg.describe(database)} failed ({describe_exit(code)}): "
+                        f"{child.stderr_tail()}"
+                    )
+        tables = 0
+        if verify and part.tables:
+            with pg.connect(database) as conn:
+                actual = collect_checksums(conn)
+            problems = compare_checksums(part.tables, actual)
+            if problems:
+                raise VerificationFailed(
+                    f"restored {pg.describe(database)} differs from the backup: " + "; ".join(problems[:10])
+                )
+            tables = len([t for t in part.tables if not (t.checksum or "").startswith("seq:")])
+    except (RunbookError, OSError, psycopg.Error):
+        _drop_quietly(pg, database)
+        raise
+    seconds = round(time.monotonic() - started, 3)
+    log.info("restored %s in %.1f s (%d tables verified)", pg.describe(database), seconds, tables)
+    return RestoredDatabase(database=database, tables=tables, seconds=seconds)
+
+
+def _drop_quietly(pg: PostgresConnection, database: str) -> None:
+    try:
+        with pg.connect(autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+    except RunbookError as exc:
+        run_logger().warning("could not drop the half-restored %s: %s", database, exc)
+
+
+@dataclass(frozen=True)
+class RestoredGlobals:
+    statements_failed_as_existing: int
+
+
+@task(cache_policy=NO_CACHE)
+def restore_globals(part: Part, store: BackupStore, pg: PostgresConnection) -> RestoredGlobals:
+    """Replay the globals: roles that exist already stay as they are, anything else failing is an error."""
+    argv = [pg_tool("psql"), "--no-psqlrc", "--quiet", "--no-password", "--set=ON_ERROR_STOP=0", "--file=-"]
+    with open_decompressed_reader(store.get_client(), part.key, sha256=part.sha256, size=part.size) as src:
+        script = src.read()
+    with spawn(argv, env=pg.libpq_env(), stdin=True, stdout=False) as child:
+        child.stdin.write(script)
+        child.stdin.close()
+        code = child.wait()
+    errors = [line for line in child.stderr_lines if "ERROR:" in line]
+    existing = [line for line in errors if "already exists" in line]
+    others = [line for line in errors if "already exists" not in line]
+    if code != 0 or others:
+        raise RestoreFailed(f"globals restore on {pg.describe()} failed: {'; '.join(others[:5]) or code}")
+    run_logger().info("restored globals on %s (%d already existed)", pg.describe(), len(existing))
+    return RestoredGlobals(statements_failed_as_existing=len(existing))
