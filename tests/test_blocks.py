@@ -1,0 +1,52 @@
+"""Blocks: built from URLs, described without secrets, refusing bad input."""
+
+import pytest
+
+from blocks.postgres import PostgresConnection
+from blocks.redis import RedisConnection
+from blocks.store import BackupStore
+from tasks.errors import ConfigurationError, ConnectionFailed
+
+
+def test_postgres_from_url_keeps_password_out_of_description_and_repr():
+    pg = PostgresConnection.from_url("postgresql://app%40x:s3cr%2Ft@db.example:6543/My%20DB?sslmode=require")
+    assert (pg.host, pg.port, pg.user, pg.database, pg.sslmode) == ("db.example", 6543, "app@x", "My DB", "require")
+    assert pg.password.get_secret_value() == "s3cr/t"
+    assert "s3cr" not in pg.describe() and "s3cr" not in repr(pg) and "s3cr" not in str(pg.model_dump())
+    env = pg.libpq_env("other")
+    assert env["PGPASSWORD"] == "s3cr/t" and env["PGDATABASE"] == "other"
+
+
+def test_postgres_url_errors():
+    with pytest.raises(ConfigurationError, match="not a PostgreSQL URL"):
+        PostgresConnection.from_url("mysql://x")
+
+
+def test_connection_failure_names_host_and_database_not_password():
+    pg = PostgresConnection.from_url("postgresql://u:topsecretpw@127.0.0.1:1/appdb")
+    with pytest.raises(ConnectionFailed) as err:
+        pg.connect()
+    assert "127.0.0.1:1/appdb" in str(err.value) and "topsecretpw" not in str(err.value)
+
+
+def test_redis_from_url():
+    r = RedisConnection.from_url("rediss://ops:pw@cache:6380/3")
+    assert (r.host, r.port, r.db, r.username, r.tls) == ("cache", 6380, 3, "ops", True)
+    assert "pw" not in r.describe()
+    with pytest.raises(ConfigurationError):
+        RedisConnection.from_url("redis://h/x")
+
+
+def test_store_from_url():
+    local = BackupStore.from_url("file:///var/backups/app")
+    assert (local.backend, local.path) == ("local", "/var/backups/app")
+    s3 = BackupStore.from_url("s3://bucket/some/prefix?endpoint_url=http://127.0.0.1:8333&region=us-east-1&sse=AES256")
+    assert (s3.backend, s3.bucket, s3.prefix, s3.endpoint_url, s3.region, s3.sse) == (
+        "s3", "bucket", "some/prefix", "http://127.0.0.1:8333", "us-east-1", "AES256")
+    assert s3.describe() == "s3://bucket/some/prefix at http://127.0.0.1:8333"
+    with pytest.raises(ConfigurationError, match="not in the URL"):
+        BackupStore.from_url("s3://key:secret@bucket/p")
+    with pytest.raises(ConfigurationError, match="unknown S3 store option"):
+        BackupStore.from_url("s3://bucket/p?endpoint=x")
+    with pytest.raises(ConfigurationError, match="kms_key_id"):
+        BackupStore.from_url("s3://bucket/p?sse=aws:kms").get_client()
