@@ -1,0 +1,698 @@
+"""Redis steps: take an RDB snapshot over the network, restore one key by key, and the keyspace digest
+that proves a snapshot or a restore holds the same data.
+
+Nothing here needs the Redis host's filesystem except ``mode="bgsave"``, which reads the file the
+operator's ``rdb_path`` points at. The snapshot goes over the replication protocol, like
+``redis-cli --rdb``; the restore loads the RDB into a scratch redis-server next to the worker and copies
+every key with DUMP/RESTORE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+import socket
+import ssl
+import struct
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import redis
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import SecretStr
+
+from blocks.redis import RedisConnection
+from blocks.store import BackupStore
+from tasks.errors import (
+    ConfigurationError,
+    ConnectionFailed,
+    DumpFailed,
+    RestoreFailed,
+    VerificationFailed,
+)
+from tasks.log import run_logger
+from tasks.manifest import Part, RedisSummary, part_key
+from tasks.scratch import ScratchRedis
+from tasks.stream import CHUNK, StreamResult, open_compressed_writer, open_decompressed_reader
+
+RDB_MAGIC = b"REDIS"
+_EOF_MARK_SIZE = 40  # the diskless-sync delimiter: 40 random hex characters
+_MOD = 2**256
+_SCAN_COUNT = 2000
+
+
+class ByteSink(Protocol):
+    """Where snapshot bytes go: a CompressedWriter, a file, or both through a tee."""
+
+    def write(self, data: bytes | memoryview, /) -> Any: ...
+
+
+# ------------------------------------------------------------------------------- replication snapshot
+
+
+class _ReplicationLink:
+    """A raw connection that talks just enough RESP to authenticate and ask for a full sync.
+
+    redis-py cannot read the bulk RDB that follows SYNC, so this owns the socket. Every socket operation
+    waits at most ``timeout`` seconds: the timeout is for a stalled server, not for the whole transfer
+    (the newline keep-alives a master sends while it forks count as life).
+    """
+
+    def __init__(self, conn: RedisConnection, timeout: float) -> None:
+        self.where = conn.describe()
+        self.timeout = timeout
+        self.doing = "connecting"
+        self.pending = bytearray()  # bytes received past the last line handed out
+        # The Block's client factory is the one place that unwraps the password and decides the TLS
+        # options; read them from the (not yet connected) client it builds.
+        self.options = conn.get_client().get_connection_kwargs()
+        self.sock = self._connect(conn)
+
+    def _connect(self, conn: RedisConnection) -> socket.socket:
+        try:
+            sock = socket.create_connection((conn.host, conn.port), timeout=self.timeout)
+        except TimeoutError:
+            raise self._stalled() from None
+        except OSError as exc:
+            raise ConnectionFailed(f"cannot connect to Redis {self.where}: {exc.strerror or exc}") from None
+        sock.settimeout(self.timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not conn.tls:
+            return sock
+        context = ssl.create_default_context(cafile=self.options.get("ssl_ca_certs"))
+        context.check_hostname = bool(self.options.get("ssl_check_hostname", True))
+        if self.options.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if self.options.get("ssl_certfile"):
+            context.load_cert_chain(self.options["ssl_certfile"], self.options.get("ssl_keyfile"))
+        self.doing = "negotiating TLS"
+        try:
+            return context.wrap_socket(sock, server_hostname=conn.host)
+        except TimeoutError:
+            sock.close()
+            raise self._stalled() from None
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            raise ConnectionFailed(f"TLS handshake with Redis {self.where} failed: {exc}") from None
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _stalled(self) -> DumpFailed:
+        return DumpFailed(
+            f"Redis {self.where} sent nothing for {self.timeout:g} s while {self.doing}: the server is "
+            "stalled, overloaded or not a Redis server; nothing was stored"
+        )
+
+    def recv(self, size: int) -> bytes:
+        try:
+            data = self.sock.recv(size)
+        except TimeoutError:
+            raise self._stalled() from None
+        except OSError as exc:
+            raise ConnectionFailed(f"connection to Redis {self.where} failed while {self.doing}: {exc}") from None
+        if not data:
+            raise ConnectionFailed(f"Redis {self.where} closed the connection while {self.doing}")
+        return data
+
+    def send(self, *args: bytes | str) -> None:
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            raw = arg.encode() if isinstance(arg, str) else arg
+            parts.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+        try:
+            self.sock.sendall(b"".join(parts))
+        except TimeoutError:
+            raise self._stalled() from None
+        except OSError as exc:
+            raise ConnectionFailed(f"connection to Redis {self.where} failed while {self.doing}: {exc}") from None
+
+    def read_line(self) -> bytes:
+        """One reply line without its line end; an empty line is a keep-alive."""
+        while True:
+            end = self.pending.find(b"\n")
+            if end >= 0:
+                line = bytes(self.pending[:end]).rstrip(b"\r")
+                del self.pending[: end + 1]
+                return line
+            if len(self.pending) > 64 * 1024:
+                raise DumpFailed(f"Redis {self.where} sent a reply line over 64 KiB while {self.doing}")
+            self.pending += self.recv(64 * 1024)
+
+    def command(self, *args: str) -> bytes:
+        """Send a command and return its one-line reply (``+OK`` or ``-ERR ...``)."""
+        self.send(*args)
+        return self.read_line()
+
+    def take_pending(self) -> bytes:
+        data = bytes(self.pending)
+        self.pending.clear()
+        return data
+
+
+class _MagicCheck:
+    """Passes bytes on to the sink and checks that they start with the RDB magic."""
+
+    def __init__(self, sink: ByteSink, where: str) -> None:
+        self.sink = sink
+        self.where = where
+        self.head = b""
+        self.total = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        if not data:
+            return
+        if len(self.head) < len(RDB_MAGIC):
+            self.head += bytes(data[: len(RDB_MAGIC) - len(self.head)])
+            if not RDB_MAGIC.startswith(self.head[: len(RDB_MAGIC)]):
+                raise DumpFailed(f"{self.where} did not send an RDB file (it starts with {self.head!r})")
+        self.sink.write(data)
+        self.total += len(data)
+
+    def finish(self) -> int:
+        if self.head != RDB_MAGIC:
+            raise DumpFailed(f"{self.where} sent {self.total} bytes, too short for an RDB file")
+        return self.total
+
+
+def _reply_error(where: str, doing: str, reply: bytes) -> Exception:
+    text = reply[1:].decode(errors="replace").rstrip(".")
+    if text.startswith("NOPERM"):
+        return ConnectionFailed(
+            f"Redis {where} refused {doing}: {text}; the user needs the AUTH, REPLCONF and SYNC commands"
+        )
+    if text.startswith(("NOAUTH", "WRONGPASS")) or "invalid password" in text:
+        return ConnectionFailed(
+            f"Redis {where} refused {doing}: {text}; check the username and password of the RedisConnection block"
+        )
+    return DumpFailed(f"Redis {where} refused {doing}: {text}")
+
+
+def stream_rdb(conn: RedisConnection, sink: ByteSink, *, timeout: float, diskless: bool = True) -> int:
+    """Write a consistent RDB snapshot of the whole server to ``sink`` in chunks; returns bytes written.
+
+    Works like ``redis-cli --rdb``: the server forks and sends the RDB as if to a new replica. With
+    ``diskless`` the server is offered the socket form (``REPLCONF capa eof``), so a server configured
+    with ``repl-diskless-sync yes`` (Redis 7's default) writes nothing to its own disk, after waiting
+    ``repl-diskless-sync-delay`` (5 s by default) for other replicas; otherwise it writes its RDB file
+    first. ``timeout`` bounds each silence from the server, not the whole transfer.
+    """
+    where = conn.describe()
+    link = _ReplicationLink(conn, timeout)
+    try:
+        options = link.options
+        if options.get("password"):
+            link.doing = "authenticating"
+            args = ["AUTH", options["password"]]
+            if options.get("username"):
+                args.insert(1, options["username"])
+            reply = link.command(*args)
+            if reply.startswith(b"-"):
+                raise _reply_error(where, "the credentials", reply)
+        link.doing = "asking for an RDB-only sync"
+        # Redis >= 7.0: the master sends the RDB and then closes, rather than keeping us as a replica.
+        reply = link.command("REPLCONF", "rdb-only", "1")
+        if reply.startswith(b"-") and b"rdb-only" not in reply:
+            raise _reply_error(where, "REPLCONF rdb-only", reply)
+        if diskless:
+            reply = link.command("REPLCONF", "capa", "eof")
+            if reply.startswith(b"-"):
+                raise _reply_error(where, "REPLCONF capa eof", reply)
+        link.doing = "waiting for the snapshot to start"
+        link.send("SYNC")
+        while True:
+            header = link.read_line()
+            if not header or header.startswith(b"+FULLRESYNC"):
+                continue  # keep-alive newline while the master forks; FULLRESYNC only after PSYNC
+            if header.startswith(b"-"):
+                raise _reply_error(where, "SYNC", header)
+            if not header.startswith(b"$"):
+                raise DumpFailed(f"Redis {where} answered SYNC with {header[:60]!r}, not a bulk RDB")
+            break
+        checked = _MagicCheck(sink, f"Redis {where}")
+        link.doing = "receiving the snapshot"
+        if header.startswith(b"$EOF:"):
+            mark = header[5:]
+            if len(mark) != _EOF_MARK_SIZE:
+                raise DumpFailed(f"Redis {where} sent a malformed diskless header {header[:60]!r}")
+            _copy_until_mark(link, checked, mark)
+        else:
+            try:
+                length = int(header[1:])
+            except ValueError:
+                raise DumpFailed(f"Redis {where} sent a malformed bulk header {header[:60]!r}") from None
+            _copy_exactly(link, checked, length)
+        return checked.finish()
+    finally:
+        link.close()
+
+
+def _copy_exactly(link: _ReplicationLink, sink: _MagicCheck, length: int) -> None:
+    first = link.take_pending()[:length]
+    sink.write(first)
+    remaining = length - len(first)
+    while remaining:
+        data = link.recv(min(CHUNK, remaining))
+        sink.write(data)
+        remaining -= len(data)
+
+
+def _copy_until_mark(link: _ReplicationLink, sink: _MagicCheck, mark: bytes) -> None:
+    """Diskless form: the payload ends where the last 40 bytes received equal the mark."""
+    held = bytearray()  # the last bytes seen, which may be (part of) the mark
+    data = link.take_pending()
+    while True:
+        held += data
+        if len(held) >= _EOF_MARK_SIZE and held.endswith(mark):
+            sink.write(held[:-_EOF_MARK_SIZE])
+            return
+        if len(held) > _EOF_MARK_SIZE:
+            sink.write(held[:-_EOF_MARK_SIZE])
+            del held[:-_EOF_MARK_SIZE]
+        data = link.recv(CHUNK)
+
+
+# -------------------------------------------------------------------------------------------- BGSAVE
+
+
+@contextmanager
+def _talking_to(conn: RedisConnection, doing: str) -> Iterator[None]:
+    """Turn redis-py's errors into ours, naming the server (never the password)."""
+    try:
+        yield
+    except redis.AuthenticationError as exc:
+        raise ConnectionFailed(
+            f"Redis {conn.describe()} refused the credentials while {doing}: {exc}; check the RedisConnection block"
+        ) from None
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise ConnectionFailed(f"Redis {conn.describe()} could not be reached while {doing}: {exc}") from None
+    except redis.ResponseError as exc:
+        if str(exc).startswith(("NOAUTH", "NOPERM")):
+            raise ConnectionFailed(f"Redis {conn.describe()} refused {doing}: {exc}") from None
+        raise
+
+
+def bgsave_and_wait(conn: RedisConnection, *, timeout: float, poll: float = 0.2) -> int:
+    """Have the server write its RDB file (BGSAVE) and wait until that save is done; returns LASTSAVE.
+
+    A save already running started before we asked, so it is waited out and a new one started. Done is
+    ``rdb_saves`` grown (Redis >= 7.0; older servers: LASTSAVE changed) with no save in progress.
+    """
+    where = conn.describe()
+    deadline = time.monotonic() + timeout
+    client = conn.get_client()
+    requested = False
+    with _talking_to(conn, "running BGSAVE"):
+        info = client.info("persistence")
+        before = info
+        while True:
+            if not requested and not info["rdb_bgsave_in_progress"]:
+                before = info
+                try:
+                    # SCHEDULE: if an AOF rewrite runs, start the save when it ends instead of failing.
+                    client.execute_command("BGSAVE", "SCHEDULE")
+                    requested = True
+                except redis.ResponseError as exc:
+                    if "already in progress" not in str(exc):
+                        raise DumpFailed(f"Redis {where} refused BGSAVE: {exc}") from None
+            if requested and not info["rdb_bgsave_in_progress"]:
+                if "rdb_saves" in info:
+                    finished = info["rdb_saves"] > before["rdb_saves"]
+                else:
+                    finished = info["rdb_last_save_time"] != before["rdb_last_save_time"] or (
+                        info["rdb_last_bgsave_status"] != "ok" and before["rdb_last_bgsave_status"] == "ok"
+                    )
+                if finished:
+                    if info["rdb_last_bgsave_status"] != "ok":
+                        raise DumpFailed(
+                            f"BGSAVE on Redis {where} failed (rdb_last_bgsave_status="
+                            f"{info['rdb_last_bgsave_status']}): see the server's log for the disk error"
+                        )
+                    return int(info["rdb_last_save_time"])
+            if time.monotonic() + poll > deadline:
+                raise DumpFailed(
+                    f"BGSAVE on Redis {where} did not finish within {timeout:g} s "
+                    f"(save in progress: {bool(info['rdb_bgsave_in_progress'])}); nothing was stored"
+                )
+            time.sleep(poll)
+            info = client.info("persistence")
+
+
+# ------------------------------------------------------------------------------------------- digest
+
+
+def _raw_client(conn: RedisConnection, db: int) -> redis.Redis:
+    """A client that returns replies exactly as sent (bytes, flat arrays): no parsing into dicts/floats.
+
+    RESP2 on purpose: redis-py 8 speaks RESP3 by default, whose maps, sets and doubles come back as
+    Python dicts, sets and floats whatever the callbacks.
+    """
+    client = conn.get_client(db=db, protocol=2)
+    client.response_callbacks.clear()
+    return client
+
+
+def _databases(conn: RedisConnection) -> dict[int, int]:
+    """Databases that hold keys, from INFO keyspace: {index: key count}."""
+    keyspace = conn.get_client().info("keyspace")
+    return {int(name[2:]): int(stats["keys"]) for name, stats in keyspace.items() if name.startswith("db")}
+
+
+def _frame(digest: Any, item: bytes) -> None:
+    digest.update(len(item).to_bytes(8, "big"))
+    digest.update(item)
+
+
+def _score(text: bytes) -> bytes:
+    # Servers format doubles differently (7.0: %.17g, 7.2+: shortest form): compare the double itself.
+    return struct.pack(">d", float(text))
+
+
+def _key_hash(db: int, key: bytes, kind: bytes, has_ttl: bool, value: Any) -> int:
+    """sha256 of one key's db, name, type, TTL flag and canonical value, as an integer."""
+    digest = hashlib.sha256()
+    _frame(digest, b"%d" % db)
+    _frame(digest, key)
+    _frame(digest, kind)
+    _frame(digest, b"1" if has_ttl else b"0")
+    if kind == b"string":
+        _frame(digest, value)
+    elif kind == b"list":
+        for item in value:
+            _frame(digest, item)
+    elif kind == b"set":
+        for item in sorted(value):
+            _frame(digest, item)
+    elif kind == b"hash":
+        for field, item in sorted(zip(value[::2], value[1::2], strict=True)):
+            _frame(digest, field)
+            _frame(digest, item)
+    elif kind == b"zset":
+        for member, score in sorted((m, _score(s)) for m, s in zip(value[::2], value[1::2], strict=True)):
+            _frame(digest, member)
+            _frame(digest, score)
+    elif kind == b"stream":
+        for entry_id, fields in value:
+            _frame(digest, entry_id)
+            for item in fields:
+                _frame(digest, item)
+    # Module types (ReJSON-RL, ...) have no portable canonical form: name, type and TTL flag only.
+    return int.from_bytes(digest.digest(), "big")
+
+
+_FETCH = {
+    b"list": ("LRANGE", 0, -1),
+    b"set": ("SMEMBERS",),
+    b"hash": ("HGETALL",),
+    b"zset": ("ZRANGE", 0, -1, "WITHSCORES"),
+    b"stream": ("XRANGE", "-", "+"),
+}
+
+
+def _hash_batch(client: redis.Redis, db: int, keys: list[bytes]) -> list[int]:
+    """Hashes of the keys that still exist: one pipeline for TYPE+PTTL, one for the values.
+
+    Strings, the common case, come back in one MGET: redis-py's per-command cost dominates otherwise.
+    """
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.execute_command("TYPE", key)
+        pipe.execute_command("PTTL", key)
+    meta = pipe.execute()
+    present = [
+        (key, kind, ttl >= 0)
+        for key, kind, ttl in zip(keys, meta[::2], meta[1::2], strict=True)
+        if kind != b"none" and ttl != -2  # expired or deleted since SCAN returned it
+    ]
+    strings = [key for key, kind, _ in present if kind == b"string"]
+    others = [(key, kind) for key, kind, _ in present if kind != b"string"]
+    pipe = client.pipeline(transaction=False)
+    if strings:
+        pipe.execute_command("MGET", *strings)
+    for key, kind in others:
+        fetch = _FETCH.get(kind)
+        if fetch is None:
+            pipe.execute_command("EXISTS", key)  # a placeholder reply keeps the lists aligned
+        else:
+            pipe.execute_command(fetch[0], key, *fetch[1:])
+    replies = pipe.execute()
+    values: dict[bytes, Any] = {}
+    if strings:
+        values.update(zip(strings, replies.pop(0), strict=True))
+    values.update(zip((key for key, _ in others), replies, strict=True))
+    hashes = []
+    for key, kind, has_ttl in present:
+        value = values[key]
+        if value is None:
+            continue  # a string that expired between the two round trips
+        hashes.append(_key_hash(db, key, kind, has_ttl, value))
+    return hashes
+
+
+def keyspace_digest(conn: RedisConnection, *, count: int = _SCAN_COUNT) -> RedisSummary:
+    """An order-independent digest of every key in every database: same data, same digest.
+
+    Per key: sha256 of db, name, type, whether it has a TTL (not the TTL itself, which moves) and the
+    value in a canonical order (hash fields and set members sorted, zset by member with its score as a
+    double, list and stream entries in order; stream consumer groups are not included). The per-key
+    hashes are added mod 2**256, so SCAN order does not matter. SCAN may return a key twice while the
+    server resizes a table, so keys seen are remembered: memory grows with the number of keys (about
+    100 bytes each). ``DEBUG DIGEST`` would be simpler but Redis 7 disables DEBUG by default.
+    """
+    where = conn.describe()
+    total = 0
+    databases: dict[str, int] = {}
+    with _talking_to(conn, "computing the keyspace digest"):
+        for db in sorted(_databases(conn)):
+            client = _raw_client(conn, db)
+            seen: set[bytes] = set()
+            cursor: bytes | int = 0
+            while True:
+                cursor, keys = client.execute_command("SCAN", cursor, "COUNT", count)
+                fresh = [key for key in dict.fromkeys(keys) if key not in seen]
+                seen.update(fresh)
+                try:
+                    hashes = _hash_batch(client, db, fresh) if fresh else []
+                except redis.ResponseError as exc:
+                    raise VerificationFailed(
+                        f"Redis {where} db {db}: a key changed while the digest was read ({exc}); "
+                        "digest a server nothing writes to"
+                    ) from None
+                total += sum(hashes)
+                databases[str(db)] = databases.get(str(db), 0) + len(hashes)
+                if int(cursor) == 0:
+                    break
+    databases = {db: keys for db, keys in databases.items() if keys}
+    return RedisSummary(key_count=sum(databases.values()), digest=f"{total % _MOD:064x}", databases=databases)
+
+
+@contextmanager
+def _scratch_with(rdb: Path) -> Iterator[RedisConnection]:
+    """A scratch redis-server on loopback holding ``rdb``; it has a password of its own, as the data
+    is a copy of production. Loading takes time: allow a minute plus 20 MiB/s."""
+    with ScratchRedis(
+        password=secrets.token_urlsafe(24),
+        rdb_file=rdb,
+        start_timeout=60 + rdb.stat().st_size / (20 * 1024 * 1024),
+    ) as scratch:
+        yield RedisConnection(
+            host=scratch.host, port=scratch.port, password=SecretStr(scratch.password or "")
+        )
+
+
+def _digest_rdb_file(path: Path) -> RedisSummary:
+    """Load an RDB file into a scratch server (which proves it loads) and digest what it holds."""
+    with _scratch_with(path) as scratch:
+        return keyspace_digest(scratch)
+
+
+# ----------------------------------------------------------------------------------------- snapshot
+
+
+class _Tee:
+    """Writes every chunk to the store writer and to a local copy of the RDB."""
+
+    def __init__(self, *sinks: ByteSink) -> None:
+        self.sinks = sinks
+
+    def write(self, data: bytes | memoryview) -> int:
+        for sink in self.sinks:
+            sink.write(data)
+        return len(data)
+
+
+def _server_version(conn: RedisConnection) -> str:
+    with _talking_to(conn, "reading INFO server"):
+        return str(conn.get_client().info("server")["redis_version"])
+
+
+def _copy_rdb_file(path: Path, sink: ByteSink, not_before: int) -> int:
+    """Copy the RDB file BGSAVE wrote; refuses a file older than that save (a wrong ``rdb_path``)."""
+    try:
+        source = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read rdb_path {path}: {exc.strerror}") from None
+    with source:
+        modified = os.fstat(source.fileno()).st_mtime
+        # 5 s of slack for clocks that differ between the Redis host and a shared volume.
+        if modified < not_before - 5:
+            raise ConfigurationError(
+                f"rdb_path {path} was last written at {time.ctime(modified)}, before the BGSAVE that "
+                f"finished at {time.ctime(not_before)}: point rdb_path at the server's dir/dbfilename"
+            )
+        checked = _MagicCheck(sink, f"rdb_path {path}")
+        while chunk := source.read(CHUNK):
+            checked.write(chunk)
+        return checked.finish()
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def snapshot_redis(
+    conn: RedisConnection,
+    store: BackupStore,
+    set_id: str,
+    *,
+    name: str = "redis",
+    mode: Literal["replication", "bgsave"] = "replication",
+    rdb_path: str | None = None,
+    timeout: float = 600,
+    level: int = 1,
+) -> Part:
+    """Stream an RDB snapshot into the store, and record the digest of what it holds.
+
+    The RDB is also copied to a local temporary file and loaded into a scratch redis-server before the
+    store object is committed, so a stored snapshot is one that loads, and a failed attempt leaves
+    nothing behind for the retry to trip over. The worker needs disk and memory for one copy.
+    """
+    if mode not in ("replication", "bgsave"):
+        raise ConfigurationError(f"unknown Redis snapshot mode {mode!r}; use 'replication' or 'bgsave'")
+    if mode == "bgsave" and not rdb_path:
+        raise ConfigurationError("mode='bgsave' needs rdb_path: the RDB file the server writes")
+    version = _server_version(conn)
+    key = part_key(set_id, "redis", name)
+    client = store.get_client()
+    run_logger().info(
+        "Redis %s (%s): %s snapshot into %s/%s", conn.describe(), version, mode, store.describe(), key
+    )
+    results: list[StreamResult] = []
+    with tempfile.TemporaryDirectory(prefix="runbooks-redis-") as tmp:
+        copy_path = Path(tmp) / "snapshot.rdb"
+        with (
+            open(copy_path, "wb") as copy,
+            open_compressed_writer(client, key, level=level, result=results) as writer,
+        ):
+            sink = _Tee(writer, copy)
+            if mode == "replication":
+                stream_rdb(conn, sink, timeout=timeout)
+            else:
+                saved_at = bgsave_and_wait(conn, timeout=timeout)
+                _copy_rdb_file(Path(rdb_path or ""), sink, saved_at)
+            copy.close()
+            summary = _digest_rdb_file(copy_path)
+    result = results[0]
+    return Part(
+        kind="redis",
+        name=name,
+        key=key,
+        size=result.size,
+        raw_size=result.raw_size,
+        sha256=result.sha256,
+        compression_level=level,
+        tool="redis-replication" if mode == "replication" else "redis-bgsave",
+        tool_version=version,
+        server_version=version,
+        seconds=round(result.seconds, 3),
+        redis=summary,
+    )
+
+
+# ------------------------------------------------------------------------------------------ restore
+
+
+def _copy_database(source: redis.Redis, target: redis.Redis, *, batch: int) -> int:
+    """DUMP+PTTL from the scratch server, RESTORE ... REPLACE on the target, a batch per round trip."""
+    copied = 0
+    cursor: bytes | int = 0
+    while True:
+        cursor, keys = source.execute_command("SCAN", cursor, "COUNT", batch)
+        if keys:
+            pipe = source.pipeline(transaction=False)
+            for key in keys:
+                pipe.execute_command("DUMP", key)
+                pipe.execute_command("PTTL", key)
+            replies = pipe.execute()
+            out = target.pipeline(transaction=False)
+            for key, payload, ttl in zip(keys, replies[::2], replies[1::2], strict=True):
+                if payload is None or ttl == -2:
+                    continue
+                # PTTL -1: no expiry (RESTORE ttl 0); 0 would also mean "none", so 1 ms instead.
+                out.execute_command("RESTORE", key, 1 if ttl == 0 else max(ttl, 0), payload, "REPLACE")
+            copied += len(out.execute())
+        if int(cursor) == 0:
+            return copied
+
+
+@task(cache_policy=NO_CACHE)
+def restore_redis(
+    part: Part,
+    store: BackupStore,
+    target: RedisConnection,
+    *,
+    flush_first: bool = False,
+    batch: int = 500,
+) -> RedisSummary:
+    """Copy every key of a snapshot into ``target`` (same database numbers) and verify the digest.
+
+    The snapshot is downloaded and its checksum verified before the target is touched, then loaded into
+    a scratch server and copied with DUMP/RESTORE ... REPLACE, keeping TTLs. ``flush_first`` empties
+    every target database that holds keys first. The digest check compares the whole target with the
+    snapshot, so it only passes when the target held nothing else: use ``flush_first`` or an empty
+    target. Needs a target on the same or a newer RDB version than the local redis-server.
+    """
+    if part.kind != "redis" or part.redis is None:
+        raise ConfigurationError(f"part {part.key} is a {part.kind} part without a Redis summary")
+    where = target.describe()
+    run_logger().info(
+        "Restoring Redis snapshot %s (%d keys) into %s%s",
+        part.key, part.redis.key_count, where, " after flushing it" if flush_first else "",
+    )
+    with _talking_to(target, "checking the target"):
+        target.get_client().ping()
+    with tempfile.TemporaryDirectory(prefix="runbooks-redis-") as tmp:
+        rdb = Path(tmp) / "snapshot.rdb"
+        with (
+            open(rdb, "wb") as out,
+            open_decompressed_reader(store.get_client(), part.key, sha256=part.sha256, size=part.size) as src,
+        ):
+            shutil.copyfileobj(src, out, CHUNK)
+        # The checksum has been verified: from here on the target changes.
+        copied = 0
+        with _scratch_with(rdb) as source, _talking_to(target, "restoring keys"):
+            if flush_first:
+                for db in sorted(_databases(target)):
+                    target.get_client(db=db).flushdb()
+            for db in sorted(_databases(source)):
+                try:
+                    copied += _copy_database(_raw_client(source, db), _raw_client(target, db), batch=batch)
+                except redis.ResponseError as exc:
+                    raise RestoreFailed(
+                        f"Redis {where} db {db} refused RESTORE ({exc}) after {copied} keys; the target "
+                        "holds a partial restore: fix the cause and run again (keys are replaced)"
+                    ) from None
+    summary = keyspace_digest(target)
+    if summary.digest != part.redis.digest or summary.databases != part.redis.databases:
+        raise VerificationFailed(
+            f"Redis {where} after restoring {copied} keys: digest {summary.digest[:16]}... with "
+            f"{summary.databases} keys per db, snapshot had {part.redis.digest[:16]}... with "
+            f"{part.redis.databases}. The restored keys stay in place; if the target held other keys, "
+            "restore with flush_first=True"
+        )
+    return summary
