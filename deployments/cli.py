@@ -100,7 +100,7 @@ def cmd_backup_show(args: argparse.Namespace) -> int:
         for t in p.tables:
             print(f"      {t.qualified:<40} rows {t.rows:>10}  {t.checksum or '(count only)'}")
         if p.redis:
-            print(f"      {p.redis.keys} keys {p.redis.databases}  digest {p.redis.digest[:16]}")
+            print(f"      {p.redis.key_count} keys {p.redis.databases}  digest {p.redis.digest[:16]}")
         if p.files:
             print(f"      {p.files.files} files, {human_size(p.files.bytes)}  digest {p.files.digest[:16]}")
     return 0

@@ -114,12 +114,22 @@ def _compare_tables(source: list[TableChecksum], restored: list[TableChecksum]) 
     for t in source:
         r = have.get(t.qualified)
         same = r is not None and r.rows == t.rows and r.checksum == t.checksum
-        print(f"  {t.qualified:<32} {t.rows:>14} {r.rows if r else '-':>16}  {'identical' if same else 'DIFFERS'}")
+        left, right = _shown(t), _shown(r)
+        print(f"  {t.qualified:<32} {left:>14} {right:>16}  {'identical' if same else 'DIFFERS'}")
         if same:
             identical += 1
         else:
             problems.append(t.qualified)
     return identical, problems
+
+
+def _shown(t: TableChecksum | None) -> str:
+    """Rows of a table; ``value N`` of a sequence."""
+    if t is None:
+        return "-"
+    if (t.checksum or "").startswith("seq:"):
+        return f"value {t.checksum.split(':')[1]}"  # type: ignore[union-attr]
+    return str(t.rows)
 
 
 def run_demo() -> int:
@@ -181,8 +191,8 @@ def run_demo() -> int:
         identical, problems = _compare_tables(before, after)
         src_digest = keyspace_digest(rconn)
         dst_digest = keyspace_digest(target_r)
-        same_redis = (src_digest.keys, src_digest.digest) == (dst_digest.keys, dst_digest.digest)
-        print(f"  {'redis keyspace':<32} {src_digest.keys:>14} {dst_digest.keys:>16}  "
+        same_redis = (src_digest.key_count, src_digest.digest) == (dst_digest.key_count, dst_digest.digest)
+        print(f"  {'redis keyspace':<32} {src_digest.key_count:>14} {dst_digest.key_count:>16}  "
               f"{'identical' if same_redis else 'DIFFERS'}")
         files_src = tree_digest(media_dir)
         restored_root = next(p for p in restored_files.iterdir() if p.is_dir())
@@ -201,7 +211,7 @@ def run_demo() -> int:
         print(f"NOT verified: differences in {problems or ''} {'' if same_redis else 'redis'} "
               f"{'' if same_files else 'files'} {'' if role_ok else 'roles'}".strip())
         return 1
-    print(f"verified: {tables} tables, {dst_digest.keys} keys identical")
+    print(f"verified: {tables} tables, {dst_digest.key_count} keys identical")
     return 0
 
 

@@ -175,7 +175,7 @@ def _verification_note(part: Part) -> str:
         rows = sum(t.rows for t in part.tables)
         return f"{len(part.tables)} tables/sequences, {rows} rows, {summed} checksummed"
     if part.redis is not None:
-        return f"{part.redis.keys} keys, digest {part.redis.digest[:12]}"
+        return f"{part.redis.key_count} keys, digest {part.redis.digest[:12]}"
     if part.files is not None:
         return f"{part.files.files} files, {human_size(part.files.bytes)}"
     return "sha256 only"

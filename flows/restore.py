@@ -64,7 +64,7 @@ def restore_set(
     if globals_part is not None and postgres is not None:
         result = restore_globals(globals_part, store, postgres)
         done.append(RestoredPart(kind="globals", name="globals", target=postgres.describe(),
-                                 verified=f"{result.statements_failed_as_existing} roles already existed",
+                                 verified=f"existing roles left as they were: {', '.join(result.roles_kept)}",
                                  seconds=0.0))
     for part in manifest.parts:
         if part.kind == "postgres" and postgres is not None:
@@ -75,7 +75,7 @@ def restore_set(
             t0 = time.monotonic()
             summary = restore_redis(part, store, redis)
             done.append(RestoredPart(kind="redis", name=part.name, target=redis.describe(),
-                                     verified=f"{summary.keys} keys, digest matches",
+                                     verified=f"{summary.key_count} keys, digest matches",
                                      seconds=round(time.monotonic() - t0, 3)))
         elif part.kind == "files" and files_root:
             t0 = time.monotonic()

@@ -115,7 +115,7 @@ class TableChecksum(BaseModel):
 
 
 class RedisSummary(BaseModel):
-    keys: int
+    key_count: int
     digest: str
     databases: dict[str, int] = Field(default_factory=dict)
 

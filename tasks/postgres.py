@@ -3,6 +3,7 @@ and the per-table checksums that prove a restore equals the dump."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -310,25 +311,49 @@ def _drop_quietly(pg: PostgresConnection, database: str) -> None:
         run_logger().warning("could not drop the half-restored %s: %s", database, exc)
 
 
+_ROLE_STATEMENT = re.compile(r'^(?:CREATE|ALTER|COMMENT ON) ROLE ("(?:[^"]|"")*"|[A-Za-z_][A-Za-z0-9_$]*)[ ;]')
+
+
+def _unquote_ident(text: str) -> str:
+    return text[1:-1].replace('""', '"') if text.startswith('"') else text.lower()
+
+
+def filter_globals(script: str, existing_roles: set[str]) -> tuple[str, list[str]]:
+    """Drop the CREATE/ALTER/COMMENT ROLE lines of roles the target already has.
+
+    pg_dumpall writes one statement per line; replaying ``ALTER ROLE postgres ... PASSWORD`` would
+    change the password of the very role the restore connects with.
+    """
+    kept, skipped = [], set()
+    for line in script.splitlines(keepends=True):
+        match = _ROLE_STATEMENT.match(line)
+        if match and _unquote_ident(match.group(1)) in existing_roles:
+            skipped.add(_unquote_ident(match.group(1)))
+            continue
+        kept.append(line)
+    return "".join(kept), sorted(skipped)
+
+
 @dataclass(frozen=True)
 class RestoredGlobals:
-    statements_failed_as_existing: int
+    roles_kept: list[str]
 
 
 @task(cache_policy=NO_CACHE)
 def restore_globals(part: Part, store: BackupStore, pg: PostgresConnection) -> RestoredGlobals:
-    """Replay the globals: roles that exist already stay as they are, anything else failing is an error."""
-    argv = [pg_tool("psql"), "--no-psqlrc", "--quiet", "--no-password", "--set=ON_ERROR_STOP=0", "--file=-"]
+    """Create the roles and tablespaces the target lacks; roles that exist stay exactly as they are."""
+    argv = [pg_tool("psql"), "--no-psqlrc", "--quiet", "--no-password", "--set=ON_ERROR_STOP=1", "--file=-"]
     with open_decompressed_reader(store.get_client(), part.key, sha256=part.sha256, size=part.size) as src:
-        script = src.read()
+        script = src.read().decode()
+    with pg.connect() as conn:
+        existing = {row[0] for row in conn.execute("SELECT rolname FROM pg_roles")}
+    script, kept = filter_globals(script, existing)
     with spawn(argv, env=pg.libpq_env(), stdin=True, stdout=False) as child:
-        child.stdin.write(script)
+        child.stdin.write(script.encode())
         child.stdin.close()
         code = child.wait()
-    errors = [line for line in child.stderr_lines if "ERROR:" in line]
-    existing = [line for line in errors if "already exists" in line]
-    others = [line for line in errors if "already exists" not in line]
-    if code != 0 or others:
-        raise RestoreFailed(f"globals restore on {pg.describe()} failed: {'; '.join(others[:5]) or code}")
-    run_logger().info("restored globals on %s (%d already existed)", pg.describe(), len(existing))
-    return RestoredGlobals(statements_failed_as_existing=len(existing))
+    if code != 0:
+        raise RestoreFailed(f"globals restore on {pg.describe()} failed ({describe_exit(code)}): "
+                            f"{child.stderr_tail()}")
+    run_logger().info("restored globals on %s (existing roles left as they are: %s)", pg.describe(), kept)
+    return RestoredGlobals(roles_kept=kept)
