@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +32,7 @@ from tasks.redis import (
     snapshot_redis,
     stream_rdb,
 )
-from tasks.scratch import ScratchRedis
+from tasks.scratch import ScratchRedis, free_port
 
 SOURCE_PASSWORD = "s0urce-pw-Zq8"
 TARGET_PASSWORD = "t4rget-pw-Vx3"
@@ -338,6 +340,60 @@ def test_silent_server_times_out_within_the_timeout() -> None:
     message = str(caught.value)
     assert f"127.0.0.1:{port}" in message and "sent nothing for 1 s" in message
     assert "pw-never-shown" not in message
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """redis-server on a TLS-only port with a self-signed certificate for 127.0.0.1 (its own CA)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    port = free_port()
+    config = tmp_path / "redis.conf"
+    config.write_text(
+        f"port 0\ntls-port {port}\nbind 127.0.0.1\ndir {tmp_path}\nsave \"\"\n"
+        f"tls-cert-file {cert}\ntls-key-file {key}\ntls-ca-cert-file {cert}\ntls-auth-clients no\n"
+        f"requirepass {SOURCE_PASSWORD}\nrepl-diskless-sync-delay 0\n"
+    )
+    server = subprocess.Popen(["redis-server", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        probe = RedisConnection(port=port, password=SecretStr(SOURCE_PASSWORD), tls=True, tls_ca_file=str(cert))
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                probe.get_client(retry=None).ping()
+                break
+            except redis.ConnectionError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.skip("this redis-server does not start with TLS")
+                time.sleep(0.05)
+        yield port, cert
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_stream_rdb_over_tls(tls_server: tuple[int, Path], tmp_path: Path) -> None:
+    port, cert = tls_server
+    conn = RedisConnection(port=port, password=SecretStr(SOURCE_PASSWORD), tls=True, tls_ca_file=str(cert))
+    r = conn.get_client()
+    r.set(b"bin\x00", os.urandom(1000))
+    r.zadd("z", {"a": 1.5})
+    rdb = tmp_path / "tls.rdb"
+    with open(rdb, "wb") as out:
+        stream_rdb(conn, out, timeout=10)
+    with ScratchRedis(password="scratch-pw", rdb_file=rdb) as loaded:
+        assert keyspace_digest(_conn(loaded)) == keyspace_digest(conn)
+    # Without the CA the server's certificate is not trusted: refused, not silently accepted.
+    untrusted = RedisConnection(port=port, password=SecretStr(SOURCE_PASSWORD), tls=True)
+    with pytest.raises(ConnectionFailed, match="TLS handshake"):
+        stream_rdb(untrusted, io.BytesIO(), timeout=5)
 
 
 # ---------------------------------------------- wire forms a real 7.0 server does not produce on demand
