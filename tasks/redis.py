@@ -409,6 +409,7 @@ def _key_hash(db: int, key: bytes, kind: bytes, has_ttl: bool, value: Any) -> in
 
 
 _FETCH = {
+    b"string": ("GET",),  # a key that became a string after MGET
     b"list": ("LRANGE", 0, -1),
     b"set": ("SMEMBERS",),
     b"hash": ("HGETALL",),
@@ -418,41 +419,41 @@ _FETCH = {
 
 
 def _hash_batch(client: redis.Redis, db: int, keys: list[bytes]) -> list[int]:
-    """Hashes of the keys that still exist: one pipeline for TYPE+PTTL, one for the values.
+    """Hashes of the keys that still exist.
 
-    Strings, the common case, come back in one MGET: redis-py's per-command cost dominates otherwise.
+    redis-py's cost is per command, so strings (the common case) come from one MGET, which answers nil
+    for other types; only those then need TYPE and a read by type. PTTL is one command per key.
     """
     pipe = client.pipeline(transaction=False)
+    pipe.execute_command("MGET", *keys)
     for key in keys:
-        pipe.execute_command("TYPE", key)
         pipe.execute_command("PTTL", key)
-    meta = pipe.execute()
-    present = [
-        (key, kind, ttl >= 0)
-        for key, kind, ttl in zip(keys, meta[::2], meta[1::2], strict=True)
-        if kind != b"none" and ttl != -2  # expired or deleted since SCAN returned it
-    ]
-    strings = [key for key, kind, _ in present if kind == b"string"]
-    others = [(key, kind) for key, kind, _ in present if kind != b"string"]
+    strings, *ttls = pipe.execute()
+    hashes: list[int] = []
+    others: list[tuple[bytes, bool]] = []
+    for key, value, ttl in zip(keys, strings, ttls, strict=True):
+        if ttl == -2:
+            continue  # expired or deleted since SCAN returned it
+        if value is not None:
+            hashes.append(_key_hash(db, key, b"string", ttl >= 0, value))
+        else:
+            others.append((key, ttl >= 0))
+    if not others:
+        return hashes
     pipe = client.pipeline(transaction=False)
-    if strings:
-        pipe.execute_command("MGET", *strings)
-    for key, kind in others:
+    for key, _ in others:
+        pipe.execute_command("TYPE", key)
+    kinds = pipe.execute()
+    pipe = client.pipeline(transaction=False)
+    present = [(key, kind, has_ttl) for (key, has_ttl), kind in zip(others, kinds, strict=True) if kind != b"none"]
+    for key, kind, _ in present:
         fetch = _FETCH.get(kind)
         if fetch is None:
             pipe.execute_command("EXISTS", key)  # a placeholder reply keeps the lists aligned
         else:
             pipe.execute_command(fetch[0], key, *fetch[1:])
-    replies = pipe.execute()
-    values: dict[bytes, Any] = {}
-    if strings:
-        values.update(zip(strings, replies.pop(0), strict=True))
-    values.update(zip((key for key, _ in others), replies, strict=True))
-    hashes = []
-    for key, kind, has_ttl in present:
-        value = values[key]
-        if value is None:
-            continue  # a string that expired between the two round trips
+    values = pipe.execute() if present else []
+    for (key, kind, has_ttl), value in zip(present, values, strict=True):
         hashes.append(_key_hash(db, key, kind, has_ttl, value))
     return hashes
 
