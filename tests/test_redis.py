@@ -20,6 +20,7 @@ import pytest
 import redis
 from pydantic import SecretStr
 
+import tasks.redis as redis_tasks
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
 from tasks.errors import ChecksumMismatch, ConfigurationError, ConnectionFailed, DumpFailed, VerificationFailed
@@ -33,9 +34,9 @@ from tasks.redis import (
     stream_rdb,
 )
 from tasks.scratch import ScratchRedis, free_port
+from tests.faults import FaultyProxy
 
 SOURCE_PASSWORD = "s0urce-pw-Zq8"
-TARGET_PASSWORD = "t4rget-pw-Vx3"
 BIG = os.urandom(5 * 1024 * 1024)
 BULK_KEYS = 20_000
 
@@ -101,12 +102,6 @@ def source() -> Iterator[ScratchRedis]:
 @pytest.fixture(scope="module")
 def source_summary(source: ScratchRedis) -> RedisSummary:
     return keyspace_digest(_conn(source))
-
-
-@pytest.fixture
-def target() -> Iterator[ScratchRedis]:
-    with ScratchRedis(password=TARGET_PASSWORD) as server:
-        yield server
 
 
 # --------------------------------------------------------------------------------------------- digest
@@ -253,8 +248,9 @@ def test_snapshot_bgsave_mode_refuses_a_stale_file(source: ScratchRedis, tmp_pat
 
 
 def test_snapshot_and_restore_round_trip(
-    source: ScratchRedis, source_summary: RedisSummary, target: ScratchRedis, tmp_path: Path
+    source: ScratchRedis, source_summary: RedisSummary, scratch_redis: ScratchRedis, tmp_path: Path
 ) -> None:
+    target = scratch_redis  # an empty server of its own
     store = BackupStore.from_url(f"file://{tmp_path / 'store'}")
     set_id = new_set_id()
     started = time.monotonic()
@@ -292,8 +288,9 @@ def test_snapshot_and_restore_round_trip(
 
 
 def test_restore_checks_the_checksum_before_touching_the_target(
-    source: ScratchRedis, target: ScratchRedis, tmp_path: Path
+    source: ScratchRedis, scratch_redis: ScratchRedis, tmp_path: Path
 ) -> None:
+    target = scratch_redis  # an empty server of its own
     store = BackupStore.from_url(f"file://{tmp_path / 'store'}")
     part = snapshot_redis.fn(_conn(source), store, new_set_id(), timeout=30)
     _client(target).set("untouched", "yes")
@@ -301,6 +298,35 @@ def test_restore_checks_the_checksum_before_touching_the_target(
     with pytest.raises(ChecksumMismatch):
         restore_redis.fn(tampered, store, _conn(target), flush_first=True)
     assert keyspace_digest(_conn(target)).databases == {"0": 1}
+
+
+def test_cut_connection_mid_snapshot_stores_nothing_and_the_retry_succeeds(
+    source: ScratchRedis,
+    source_summary: RedisSummary,
+    faulty_proxy: Callable[[str, int], FaultyProxy],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    proxy = faulty_proxy(source.host, source.port)
+    conn = RedisConnection(host=proxy.host, port=proxy.port, password=SecretStr(SOURCE_PASSWORD))
+    store = BackupStore.from_url(f"file://{tmp_path / 'store'}")
+    set_id = new_set_id()
+    tee_write = redis_tasks._Tee.write
+
+    def cut_after_a_megabyte(self: redis_tasks._Tee, data: bytes | memoryview) -> int:
+        if proxy.bytes_down > 1024 * 1024 and proxy.resets == 0:
+            proxy.go_down()  # RST on the replication connection, mid-RDB
+        return tee_write(self, data)
+
+    monkeypatch.setattr(redis_tasks._Tee, "write", cut_after_a_megabyte)
+    with pytest.raises(ConnectionFailed, match="while receiving the snapshot"):
+        snapshot_redis.fn(conn, store, set_id, timeout=10)
+    assert store.get_client().list() == []  # no object, no partial upload left behind
+    monkeypatch.undo()
+    proxy.come_up()
+    # What the task's retry does: the same key, from the start.
+    part = snapshot_redis.fn(conn, store, set_id, timeout=10)
+    assert part.redis == source_summary
 
 
 # ------------------------------------------------------------------------------------------- errors
