@@ -180,7 +180,7 @@ def run_demo() -> int:
         target = PostgresConnection.from_url(target_pg.url)
         target_r = RedisConnection.from_url(target_redis.url)
         _say(f"restoring into fresh PostgreSQL {target.describe()} and Redis {target_r.describe()}")
-        restore_set(store=store, backup_id=result.set_id, postgres=target, redis=target_r,
+        restore_set(store=store, backup_id=result.set_id, postgres=target, databases=[DEMO_DB], redis=target_r,
                     files_root=str(restored_files))
 
         with pg.connect(DEMO_DB) as conn:

@@ -18,7 +18,7 @@ from tasks.errors import ConfigurationError
 from tasks.files import extract_archive
 from tasks.log import run_logger
 from tasks.manifest import encode_name
-from tasks.postgres import restore_database, restore_globals
+from tasks.postgres import check_databases_absent, restore_database, restore_globals
 from tasks.redis import restore_redis
 from tasks.store import find_set
 
@@ -42,6 +42,7 @@ def restore_set(
     store: BackupStore,
     backup_id: Annotated[str, Field(description="A set id, or 'latest'.")] = "latest",
     postgres: Annotated[PostgresConnection | None, Field(description="Server to restore databases into.")] = None,
+    databases: Annotated[list[str] | None, Field(description="Databases to restore; empty: all in the set.")] = None,
     database_suffix: Annotated[str, Field(description="Appended to each database name.")] = "",
     redis: Annotated[RedisConnection | None, Field(description="An empty Redis to restore into.")] = None,
     files_root: Annotated[str | None, Field(description="New directory; each archive goes below it.")] = None,
@@ -59,6 +60,14 @@ def restore_set(
     if "files" in wanted and not files_root:
         raise ConfigurationError(f"set {manifest.set_id} holds directories: give files_root")
 
+    in_set = [p.name for p in manifest.parts if p.kind == "postgres"]
+    unknown = sorted(set(databases or []) - set(in_set))
+    if unknown:
+        raise ConfigurationError(f"set {manifest.set_id} has no database(s) {unknown}; it has {in_set}")
+    chosen = [name for name in in_set if not databases or name in databases]
+    if chosen and postgres is not None:
+        check_databases_absent(postgres, [name + database_suffix for name in chosen])
+
     done: list[RestoredPart] = []
     globals_part = manifest.part("globals")
     if globals_part is not None and postgres is not None:
@@ -67,7 +76,7 @@ def restore_set(
                                  verified=f"existing roles left as they were: {', '.join(result.roles_kept)}",
                                  seconds=0.0))
     for part in manifest.parts:
-        if part.kind == "postgres" and postgres is not None:
+        if part.kind == "postgres" and postgres is not None and part.name in chosen:
             restored = restore_database(part, store, postgres, part.name + database_suffix)
             done.append(RestoredPart(kind="postgres", name=part.name, target=postgres.describe(restored.database),
                                      verified=f"{restored.tables} tables match", seconds=restored.seconds))

@@ -237,6 +237,19 @@ def dump_globals(
 # ------------------------------------------------------------------------------------------ restore
 
 
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def check_databases_absent(pg: PostgresConnection, databases: list[str]) -> None:
+    """Refuse, before anything is restored, if any target database already exists."""
+    with pg.connect() as conn:
+        present = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+    clash = sorted(set(databases) & present)
+    if clash:
+        raise ConfigurationError(
+            f"database(s) {clash} already exist on {pg.describe()}: restore-set only creates new databases "
+            "(choose `databases`, a `database_suffix`, or another server); nothing was changed"
+        )
+
+
 @dataclass(frozen=True)
 class RestoredDatabase:
     database: str
