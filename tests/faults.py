@@ -43,10 +43,11 @@ class _Link:
         self._closed = False
 
     def direction_done(self) -> None:
+        # Only the last pump closes: the other one may still be inside recv()/send() on these sockets.
         with self._lock:
             self._open_directions -= 1
             last = self._open_directions == 0
-        if last or self.abort.is_set():
+        if last:
             self.close()
 
     def close(self) -> None:
