@@ -329,6 +329,34 @@ def test_cut_connection_mid_snapshot_stores_nothing_and_the_retry_succeeds(
     assert part.redis == source_summary
 
 
+def test_keys_expired_since_the_snapshot_are_not_restored_and_not_a_failure(
+    scratch_redis: ScratchRedis, tmp_path: Path
+) -> None:
+    with ScratchRedis(password=SOURCE_PASSWORD) as server:
+        r = _client(server)
+        r.config_set("repl-diskless-sync-delay", 0)
+        r.mset({f"stays:{i}": i for i in range(10)})
+        r.set("goes", "soon", px=1500)
+        store = BackupStore.from_url(f"file://{tmp_path / 'store'}")
+        part = snapshot_redis.fn(_conn(server), store, new_set_id(), timeout=30)
+    assert part.redis is not None and part.redis.key_count == 11
+    time.sleep(1.6)
+    restored = restore_redis.fn(part, store, _conn(scratch_redis))
+    assert restored.key_count == 10 and _client(scratch_redis).get("goes") is None
+
+
+def test_check_restore_refuses_a_snapshot_that_loads_differently() -> None:
+    manifest = RedisSummary(key_count=3, digest="a" * 64, databases={"0": 3})
+    loaded = RedisSummary(key_count=3, digest="b" * 64, databases={"0": 3})
+    assert redis_tasks._check_restore("t", manifest, manifest, manifest, 0) == ""
+    with pytest.raises(VerificationFailed, match="reads the file differently"):
+        redis_tasks._check_restore("t", manifest, loaded, loaded, 0)
+    fewer = RedisSummary(key_count=2, digest="c" * 64, databases={"0": 2})
+    assert "1 keys of the snapshot had expired" in redis_tasks._check_restore("t", manifest, fewer, fewer, 1)
+    with pytest.raises(VerificationFailed, match="flush_first=True"):
+        redis_tasks._check_restore("t", manifest, manifest, loaded, 0)
+
+
 # ------------------------------------------------------------------------------------------- errors
 
 
