@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import psycopg
@@ -192,20 +193,46 @@ def test_s3_down_during_upload_fails_naming_store_and_aborts_uploads(source, s3,
 
 
 def test_wrong_password_is_clear_and_never_leaks(pg, prefect_harness, tmp_path, caplog):
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogHandler
+
+    received: list[bytes] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_args) -> None:
+            pass
+
+    hook = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    CustomWebhookNotificationBlock(
+        name="ops", url=f"http://127.0.0.1:{hook.server_port}/notify", allow_private_urls=True,
+        json_data={"subject": "{{subject}}", "text": "{{body}}"},
+    ).save("test-ops", overwrite=True)
 
     secret = "Wr0ng-Pa55word-XYZZY"
     bad = PostgresConnection(host="127.0.0.1", port=pg.port, user="postgres", password=SecretStr(secret),
                              database="inventory")
     store = BackupStore.from_url(f"file://{tmp_path}/store")
-    state = backup(store=store, postgres=bad, databases=["inventory"], retries=0, return_state=True)
+    state = backup(store=store, postgres=bad, databases=["inventory"], retries=0,
+                   notify_block="custom-webhook/test-ops",
+                   return_state=True)
+    hook.shutdown()
     assert state.is_failed()
+    assert len(received) == 1, "the notification block was told of the failure"
+    sent = json.loads(received[0])
+    assert "backup FAILED" in sent["subject"] and "password authentication failed" in sent["text"]
+    assert secret not in received[0].decode()
     error = state.result(raise_on_failure=False)
     assert f"127.0.0.1:{pg.port}/" in str(error) and "password authentication failed" in str(error)
     assert secret not in str(error) and secret not in (state.message or "")
-    APILogHandler.flush()
+    APILogHandler().flush()
     run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
