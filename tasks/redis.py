@@ -571,7 +571,9 @@ def snapshot_redis(
 
     The RDB is also copied to a local temporary file and loaded into a scratch redis-server before the
     store object is committed, so a stored snapshot is one that loads, and a failed attempt leaves
-    nothing behind for the retry to trip over. The worker needs disk and memory for one copy.
+    nothing behind for the retry to trip over. The worker needs disk and memory for one copy, and
+    ``seconds`` includes that check. ``timeout``: longest silence from the server (replication) or
+    longest wait for BGSAVE.
     """
     if mode not in ("replication", "bgsave"):
         raise ConfigurationError(f"unknown Redis snapshot mode {mode!r}; use 'replication' or 'bgsave'")
