@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 import zstandard
 
-from blocks.store import StoreClient
+from blocks.backends import StoreClient
 from tasks.errors import ChecksumMismatch
 
 CHUNK = 1024 * 1024
