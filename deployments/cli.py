@@ -160,7 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands with their own argument parsing, in their own modules, imported only when used: the WAL
+# commands run once per segment from PostgreSQL's archive_command and must not import Prefect.
+EXTERNAL_COMMANDS = {
+    "wal-push": "deployments.wal",
+    "wal-fetch": "deployments.wal",
+    "up": "deployments.serve",
+    "serve": "deployments.serve",
+    "webhook": "deployments.webhook",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTERNAL_COMMANDS:
+        import importlib
+
+        module = importlib.import_module(EXTERNAL_COMMANDS[argv[0]])
+        return int(module.main(argv))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
