@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 from tasks.errors import ConfigurationError, StoreError
 
 MANIFEST_NAME = "manifest.json"
+VERIFICATION_NAME = "verification.json"
 SETS_PREFIX = "backups/"
 FORMAT_VERSION = 1
 _SET_ID = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{6})$")
@@ -49,6 +50,11 @@ def set_prefix(set_id: str) -> str:
 
 def manifest_key(set_id: str) -> str:
     return f"{set_prefix(set_id)}{MANIFEST_NAME}"
+
+
+def verification_key(set_id: str) -> str:
+    """Written by `verify-backup` beside the manifest; a set is *verified* when it says ok."""
+    return f"{set_prefix(set_id)}{VERIFICATION_NAME}"
 
 
 def encode_name(name: str) -> str:
@@ -186,6 +192,27 @@ class Manifest(BaseModel):
                 f"{FORMAT_VERSION}: upgrade runbooks"
             )
         return manifest
+
+
+class Verification(BaseModel):
+    """Result of one restore drill of a set (``verification.json``); the newest drill wins."""
+
+    set_id: str
+    verified_at: datetime
+    ok: bool
+    problems: list[str] = Field(default_factory=list)
+    seconds: dict[str, float] = Field(default_factory=dict, description="Per component restore/check time.")
+    flow_run_id: str | None = None
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), indent=2).encode() + b"\n"
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, where: str = "") -> Verification:
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise StoreError(f"verification record {where} is not valid: {exc.errors()[0]['msg']}") from None
 
 
 def build_manifest(
