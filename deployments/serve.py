@@ -1,0 +1,288 @@
+"""`runbooks serve` (every runbook of the registry, served by this process) and `runbooks up` (the stack).
+
+`runbooks serve` builds one deployment per registry entry whose flow exists (schedules in
+$RUNBOOKS_TIMEZONE, default parameters, tags, a concurrency limit) and serves them with Prefect's
+``serve()``, polling every ``--poll`` seconds so a click in the UI or an alert starts within seconds.
+Default parameters that point at saved Blocks which do not exist are left out, with one log line each.
+
+`runbooks up` is the whole local stack in one command: a Prefect server on SQLite (UI included) under
+``--home``, `runbooks serve` and the Alertmanager bridge, each its own process; Ctrl-C (or SIGTERM)
+stops them in reverse order and waits for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from deployments.registry import Discovered, block_slug, discover, schedule_timezone
+
+log = logging.getLogger("runbooks.serve")
+
+DEFAULT_POLL_SECONDS = 1.0
+DEFAULT_HOME = Path.home() / ".runbooks"
+SERVER_START_TIMEOUT = 120.0
+STOP_TIMEOUT = 20.0
+
+
+# -- serve -------------------------------------------------------------------------------------------------
+
+
+def existing_block_slugs(slugs: set[str]) -> set[str]:
+    """Which of ``slugs`` (``<block-type-slug>/<name>``) are saved on the Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    found = set()
+    with get_client(sync_client=True) as client:
+        for slug in sorted(slugs):
+            type_slug, _, name = slug.partition("/")
+            try:
+                client.read_block_document_by_name(name=name, block_type_slug=type_slug)
+            except ObjectNotFound:
+                continue
+            found.add(slug)
+    return found
+
+
+def usable_parameters(parameters: Mapping[str, Any], blocks: set[str], deployment: str) -> dict[str, Any]:
+    """Default parameters without references to Blocks that are not saved (a run would fail to load them)."""
+    kept = {}
+    for name, value in parameters.items():
+        slug = block_slug(value)
+        if slug is not None and slug not in blocks:
+            log.info("%s: no default for %r: block %s is not saved (create it, or fill the field per run)",
+                     deployment, name, slug)
+            continue
+        kept[name] = value
+    return kept
+
+
+def build_deployments(found: Sequence[Discovered], timezone: str, blocks: set[str]) -> list[Any]:
+    """RunnerDeployments for discovered runbooks (importable by module path, so any cwd works)."""
+    from prefect.deployments.runner import EntrypointType
+    from prefect.schedules import Cron
+
+    deployments = []
+    for item in found:
+        rb = item.runbook
+        deployments.append(item.flow.to_deployment(
+            name=rb.deployment,
+            description=rb.description,
+            tags=rb.all_tags,
+            parameters=usable_parameters(rb.parameters, blocks, rb.name),
+            schedules=[Cron(cron, timezone=timezone, parameters=dict(rb.schedule_parameters) or None)
+                       for cron in rb.schedules],
+            concurrency_limit=rb.concurrency_limit,
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ))
+    return deployments
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    from prefect import serve
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        print("runbooks serve: PREFECT_API_URL is not set: point it at the Prefect server "
+              "(or use `runbooks up` for a local one)", file=sys.stderr)
+        return 2
+    timezone = schedule_timezone()
+    found, skipped = discover(only=args.only or None)
+    if args.strict and skipped:
+        print("runbooks serve: --strict and some runbooks are missing: "
+              + "; ".join(f"{s.runbook.name}: {s.reason}" for s in skipped), file=sys.stderr)
+        return 2
+    if not found:
+        print("runbooks serve: no runbook to serve", file=sys.stderr)
+        return 2
+    slugs = {s for item in found for v in item.runbook.parameters.values() if (s := block_slug(v))}
+    deployments = build_deployments(found, timezone, existing_block_slugs(slugs))
+    log.info("serving %d runbooks (schedules in %s, poll every %.1f s): %s", len(deployments), timezone, args.poll,
+             ", ".join(d.runbook.name for d in found))
+    serve(*deployments, query_seconds=args.poll, limit=args.limit, print_starting_message=False)
+    return 0
+
+
+# -- up ----------------------------------------------------------------------------------------------------
+
+
+def _set_parent_death_signal() -> None:
+    """Children get SIGTERM if `runbooks up` dies without cleaning up (Linux prctl PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+class Stack:
+    """Child processes started in order and stopped in reverse; each in its own process group."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+        logfile = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        proc = subprocess.Popen(argv, env=dict(env), stdout=logfile, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_set_parent_death_signal)  # noqa: PLW1509
+        logfile.close()
+        self.children.append((name, proc))
+        log.info("started %s (pid %d), log %s", name, proc.pid, self.home / f"{name}.log")
+        return proc
+
+    def exited(self) -> tuple[str, int] | None:
+        for name, proc in self.children:
+            code = proc.poll()
+            if code is not None:
+                return name, code
+        return None
+
+    def stop(self) -> None:
+        for name, proc in reversed(self.children):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop within %.0f s: killing it", name, STOP_TIMEOUT)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            # whatever the child left in its group (a flow run subprocess, uvicorn workers)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            log.info("%s stopped (exit %s)", name, proc.returncode)
+
+
+def wait_for_api(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {proc.returncode} before answering")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:  # noqa: S310 - loopback URL we built
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"prefect server did not answer {url}/health within {timeout:.0f} s")
+
+
+def _token_file(home: Path, given: str | None) -> str:
+    if given:
+        return given
+    path = home / "webhook-token"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(32) + "\n")
+    return str(path)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, _frame: Any) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def up_main(args: argparse.Namespace) -> int:
+    home = Path(args.home).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    api_url = f"http://{args.host}:{args.port}/api"
+    env = dict(os.environ)
+    env.setdefault("PREFECT_HOME", str(home / "prefect"))
+    env.setdefault("PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{home / 'prefect.db'}")
+    env["PREFECT_API_URL"] = api_url
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env.setdefault("PREFECT_UI_API_URL", api_url)
+    token_file = _token_file(home, args.token_file)
+    runbooks = [sys.executable, "-m", "deployments.cli"]
+
+    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    stack = Stack(home)
+    started = time.monotonic()
+    try:
+        server = stack.start("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host",
+                                                args.host, "--port", str(args.port)], env)
+        wait_for_api(api_url, server, SERVER_START_TIMEOUT)
+        log.info("Prefect server and UI on http://%s:%d (%.1f s)", args.host, args.port, time.monotonic() - started)
+        serve_argv = [*runbooks, "serve", "--poll", str(args.poll)]
+        for name in args.only or []:
+            serve_argv += ["--only", name]
+        stack.start("serve", serve_argv, env)
+        webhook_argv = [*runbooks, "webhook", "--host", args.webhook_host, "--port", str(args.webhook_port),
+                        "--token-file", token_file]
+        if args.routes:
+            webhook_argv += ["--routes", args.routes]
+        stack.start("webhook", webhook_argv, env)
+        print(f"runbooks up: UI http://{args.host}:{args.port}  bridge "
+              f"http://{args.webhook_host}:{args.webhook_port}/alertmanager (bearer token in {token_file})  "
+              f"logs in {home}; Ctrl-C stops everything", flush=True)
+        while True:
+            gone = stack.exited()
+            if gone:
+                log.error("%s exited with %s; stopping the stack (see %s)", gone[0], gone[1],
+                          home / f"{gone[0]}.log")
+                return 1
+            time.sleep(0.5)
+    except _Stop as stop:
+        log.info("received %s: stopping", stop)
+        return 0
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()
+
+
+# -- command line ------------------------------------------------------------------------------------------
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"runbooks {command}")
+    parser.add_argument("--poll", type=float, default=DEFAULT_POLL_SECONDS,
+                        help="seconds between the runner's checks for runs to start (default 1)")
+    parser.add_argument("--only", action="append", help="serve only this runbook (flow or flow/deployment)")
+    if command == "serve":
+        parser.add_argument("--limit", type=int, default=None, help="most flow runs at once (default: no limit)")
+        parser.add_argument("--strict", action="store_true", help="fail if a registry runbook is missing")
+    else:
+        parser.add_argument("--home", default=os.environ.get("RUNBOOKS_STATE_DIR", str(DEFAULT_HOME)),
+                            help="state directory: SQLite database, logs, webhook token (default ~/.runbooks)")
+        parser.add_argument("--host", default="127.0.0.1", help="Prefect server/UI address")
+        parser.add_argument("--port", type=int, default=4200)
+        parser.add_argument("--webhook-host", default="127.0.0.1")
+        parser.add_argument("--webhook-port", type=int, default=9095)
+        parser.add_argument("--routes", help="routes file for the bridge (default: the example routes)")
+        parser.add_argument("--token-file", help="bearer token for the bridge (default: generated in --home)")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    command = argv[0] if argv else "serve"
+    args = build_parser(command).parse_args(list(argv)[1:])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per runner poll otherwise
+    if command == "up":
+        return up_main(args)
+    return serve_main(args)

@@ -1,0 +1,570 @@
+"""The Alertmanager bridge: an authenticated ASGI receiver that turns alerts into Prefect flow runs.
+
+``POST /alertmanager`` takes Alertmanager's webhook payload (version 4). It requires a bearer token or
+basic auth (what Alertmanager's ``http_config`` sends), compared in constant time (401 otherwise); a body
+over the limit is 413, a malformed one 400 with the reason; bad input is never a 500. Alerts are routed
+by the routes file (deployments/routes.py), and each (route, fingerprint, status, startsAt) starts at most
+one flow run, ever: the run is created with a flow-run idempotency key derived from them, so repeats from
+``repeat_interval``, retries, HA peers and bridge restarts all come back as the run the first created.
+Runs of routes that require approval are created Paused with an input form: nothing happens until an
+operator resumes them in the Prefect UI (the run is then scheduled and the runner picks it up), and
+cancelling the paused run refuses it. ``/healthz`` and ``/metrics`` (Prometheus text format) need no auth.
+
+`runbooks webhook --routes FILE [--host H] [--port P]`; the token comes from $RUNBOOKS_WEBHOOK_TOKEN or
+--token-file, basic-auth users from --basic-auth-file (``user:password`` lines): never from argv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+import os
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+from uuid import UUID
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route as HttpRoute
+
+from deployments.routes import (
+    CompiledRoute,
+    Notification,
+    Skip,
+    Trigger,
+    describe_validation_error,
+    load_routes,
+    plan,
+    registry_destructive,
+)
+
+log = logging.getLogger("runbooks.webhook")
+
+DEFAULT_PORT = 9095
+DEFAULT_MAX_BODY = 1024 * 1024
+TOKEN_ENV = "RUNBOOKS_WEBHOOK_TOKEN"
+TOKEN_FILE_ENV = "RUNBOOKS_WEBHOOK_TOKEN_FILE"
+BASIC_AUTH_FILE_ENV = "RUNBOOKS_WEBHOOK_BASIC_AUTH_FILE"
+ROUTES_ENV = "RUNBOOKS_ROUTES"
+APPROVAL_PAUSE_KEY = "approval"
+
+
+class Approval(BaseModel):
+    """The form an operator fills in to let an alert-started destructive runbook go ahead."""
+
+    approved_by: str = Field(min_length=1, description="Who approves this run (name or handle).")
+    confirm: Literal[True] = Field(description="Tick to start the runbook with the parameters shown.")
+    note: str = Field(default="", description="Why (ticket, incident).")
+
+
+# -- configuration -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class BridgeConfig:
+    routes: list[CompiledRoute]
+    tokens: list[SecretStr] = field(default_factory=list)
+    basic_users: dict[str, SecretStr] = field(default_factory=dict)
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    dedup_cache_size: int = 100_000
+
+    def __post_init__(self) -> None:
+        if not self.tokens and not self.basic_users:
+            raise ValueError("the bridge needs a bearer token or basic-auth users: it never accepts anonymous calls")
+
+    def __repr__(self) -> str:  # no secrets in reprs
+        return f"BridgeConfig(routes={len(self.routes)}, tokens={len(self.tokens)}, users={sorted(self.basic_users)})"
+
+
+def read_secret_file(path: str) -> str:
+    text = Path(path).read_text().strip()
+    if not text:
+        raise ValueError(f"{path} is empty")
+    return text
+
+
+def parse_basic_auth_file(text: str) -> dict[str, SecretStr]:
+    users = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"basic-auth file line {number}: expected user:password")
+        users[user] = SecretStr(password)
+    return users
+
+
+# -- authentication ----------------------------------------------------------------------------------------
+
+
+def authorized(header: str | None, config: BridgeConfig) -> bool:
+    """Bearer token or basic auth, every candidate compared in constant time (no early exit on a match)."""
+    if not header:
+        return False
+    scheme, _, credentials = header.strip().partition(" ")
+    credentials = credentials.strip()
+    ok = False
+    if scheme.lower() == "bearer" and credentials:
+        given = credentials.encode()
+        for token in config.tokens:
+            ok |= hmac.compare_digest(given, token.get_secret_value().encode())
+    elif scheme.lower() == "basic" and credentials:
+        try:
+            decoded = base64.b64decode(credentials, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        user, sep, password = decoded.partition(":")
+        if not sep:
+            return False
+        for name, secret in config.basic_users.items():
+            same_user = hmac.compare_digest(user.encode(), name.encode())
+            same_password = hmac.compare_digest(password.encode(), secret.get_secret_value().encode())
+            ok |= same_user and same_password
+    return ok
+
+
+# -- metrics -----------------------------------------------------------------------------------------------
+
+
+class BridgeMetrics:
+    """Counters and a latency histogram in their own registry (one per app, so tests do not collide)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        ns = "runbooks_bridge"
+        self.notifications = Counter(f"{ns}_notifications_received", "Accepted webhook notifications.",
+                                     registry=self.registry)
+        self.alerts = Counter(f"{ns}_alerts_received", "Alerts in accepted notifications.", ["status"],
+                              registry=self.registry)
+        self.deduplicated = Counter(f"{ns}_alerts_deduplicated", "Alert notifications that were repeats of one "
+                                    "that already started a run.", registry=self.registry)
+        self.runs = Counter(f"{ns}_runs_created", "Flow runs created.", ["deployment", "route", "approval"],
+                            registry=self.registry)
+        self.skipped = Counter(f"{ns}_alerts_skipped", "Alerts that started nothing, by reason.", ["reason"],
+                               registry=self.registry)
+        self.rejected = Counter(f"{ns}_requests_rejected", "Requests refused, by reason.", ["reason"],
+                                registry=self.registry)
+        self.latency = Histogram(
+            f"{ns}_request_duration_seconds", "Time to answer POST /alertmanager.", ["code"],
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=self.registry,
+        )
+        for reason in ("unauthorized", "too_large", "invalid", "unavailable"):
+            self.rejected.labels(reason)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+# -- creating runs -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    created: bool  # False: the idempotency key returned an existing run
+    flow_run_id: str
+    flow_run_name: str
+
+
+class DeploymentMissing(Exception):
+    """The routed deployment does not exist on the Prefect server."""
+
+
+class ApiUnavailable(Exception):
+    """The Prefect API could not be reached or answered 5xx: Alertmanager should retry."""
+
+
+class RunStarter(Protocol):
+    async def start(self, trigger: Trigger) -> RunOutcome: ...
+
+    async def aclose(self) -> None: ...
+
+
+class PrefectRunStarter:
+    """Creates flow runs from deployments through the Prefect API (one client, deployment ids cached)."""
+
+    def __init__(self, api_url: str | None = None) -> None:
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, PREFECT_API_URL
+
+        # Captured now: the bridge may serve from another thread, where a test's temporary settings
+        # would not apply, and an unset URL would silently start an ephemeral server.
+        self.api_url = api_url or PREFECT_API_URL.value()
+        if not self.api_url:
+            raise ValueError("PREFECT_API_URL is not set: point the bridge at the Prefect server")
+        self._auth_string = PREFECT_API_AUTH_STRING.value()
+        self._api_key = PREFECT_API_KEY.value()
+        self._client: Any = None
+        self._client_lock = asyncio.Lock()
+        self._deployments: dict[str, UUID] = {}
+
+    async def _get_client(self) -> Any:
+        if self._client is None:
+            async with self._client_lock:
+                if self._client is None:
+                    from prefect.client.orchestration import PrefectClient
+
+                    client = PrefectClient(self.api_url, auth_string=self._auth_string, api_key=self._api_key)
+                    await client.__aenter__()
+                    self._client = client
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.__aexit__(None, None, None)
+            self._client = None
+
+    async def _deployment_id(self, name: str, *, refresh: bool = False) -> UUID:
+        from prefect.exceptions import ObjectNotFound
+
+        if refresh or name not in self._deployments:
+            client = await self._get_client()
+            try:
+                deployment = await client.read_deployment_by_name(name)
+            except ObjectNotFound as exc:
+                raise DeploymentMissing(name) from exc
+            self._deployments[name] = deployment.id
+        return self._deployments[name]
+
+    async def start(self, trigger: Trigger) -> RunOutcome:
+        import httpx
+
+        try:
+            return await self._start(trigger)
+        except (httpx.TransportError, httpx.TimeoutException) as exc:
+            raise ApiUnavailable(f"Prefect API at {self.api_url}: {type(exc).__name__}") from exc
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code >= 500 or exc.response.status_code == 429:
+                raise ApiUnavailable(f"Prefect API answered {exc.response.status_code}") from exc
+            raise
+
+    async def _start(self, trigger: Trigger) -> RunOutcome:
+        import httpx
+        from prefect.client.schemas.actions import DeploymentFlowRunCreate
+        from prefect.input.run_input import keyset_from_paused_state
+        from prefect.states import Paused, Scheduled, to_state_create
+
+        client = await self._get_client()
+        route, alert = trigger.route, trigger.alert
+        if route.require_approval:
+            state = Paused(timeout_seconds=int(route.approval_timeout), reschedule=True,
+                           pause_key=APPROVAL_PAUSE_KEY, name="Paused")
+            keyset = keyset_from_paused_state(state)
+            state.state_details.run_input_keyset = keyset
+            state.message = f"waiting for approval: alert {alert.alertname} via route {route.name}"
+        else:
+            state, keyset = Scheduled(), None
+        body = DeploymentFlowRunCreate(
+            parameters=trigger.parameters,
+            state=to_state_create(state),
+            tags=["alert", f"route:{route.name}", f"alertname:{alert.alertname}"[:100]],
+            idempotency_key=trigger.idempotency_key,
+        ).model_dump(mode="json", exclude_unset=True)
+
+        deployment_id = await self._deployment_id(route.deployment)
+        response = await client.request("POST", "/deployments/{id}/create_flow_run",
+                                        path_params={"id": deployment_id}, json=body)
+        if response.status_code == 404:  # deployment deleted and re-created since we cached its id
+            deployment_id = await self._deployment_id(route.deployment, refresh=True)
+            response = await client.request("POST", "/deployments/{id}/create_flow_run",
+                                            path_params={"id": deployment_id}, json=body)
+        if response.status_code == 422 or response.status_code == 409:
+            raise ParametersRejected(_api_detail(response))
+        response.raise_for_status()
+        run = response.json()
+        created = response.status_code == 201
+        if created and keyset is not None:
+            await self._attach_approval_form(client, UUID(run["id"]), keyset, trigger)
+        if response.status_code not in (200, 201):
+            raise httpx.HTTPStatusError("unexpected status", request=response.request, response=response)
+        return RunOutcome(created=created, flow_run_id=run["id"], flow_run_name=run.get("name", ""))
+
+    async def _attach_approval_form(self, client: Any, run_id: UUID, keyset: dict[str, str], trigger: Trigger) -> None:
+        from prefect._internal.pydantic.v2_schema import create_v2_schema
+
+        schema = create_v2_schema(Approval.__name__, model_base=Approval)
+        alert = trigger.alert
+        summary = alert.annotations.get("summary") or alert.annotations.get("description") or ""
+        description = "\n".join([
+            f"**Approval needed**: alert `{alert.alertname}` ({alert.status}, fingerprint `{alert.fingerprint}`, "
+            f"since {alert.startsAt.isoformat()}) matched route `{trigger.route.name}`, which starts "
+            f"`{trigger.route.deployment}`, a runbook that changes things.",
+            "",
+            f"> {summary}" if summary else "",
+            "",
+            "Parameters: `" + json.dumps(trigger.parameters, sort_keys=True)[:2000] + "`",
+            "",
+            "Resume with the form to start it, or cancel this run to refuse.",
+        ])
+        await client.create_flow_run_input(run_id, keyset["schema"], json.dumps(schema))
+        await client.create_flow_run_input(run_id, keyset["description"], json.dumps(description))
+
+
+class ParametersRejected(Exception):
+    """The Prefect API refused the rendered parameters (they do not fit the flow's schema)."""
+
+
+def _api_detail(response: Any) -> str:
+    try:
+        detail = response.json().get("detail", "")
+    except (ValueError, AttributeError):
+        detail = ""
+    return str(detail)[:500] or f"HTTP {response.status_code}"
+
+
+# -- the bridge --------------------------------------------------------------------------------------------
+
+
+class Bridge:
+    """Carries out the plan for one notification: dedup cache, cooldowns, run creation."""
+
+    def __init__(self, config: BridgeConfig, starter: RunStarter, metrics: BridgeMetrics) -> None:
+        self.config = config
+        self.starter = starter
+        self.metrics = metrics
+        self._seen: OrderedDict[str, str] = OrderedDict()  # idempotency key -> flow run id
+        self._cooldown_until: dict[str, tuple[float, str]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _remember(self, key: str, run_id: str) -> None:
+        self._seen[key] = run_id
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.config.dedup_cache_size:
+            self._seen.popitem(last=False)
+
+    async def handle(self, notification: Notification) -> dict[str, list[dict[str, Any]]]:
+        self.metrics.notifications.inc()
+        for alert in notification.alerts:
+            self.metrics.alerts.labels(alert.status).inc()
+        created: list[dict[str, Any]] = []
+        skipped: list[dict[str, Any]] = []
+        for step in plan(notification, self.config.routes):
+            if isinstance(step, Skip):
+                self._skip(skipped, step, _reason_label(step.reason))
+                continue
+            outcome = await self._trigger(step)
+            if isinstance(outcome, Skip):
+                self._skip(skipped, outcome, _reason_label(outcome.reason))
+            else:
+                created.append(outcome)
+        return {"created": created, "skipped": skipped}
+
+    def _skip(self, out: list[dict[str, Any]], step: Skip, label: str) -> None:
+        out.append(step.as_dict())
+        if label == "duplicate":
+            self.metrics.deduplicated.inc()
+        else:
+            self.metrics.skipped.labels(label).inc()
+
+    async def _trigger(self, trigger: Trigger) -> dict[str, Any] | Skip:
+        alert, route = trigger.alert, trigger.route
+        known = self._seen.get(trigger.idempotency_key)
+        if known is not None:
+            return Skip(alert.fingerprint, alert.alertname, "duplicate: this notification already started a run",
+                        route.name, known)
+        lock = self._locks.setdefault(trigger.cooldown_key, asyncio.Lock())
+        async with lock:
+            now = time.monotonic()
+            cooling = self._cooldown_until.get(trigger.cooldown_key)
+            if route.cooldown > 0 and cooling and cooling[0] > now:
+                return Skip(alert.fingerprint, alert.alertname,
+                            f"cooldown: route started run {cooling[1]} with these parameters "
+                            f"{route.cooldown - (cooling[0] - now):.0f} s ago (cooldown {route.cooldown:.0f} s)",
+                            route.name, cooling[1])
+            try:
+                outcome = await self.starter.start(trigger)
+            except DeploymentMissing:
+                log.error("route %s: deployment %s not found on the Prefect server", route.name, route.deployment)
+                return Skip(alert.fingerprint, alert.alertname,
+                            f"deployment {route.deployment} not found on the Prefect server "
+                            "(is `runbooks serve` running, or was it deployed?)", route.name)
+            except ParametersRejected as exc:
+                log.error("route %s: Prefect refused the parameters: %s", route.name, exc)
+                return Skip(alert.fingerprint, alert.alertname, f"parameters refused by Prefect: {exc}", route.name)
+            self._remember(trigger.idempotency_key, outcome.flow_run_id)
+            if not outcome.created:
+                return Skip(alert.fingerprint, alert.alertname,
+                            "duplicate: this notification already started a run", route.name, outcome.flow_run_id)
+            if route.cooldown > 0:
+                self._cooldown_until[trigger.cooldown_key] = (now + route.cooldown, outcome.flow_run_id)
+        self.metrics.runs.labels(route.deployment, route.name, str(route.require_approval).lower()).inc()
+        log.info("alert %s (%s, %s) -> %s: flow run %s%s", alert.alertname, alert.fingerprint, alert.status,
+                 route.deployment, outcome.flow_run_name, " (awaiting approval)" if route.require_approval else "")
+        return {
+            "route": route.name, "deployment": route.deployment, "fingerprint": alert.fingerprint,
+            "alertname": alert.alertname, "status": alert.status, "flow_run_id": outcome.flow_run_id,
+            "flow_run_name": outcome.flow_run_name, "awaiting_approval": route.require_approval,
+        }
+
+
+def _reason_label(reason: str) -> str:
+    for prefix, label in (("duplicate", "duplicate"), ("cooldown", "cooldown"), ("no route", "no_route"),
+                          ("route acts on", "status"), ("parameters", "parameters"), ("deployment", "no_deployment")):
+        if reason.startswith(prefix):
+            return label
+    return "other"
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None once it passes ``limit`` bytes (whatever Content-Length claimed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                return None
+        except ValueError:
+            pass
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(config: BridgeConfig, starter: RunStarter | None = None) -> Starlette:
+    """The bridge as an ASGI app. ``starter`` defaults to the Prefect API in PREFECT_API_URL."""
+    metrics = BridgeMetrics()
+    bridge = Bridge(config, starter or PrefectRunStarter(), metrics)
+
+    def reply(started: float, status: int, content: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+        metrics.latency.labels(str(status)).observe(time.perf_counter() - started)
+        return JSONResponse(content, status_code=status, headers=headers)
+
+    async def alertmanager(request: Request) -> Response:
+        started = time.perf_counter()
+        if not authorized(request.headers.get("authorization"), config):
+            metrics.rejected.labels("unauthorized").inc()
+            return reply(started, 401, {"error": "unauthorized: send the bearer token or basic auth "
+                                                 "configured for the bridge"},
+                         {"WWW-Authenticate": 'Bearer realm="runbooks", Basic realm="runbooks"'})
+        body = await read_body(request, config.max_body_bytes)
+        if body is None:
+            metrics.rejected.labels("too_large").inc()
+            return reply(started, 413, {"error": f"body over {config.max_body_bytes} bytes"})
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            metrics.rejected.labels("invalid").inc()
+            reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+            return reply(started, 400, {"error": f"body is not JSON ({reason})"})
+        try:
+            notification = Notification.model_validate(data)
+        except ValidationError as exc:
+            metrics.rejected.labels("invalid").inc()
+            return reply(started, 400, {"error": "not an Alertmanager v4 payload: " + describe_validation_error(exc)})
+        except RecursionError:
+            metrics.rejected.labels("invalid").inc()
+            return reply(started, 400, {"error": "payload nested too deeply"})
+        try:
+            result = await bridge.handle(notification)
+        except ApiUnavailable as exc:
+            metrics.rejected.labels("unavailable").inc()
+            log.error("Prefect API unavailable: %s", exc)
+            return reply(started, 503, {"error": f"Prefect API unavailable ({exc}); retry: repeats start no "
+                                                 "second run"}, {"Retry-After": "10"})
+        return reply(started, 202, result)
+
+    async def healthz(_request: Request) -> Response:
+        return JSONResponse({"status": "ok", "routes": len(config.routes)})
+
+    async def metrics_endpoint(_request: Request) -> Response:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> Any:
+        yield
+        await bridge.starter.aclose()
+
+    app = Starlette(
+        routes=[
+            HttpRoute("/alertmanager", alertmanager, methods=["POST"]),
+            HttpRoute("/healthz", healthz, methods=["GET"]),
+            HttpRoute("/metrics", metrics_endpoint, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.bridge = bridge
+    app.state.metrics = metrics
+    return app
+
+
+# -- command line ------------------------------------------------------------------------------------------
+
+
+def default_routes_file() -> Path:
+    return Path(__file__).resolve().parent / "routes.example.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runbooks webhook", description="Alertmanager -> Prefect bridge.")
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--routes", default=os.environ.get(ROUTES_ENV),
+                        help=f"routes file (default ${ROUTES_ENV}, else {default_routes_file().name})")
+    parser.add_argument("--token-file", default=os.environ.get(TOKEN_FILE_ENV),
+                        help=f"file holding the bearer token (or ${TOKEN_ENV}, or ${TOKEN_FILE_ENV})")
+    parser.add_argument("--basic-auth-file", default=os.environ.get(BASIC_AUTH_FILE_ENV),
+                        help="file of user:password lines for basic auth")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
+    parser.add_argument("--check", action="store_true", help="validate the routes file and exit")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> BridgeConfig:
+    routes_path = Path(args.routes) if args.routes else default_routes_file()
+    routes = load_routes(routes_path.read_text(), registry_destructive)
+    tokens = []
+    if os.environ.get(TOKEN_ENV):
+        tokens.append(SecretStr(os.environ[TOKEN_ENV]))
+    if args.token_file:
+        tokens.append(SecretStr(read_secret_file(args.token_file)))
+    users = parse_basic_auth_file(read_secret_file(args.basic_auth_file)) if args.basic_auth_file else {}
+    log.info("routes from %s: %s", routes_path, ", ".join(f"{r.name}->{r.deployment}" for r in routes))
+    return BridgeConfig(routes=routes, tokens=tokens, basic_users=users, max_body_bytes=args.max_body_bytes)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv)[1:])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per runner poll otherwise
+    try:
+        config = config_from_args(args)
+    except (OSError, ValueError) as exc:
+        print(f"runbooks webhook: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{len(config.routes)} routes OK")
+        return 0
+    import uvicorn
+
+    try:
+        app = create_app(config)
+    except ValueError as exc:
+        print(f"runbooks webhook: {exc}", file=sys.stderr)
+        return 2
+    log.info("Alertmanager bridge on http://%s:%d/alertmanager -> %s", args.host, args.port,
+             app.state.bridge.starter.api_url)
+    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="warning",
+                                  lifespan="on")).run()
+    return 0
