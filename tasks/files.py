@@ -18,6 +18,7 @@ from tasks.errors import ConfigurationError, VerificationFailed
 from tasks.log import run_logger
 from tasks.manifest import FilesSummary, Part, part_key
 from tasks.progress import Progress
+from tasks.retry import retry_transient
 from tasks.stream import CHUNK, open_compressed_writer, open_decompressed_reader
 
 _MOD = 2**256
@@ -85,7 +86,8 @@ def _walk(root: Path) -> list[tuple[str, Path]]:
     return entries
 
 
-@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, task_run_name="archive-{path}")
+@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, retry_condition_fn=retry_transient,
+      task_run_name="archive-{path}")
 def archive_directory(
     path: str, store: BackupStore, set_id: str, *, level: int = 3, threads: int = 2,
     progress: Progress | None = None,
@@ -135,17 +137,26 @@ class ExtractedFiles:
 
 
 @task(cache_policy=NO_CACHE)
-def extract_archive(part: Part, store: BackupStore, destination: str) -> ExtractedFiles:
-    """Extract into a new directory ``destination`` (must not exist), via a staging dir renamed at the end."""
+def extract_archive(
+    part: Part, store: BackupStore, destination: str, *, staged_tar: str | None = None
+) -> ExtractedFiles:
+    """Extract into a new directory ``destination`` (must not exist), via a staging dir renamed at the end.
+
+    ``staged_tar``: the archive already downloaded and checked (``stage_part``); else it is fetched here.
+    """
     dest = Path(destination)
     if dest.exists():
         raise ConfigurationError(f"{dest} already exists; extract into a new directory")
     staging = dest.with_name(f".{dest.name}.staging-{os.getpid()}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with open_decompressed_reader(store.get_client(), part.key, sha256=part.sha256, size=part.size) as src:
-            with tarfile.open(fileobj=src, mode="r|") as tar:
+        if staged_tar:
+            with tarfile.open(staged_tar, mode="r:") as tar:
                 tar.extractall(staging, filter="tar")
+        else:
+            with open_decompressed_reader(store.get_client(), part.key, sha256=part.sha256, size=part.size) as src:
+                with tarfile.open(fileobj=src, mode="r|") as tar:
+                    tar.extractall(staging, filter="tar")
         staging.mkdir(exist_ok=True)
         got = tree_digest(staging)
         if part.files is not None and got.digest != part.files.digest:
@@ -158,3 +169,35 @@ def extract_archive(part: Part, store: BackupStore, destination: str) -> Extract
     run_logger().info("extracted %s into %s (%d files)", part.key, dest, got.files)
     return ExtractedFiles(path=str(dest), files=got.files, bytes=got.bytes)
 
+
+
+@dataclass(frozen=True)
+class SwappedDirectory:
+    path: str
+    previous_kept_as: str | None
+
+
+@task(cache_policy=NO_CACHE)
+def swap_in_directory(new: str, live: str, keep_as: str) -> SwappedDirectory:
+    """Move ``live`` aside to ``keep_as`` and ``new`` into its place (two renames on one filesystem).
+
+    If the second rename fails, the first is undone, so ``live`` is never left missing.
+    """
+    new_path, live_path, aside = Path(new), Path(live), Path(keep_as)
+    if aside.exists():
+        raise ConfigurationError(f"{aside} already exists; nothing was changed")
+    if new_path.parent.resolve() != live_path.parent.resolve() and os.stat(new_path.parent).st_dev != os.stat(
+            live_path.parent).st_dev:
+        raise ConfigurationError(f"{new} and {live} are on different filesystems; cannot swap atomically")
+    moved = False
+    if live_path.exists():
+        os.rename(live_path, aside)
+        moved = True
+    try:
+        os.rename(new_path, live_path)
+    except OSError:
+        if moved:
+            os.rename(aside, live_path)
+        raise
+    run_logger().info("swapped restored files into %s (previous kept as %s)", live, keep_as if moved else "-")
+    return SwappedDirectory(path=live, previous_kept_as=str(aside) if moved else None)

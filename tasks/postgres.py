@@ -18,8 +18,9 @@ from blocks.store import BackupStore
 from tasks.errors import ConfigurationError, DumpFailed, RestoreFailed, RunbookError, VerificationFailed
 from tasks.log import run_logger
 from tasks.manifest import Part, TableChecksum, part_key
-from tasks.process import Child, describe_exit, pg_tool, spawn, tool_version
+from tasks.process import Child, describe_exit, pg_tool, run, spawn, tool_version
 from tasks.progress import Progress
+from tasks.retry import retry_transient
 from tasks.stream import CHUNK, compress_into_store, open_decompressed_reader
 
 # Settings that make ``row::text`` the same on the dumped and the restored server.
@@ -39,7 +40,7 @@ class ServerInfo:
     total_bytes: int
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def inspect_server(pg: PostgresConnection, databases: list[str] | None = None) -> ServerInfo:
     """Server version and the databases to back up (all non-template ones unless named); checks they exist."""
     with pg.connect() as conn:
@@ -121,7 +122,8 @@ def compare_checksums(expected: list[TableChecksum], actual: list[TableChecksum]
     return problems
 
 
-@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, task_run_name="dump-database-{database}")
+@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, retry_condition_fn=retry_transient,
+      task_run_name="dump-database-{database}")
 def dump_database(
     pg: PostgresConnection,
     database: str,
@@ -208,7 +210,7 @@ class _ExitChecked:
         return count
 
 
-@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def dump_globals(
     pg: PostgresConnection, store: BackupStore, set_id: str, *, no_role_passwords: bool = False, level: int = 3
 ) -> Part:
@@ -237,7 +239,7 @@ def dump_globals(
 # ------------------------------------------------------------------------------------------ restore
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def check_databases_absent(pg: PostgresConnection, databases: list[str]) -> None:
     """Refuse, before anything is restored, if any target database already exists."""
     with pg.connect() as conn:
@@ -265,11 +267,20 @@ def _conninfo_dbname(name: str) -> str:
 
 @task(cache_policy=NO_CACHE, task_run_name="restore-database-{database}")
 def restore_database(
-    part: Part, store: BackupStore, pg: PostgresConnection, database: str, *, verify: bool = True
+    part: Part,
+    store: BackupStore,
+    pg: PostgresConnection,
+    database: str,
+    *,
+    verify: bool = True,
+    staged_file: str | None = None,
+    jobs: int = 1,
 ) -> RestoredDatabase:
     """Create ``database`` (it must not exist) and restore the dump into it, then compare checksums.
 
-    On any failure the database this step created is dropped again; nothing else is touched.
+    From the store the dump streams into one ``pg_restore``; from a ``staged_file`` (see ``stage_part``,
+    checksum already verified) ``pg_restore -j jobs`` runs in parallel. On any failure the database
+    this step created is dropped again; nothing else is touched.
     """
     log = run_logger()
     started = time.monotonic()
@@ -284,20 +295,13 @@ def restore_database(
     try:
         argv = [pg_tool("pg_restore"), "--exit-on-error", "--no-password",
                 f"--dbname={_conninfo_dbname(database)}"]
-        with open_decompressed_reader(store.get_client(), part.key, sha256=part.sha256, size=part.size) as src:
-            with spawn(argv, env=pg.libpq_env(database), stdin=True, stdout=False) as child:
-                try:
-                    while chunk := src.read(CHUNK):
-                        child.stdin.write(chunk)
-                    child.stdin.close()
-                except BrokenPipeError:
-                    pass
-                code = child.wait()
-                if code != 0:
-                    raise RestoreFailed(
-                        f"pg_restore into {pg.describe(database)} failed ({describe_exit(code)}): "
-                        f"{child.stderr_tail()}"
-                    )
+        if staged_file is not None:
+            code, _out, err = run([*argv, f"--jobs={max(jobs, 1)}", staged_file], env=pg.libpq_env(database))
+            if code != 0:
+                raise RestoreFailed(f"pg_restore into {pg.describe(database)} failed ({describe_exit(code)}): "
+                                    f"{err.strip()[-2000:]}")
+        else:
+            _restore_streamed(part, store, pg, database, argv)
         tables = 0
         if verify and part.tables:
             with pg.connect(database) as conn:
@@ -314,6 +318,24 @@ def restore_database(
     seconds = round(time.monotonic() - started, 3)
     log.info("restored %s in %.1f s (%d tables verified)", pg.describe(database), seconds, tables)
     return RestoredDatabase(database=database, tables=tables, seconds=seconds)
+
+
+def _restore_streamed(part: Part, store: BackupStore, pg: PostgresConnection, database: str, argv: list[str]) -> None:
+    """Store -> sha256 check -> zstd -> one pg_restore (a pipe cannot be restored in parallel)."""
+    with open_decompressed_reader(store.get_client(), part.key, sha256=part.sha256, size=part.size) as src:
+        with spawn(argv, env=pg.libpq_env(database), stdin=True, stdout=False) as child:
+            try:
+                while chunk := src.read(CHUNK):
+                    child.stdin.write(chunk)
+                child.stdin.close()
+            except BrokenPipeError:
+                pass
+            code = child.wait()
+            if code != 0:
+                raise RestoreFailed(
+                    f"pg_restore into {pg.describe(database)} failed ({describe_exit(code)}): "
+                    f"{child.stderr_tail()}"
+                )
 
 
 def _drop_quietly(pg: PostgresConnection, database: str) -> None:
@@ -370,3 +392,142 @@ def restore_globals(part: Part, store: BackupStore, pg: PostgresConnection) -> R
                             f"{child.stderr_tail()}")
     run_logger().info("restored globals on %s (existing roles left as they are: %s)", pg.describe(), kept)
     return RestoredGlobals(roles_kept=kept)
+
+
+# --------------------------------------------------------------------------------- recovery steps
+
+_MAX_IDENT = 63  # NAMEDATALEN - 1, in bytes
+
+
+def side_name(database: str, label: str) -> str:
+    """``<database>__<label>`` cut to PostgreSQL's 63-byte identifier limit (the label is kept whole)."""
+    suffix = f"__{label}"
+    room = _MAX_IDENT - len(suffix.encode())
+    if room < 1:
+        raise ConfigurationError(f"label {label!r} is too long for a database name")
+    head = database.encode()[:room].decode(errors="ignore")
+    return head + suffix
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
+def existing_databases(pg: PostgresConnection, names: list[str]) -> list[str]:
+    """Which of ``names`` exist on the server."""
+    with pg.connect() as conn:
+        present = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+    return [n for n in names if n in present]
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    live: str
+    previous_kept_as: str | None
+    terminated_sessions: int
+
+
+@task(cache_policy=NO_CACHE, task_run_name="swap-database-{live}")
+def swap_in_database(
+    pg: PostgresConnection, live: str, restored: str, keep_as: str, *, attempts: int = 20
+) -> SwapResult:
+    """Put ``restored`` in place of ``live`` in one transaction; ``live`` is kept as ``keep_as``.
+
+    Connections to ``live`` are refused, then its sessions terminated, then both renames commit
+    together, so there is never a moment without a database of that name. Nothing is dropped.
+    """
+    log = run_logger()
+    terminated = 0
+    with pg.connect(autocommit=True) as admin:
+        live_exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (live,)).fetchone()
+        if live_exists and admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (keep_as,)).fetchone():
+            raise ConfigurationError(f"{keep_as!r} already exists on {pg.describe()}; nothing was changed")
+        if live_exists:
+            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(live)))
+        try:
+            for attempt in range(attempts):
+                terminated += admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = ANY(%s) AND pid <> pg_backend_pid()", ([live, restored],)
+                ).fetchone()[0]  # type: ignore[index]
+                try:
+                    with admin.transaction():
+                        if live_exists:
+                            admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                                sql.Identifier(live), sql.Identifier(keep_as)))
+                        admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
+                            sql.Identifier(restored), sql.Identifier(live)))
+                    break
+                except psycopg.errors.ObjectInUse:
+                    if attempt == attempts - 1:
+                        raise RestoreFailed(
+                            f"sessions kept reconnecting to {live!r} on {pg.describe()}; the restored copy "
+                            f"is ready as {restored!r}, the live database is unchanged"
+                        ) from None
+                    time.sleep(0.25)
+        finally:
+            if live_exists:
+                admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(
+                    sql.Identifier(keep_as if _exists(admin, keep_as) else live)))
+    log.info("swapped restored copy into %s; previous database kept as %s (%d sessions ended)",
+             pg.describe(live), keep_as if live_exists else "-", terminated)
+    return SwapResult(live=live, previous_kept_as=keep_as if live_exists else None, terminated_sessions=terminated)
+
+
+def _exists(conn: psycopg.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+
+
+@task(cache_policy=NO_CACHE, task_run_name="set-aside-database-{database}")
+def set_aside_database(pg: PostgresConnection, database: str, keep_as: str | None) -> str | None:
+    """In-place mode: rename ``database`` to ``keep_as`` (or drop it when ``keep_as`` is None)."""
+    with pg.connect(autocommit=True) as admin:
+        if not _exists(admin, database):
+            return None
+        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(database)))
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
+        if keep_as is None:
+            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(database)))
+            run_logger().warning("dropped %s (in-place restore without a safety copy)", pg.describe(database))
+            return None
+        admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(database),
+                                                                       sql.Identifier(keep_as)))
+        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(keep_as)))
+    run_logger().info("set %s aside as %s", pg.describe(database), keep_as)
+    return keep_as
+
+
+@dataclass(frozen=True)
+class AmcheckResult:
+    database: str
+    ok: bool
+    problems: list[str]
+    seconds: float
+
+
+@task(cache_policy=NO_CACHE, task_run_name="amcheck-{database}")
+def run_amcheck(pg: PostgresConnection, database: str, *, heapallindexed: bool = False) -> AmcheckResult:
+    """``pg_amcheck`` (installing the amcheck extension if missing) on every table and B-tree index."""
+    started = time.monotonic()
+    argv = [pg_tool("pg_amcheck"), "--install-missing", "--no-password", f"--database={database}"]
+    if heapallindexed:
+        argv.append("--heapallindexed")
+    code, out, err = run(argv, env=pg.libpq_env(database))
+    problems = [line for line in (out + err).splitlines() if line.strip()][:50]
+    ok = code == 0
+    run_logger().info("pg_amcheck %s: %s", pg.describe(database), "ok" if ok else f"{len(problems)} problem lines")
+    return AmcheckResult(database=database, ok=ok, problems=[] if ok else problems,
+                         seconds=round(time.monotonic() - started, 3))
+
+
+@task(cache_policy=NO_CACHE, task_run_name="compare-tables-{database}")
+def compare_with_manifest(pg: PostgresConnection, database: str, part: Part) -> list[str]:
+    """Differences between a restored database and what the manifest recorded at dump time."""
+    with pg.connect(database) as conn:
+        return compare_checksums(part.tables, collect_checksums(conn))
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
+def drop_scratch_databases(pg: PostgresConnection, names: list[str]) -> None:
+    """Drop databases this run created for a drill (never called on anything else)."""
+    with pg.connect(autocommit=True) as admin:
+        for name in names:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    run_logger().info("dropped drill databases %s on %s", names, pg.describe())

@@ -39,6 +39,7 @@ from tasks.errors import (
 )
 from tasks.log import run_logger
 from tasks.manifest import Part, RedisSummary, part_key
+from tasks.retry import retry_transient
 from tasks.scratch import ScratchRedis
 from tasks.stream import CHUNK, StreamResult, open_compressed_writer, open_decompressed_reader
 
@@ -555,7 +556,7 @@ def _copy_rdb_file(path: Path, sink: ByteSink, not_before: int) -> int:
         return checked.finish()
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def snapshot_redis(
     conn: RedisConnection,
     store: BackupStore,
@@ -684,8 +685,11 @@ def restore_redis(
     *,
     flush_first: bool = False,
     batch: int = 500,
+    staged_rdb: str | None = None,
 ) -> RedisSummary:
     """Copy every key of a snapshot into ``target`` (same database numbers) and verify the digest.
+
+    ``staged_rdb``: the snapshot already downloaded and checked (``stage_part``); else it is fetched here.
 
     The snapshot is downloaded and its checksum verified before the target is touched, then loaded into
     a scratch server and copied with DUMP/RESTORE ... REPLACE, keeping TTLs. ``flush_first`` empties
@@ -704,12 +708,13 @@ def restore_redis(
     with _talking_to(target, "checking the target"):
         target.get_client().ping()
     with tempfile.TemporaryDirectory(prefix="runbooks-redis-") as tmp:
-        rdb = Path(tmp) / "snapshot.rdb"
-        with (
-            open(rdb, "wb") as out,
-            open_decompressed_reader(store.get_client(), part.key, sha256=part.sha256, size=part.size) as src,
-        ):
-            shutil.copyfileobj(src, out, CHUNK)
+        rdb = Path(staged_rdb) if staged_rdb else Path(tmp) / "snapshot.rdb"
+        if not staged_rdb:
+            with (
+                open(rdb, "wb") as out,
+                open_decompressed_reader(store.get_client(), part.key, sha256=part.sha256, size=part.size) as src,
+            ):
+                shutil.copyfileobj(src, out, CHUNK)
         # The checksum has been verified: from here on the target changes.
         copied = 0
         with _scratch_with(rdb) as source, _talking_to(target, "restoring keys"):

@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import difflib
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.store import BackupStore, StoreClient
-from tasks.errors import BackupNotFound, StoreError
+from tasks.errors import BackupNotFound, ChecksumMismatch, StoreError
 from tasks.log import run_logger
 from tasks.manifest import (
     Manifest,
+    Part,
+    Verification,
     complete_set_ids,
     human_size,
     is_set_id,
     manifest_key,
     set_prefix,
+    verification_key,
 )
+from tasks.retry import retry_transient
+from tasks.stream import CHUNK, open_decompressed_reader
 
 
 def list_sets(client: StoreClient) -> list[Manifest]:
@@ -34,12 +43,27 @@ def read_manifest(client: StoreClient, set_id: str) -> Manifest:
     return manifest
 
 
-def find_set(client: StoreClient, wanted: str) -> Manifest:
-    """The set with id ``wanted`` (or ``latest``); an unknown id names the nearest existing ones."""
-    ids = complete_set_ids([o.key for o in client.list("backups/")])
+def read_verification(client: StoreClient, set_id: str) -> Verification | None:
+    """The newest restore drill's record of a set, or None if it was never drilled."""
+    key = verification_key(set_id)
+    if not client.exists(key):
+        return None
+    return Verification.from_bytes(client.get_bytes(key), where=f"{client.description}/{key}")
+
+
+def find_set(client: StoreClient, wanted: str, *, prefer_verified: bool = False) -> Manifest:
+    """The set with id ``wanted``, or ``latest`` (the newest complete set; with ``prefer_verified``
+    the newest whose last drill passed, if any). An unknown id names the nearest existing ones."""
+    keys = [o.key for o in client.list("backups/")]
+    ids = complete_set_ids(keys)
     if wanted == "latest":
         if not ids:
             raise BackupNotFound(f"no complete backup set in {client.description}")
+        if prefer_verified:
+            verified = [i for i in ids if verification_key(i) in keys and _drill_passed(client, i)]
+            if verified:
+                return read_manifest(client, verified[-1])
+            run_logger().warning("no verified set in %s; using the newest complete one", client.description)
         return read_manifest(client, ids[-1])
     if wanted in ids:
         return read_manifest(client, wanted)
@@ -49,7 +73,62 @@ def find_set(client: StoreClient, wanted: str) -> Manifest:
     raise BackupNotFound(f"{what} {wanted!r} in {client.description}{hint}")
 
 
-@task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def _drill_passed(client: StoreClient, set_id: str) -> bool:
+    record = read_verification(client, set_id)
+    return record is not None and record.ok
+
+
+@dataclass(frozen=True)
+class StagedPart:
+    """A part downloaded, checked against the manifest and decompressed to a local file."""
+
+    key: str
+    path: str
+    raw_size: int
+    seconds: float
+
+
+@task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, retry_condition_fn=retry_transient,
+      task_run_name="stage-{part.kind}-{part.name}")
+def stage_part(part: Part, store: BackupStore, staging_dir: str) -> StagedPart:
+    """Download one part, check size and sha256, and decompress it into ``staging_dir``.
+
+    The checksum is known good before anything is restored; a mismatch removes the file and raises
+    ChecksumMismatch, with every target untouched.
+    """
+    started = time.monotonic()
+    client = store.get_client()
+    target = Path(staging_dir) / part.key.removesuffix(".zst")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(target, "wb") as out, open_decompressed_reader(client, part.key, sha256=part.sha256,
+                                                                 size=part.size) as src:
+            shutil.copyfileobj(src, out, CHUNK)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    size = target.stat().st_size
+    if size != part.raw_size:
+        target.unlink(missing_ok=True)
+        raise ChecksumMismatch(f"{part.key}: decompressed to {size} bytes, manifest says {part.raw_size}")
+    seconds = round(time.monotonic() - started, 3)
+    run_logger().info("staged %s (%s, sha256 verified) in %.1f s", part.key, human_size(size), seconds)
+    return StagedPart(key=part.key, path=str(target), raw_size=size, seconds=seconds)
+
+
+@task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
+def record_verification(store: BackupStore, verification: Verification) -> str:
+    """Write ``verification.json`` beside the manifest (replacing an older drill's record)."""
+    client = store.get_client()
+    if not client.exists(manifest_key(verification.set_id)):
+        raise BackupNotFound(f"set {verification.set_id} has no manifest in {client.description}")
+    key = verification_key(verification.set_id)
+    client.put_bytes(key, verification.to_bytes(), overwrite=True)
+    run_logger().info("recorded drill of %s: %s", verification.set_id, "ok" if verification.ok else "FAILED")
+    return key
+
+
+@task(retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def write_manifest(store: BackupStore, manifest: Manifest) -> str:
     """Check every part is in the store with its recorded size, then write the manifest, last."""
     client = store.get_client()
@@ -67,7 +146,7 @@ def write_manifest(store: BackupStore, manifest: Manifest) -> str:
     return key
 
 
-@task(retries=4, retry_delay_seconds=[2, 5, 10, 20], cache_policy=NO_CACHE)
+@task(retries=4, retry_delay_seconds=[2, 5, 10, 20], cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def discard_incomplete_set(store: BackupStore, set_id: str) -> int:
     """After a failed run: abort its multipart uploads and delete its parts. Never touches a manifest."""
     client = store.get_client()

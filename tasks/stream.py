@@ -163,9 +163,15 @@ def open_decompressed_reader(
     with store.open_read(key) as raw:
         checked = _VerifyingReader(raw, key, sha256, size)
         reader = zstandard.ZstdDecompressor().stream_reader(checked, read_size=CHUNK, closefd=False)
-        yield reader  # type: ignore[misc]
-        while reader.read(CHUNK):  # the consumer may stop before the end of the frame
-            pass
+        try:
+            yield reader  # type: ignore[misc]
+            while reader.read(CHUNK):  # the consumer may stop before the end of the frame
+                pass
+        except zstandard.ZstdError as exc:
+            # zstd's own frame checksum caught it before the end: the stored bytes are not what the
+            # manifest's sha256 describes.
+            raise ChecksumMismatch(f"{key}: stored data is corrupt ({exc}); it does not match the manifest's "
+                                   "sha256") from None
         checked.finish()
 
 

@@ -1,0 +1,165 @@
+"""The `verify-backup` runbook: the restore drill. Restore a set into scratch servers, compare with
+the manifest, run pg_amcheck, and record the result as ``verification.json`` beside the manifest."""
+
+from __future__ import annotations
+
+import secrets
+import tempfile
+import time
+from datetime import UTC, datetime
+from typing import Annotated
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import Flow, FlowRun
+from prefect.runtime import flow_run as current_run
+from prefect.states import State
+from pydantic import BaseModel, Field
+
+from blocks.postgres import PostgresConnection
+from blocks.redis import RedisConnection
+from blocks.store import BackupStore
+from tasks.errors import RunbookError, VerificationFailed
+from tasks.files import extract_archive
+from tasks.log import run_logger
+from tasks.manifest import Verification
+from tasks.notify import send_notification
+from tasks.postgres import (
+    compare_with_manifest,
+    drop_scratch_databases,
+    restore_database,
+    restore_globals,
+    run_amcheck,
+    side_name,
+)
+from tasks.redis import restore_redis
+from tasks.scratch import ScratchPostgres, ScratchRedis
+from tasks.store import find_set, record_verification, stage_part
+
+
+class VerifyResult(BaseModel):
+    set_id: str
+    ok: bool
+    problems: list[str]
+    seconds: dict[str, float]
+
+
+@task(cache_policy=NO_CACHE)
+def start_scratch_postgres() -> ScratchPostgres:
+    """A temporary cluster for the drill (run as the postgres OS user when we are root)."""
+    server = ScratchPostgres(password=secrets.token_urlsafe(16), fast=True).start()
+    run_logger().info("drill PostgreSQL started on port %d", server.port)
+    return server
+
+
+@task(cache_policy=NO_CACHE)
+def start_scratch_redis() -> ScratchRedis:
+    server = ScratchRedis(password=secrets.token_urlsafe(16)).start()
+    run_logger().info("drill Redis started on port %d", server.port)
+    return server
+
+
+def _notify(flow: Flow, flow_run: FlowRun, state: State) -> None:
+    block_ref = (flow_run.parameters or {}).get("notify_block")
+    if block_ref:
+        send_notification.fn(block_ref, subject=f"verify-backup FAILED: {flow_run.name}",
+                             body=f"Restore drill {flow_run.name} ended {state.type.value}: {state.message}")
+
+
+@flow(name="verify-backup", on_failure=[_notify], on_crashed=[_notify])
+def verify_backup(
+    store: BackupStore,
+    backup_id: Annotated[str, Field(description="A set id, or 'latest'.")] = "latest",
+    drill_postgres: Annotated[PostgresConnection | None, Field(
+        description="A drill server to restore into (scratch databases, dropped after); empty: a "
+                    "temporary cluster started here.")] = None,
+    amcheck: Annotated[bool, Field(description="Run pg_amcheck on the restored databases.")] = True,
+    heapallindexed: Annotated[bool, Field(description="pg_amcheck --heapallindexed (slower).")] = False,
+    jobs: Annotated[int, Field(ge=1, le=32, description="pg_restore parallel jobs.")] = 2,
+    notify_block: Annotated[str | None, Field(description="Told of a failed drill.")] = None,
+) -> VerifyResult:
+    """Prove a backup set restores: every part's checksum, every table's rows and content, Redis keys,
+    file trees; the result is written as verification.json and fails the run on any difference."""
+    log = run_logger()
+    manifest = find_set(store.get_client(), backup_id)
+    log.info("restore drill of set %s from %s", manifest.set_id, store.describe())
+    problems: list[str] = []
+    seconds: dict[str, float] = {}
+    scratch_pg: ScratchPostgres | None = None
+    scratch_redis: ScratchRedis | None = None
+    drill_dbs: list[str] = []
+    target = drill_postgres
+    with tempfile.TemporaryDirectory(prefix="runbooks-drill-") as staging:
+        try:
+            staged = {}
+            for part in manifest.parts:
+                try:
+                    staged[part.key] = stage_part(part, store, staging)
+                    seconds[f"download {part.kind}:{part.name}"] = staged[part.key].seconds
+                except RunbookError as exc:
+                    problems.append(f"{part.kind} {part.name}: {exc}")
+            pg_parts = [p for p in manifest.parts if p.kind == "postgres" and p.key in staged]
+            if pg_parts or manifest.part("globals"):
+                if target is None:
+                    scratch_pg = start_scratch_postgres()
+                    target = PostgresConnection.from_url(scratch_pg.url)
+                globals_part = manifest.part("globals")
+                if globals_part is not None and globals_part.key in staged and drill_postgres is None:
+                    restore_globals(globals_part, store, target)  # only into a cluster of our own
+            for part in pg_parts:
+                assert target is not None
+                name = side_name(part.name, f"drill_{manifest.set_id[-6:]}") if drill_postgres else part.name
+                t0 = time.monotonic()
+                try:
+                    restore_database(part, store, target, name, verify=False, staged_file=staged[part.key].path,
+                                     jobs=jobs)
+                    drill_dbs.append(name)
+                    problems += [f"{part.name}: {p}" for p in compare_with_manifest(target, name, part)]
+                    if amcheck:
+                        checked = run_amcheck(target, name, heapallindexed=heapallindexed)
+                        problems += [f"{part.name}: amcheck: {p}" for p in checked.problems]
+                except RunbookError as exc:
+                    problems.append(f"{part.name}: {exc}")
+                seconds[f"postgres:{part.name}"] = round(time.monotonic() - t0, 3)
+            redis_part = manifest.part("redis")
+            if redis_part is not None and redis_part.key in staged:
+                scratch_redis = start_scratch_redis()
+                t0 = time.monotonic()
+                try:
+                    restore_redis(redis_part, store, RedisConnection.from_url(scratch_redis.url),
+                                  staged_rdb=staged[redis_part.key].path)
+                except RunbookError as exc:
+                    problems.append(f"redis: {exc}")
+                seconds["redis"] = round(time.monotonic() - t0, 3)
+            for part in (p for p in manifest.parts if p.kind == "files" and p.key in staged):
+                t0 = time.monotonic()
+                try:
+                    extract_archive(part, store, f"{staging}/extracted/{part.key.rsplit('/', 1)[-1]}",
+                                    staged_tar=staged[part.key].path)
+                except RunbookError as exc:
+                    problems.append(f"files {part.name}: {exc}")
+                seconds[f"files:{part.name}"] = round(time.monotonic() - t0, 3)
+        finally:
+            if scratch_redis is not None:
+                scratch_redis.stop()
+            if scratch_pg is not None:
+                scratch_pg.stop()
+            elif drill_postgres is not None and drill_dbs:
+                drop_scratch_databases(drill_postgres, drill_dbs)
+
+    ok = not problems
+    record_verification(store, Verification(
+        set_id=manifest.set_id, verified_at=datetime.now(UTC), ok=ok, problems=problems, seconds=seconds,
+        flow_run_id=str(current_run.id or "") or None))
+    create_table_artifact([{"step": k, "seconds": v} for k, v in seconds.items()], key="verify-timings",
+                          description=f"Restore drill of {manifest.set_id}")
+    create_markdown_artifact(
+        f"# Restore drill of `{manifest.set_id}`: {'PASSED' if ok else 'FAILED'}\n\n"
+        + ("\n".join(f"- {p}" for p in problems) if problems else
+           f"All {len(manifest.parts)} parts restored and matched the manifest."),
+        key="verify-report")
+    if not ok:
+        raise VerificationFailed(f"set {manifest.set_id} failed its restore drill: " + "; ".join(problems[:5]))
+    return VerifyResult(set_id=manifest.set_id, ok=ok, problems=problems, seconds=seconds)
+

@@ -1,0 +1,24 @@
+"""Which failures a task's ``retries`` should retry: transient ones only.
+
+A checksum mismatch, bad input or a missing backup fails the same way every time; retrying it only
+delays the operator. Everything else (connection resets, 5xx, a killed dump) is retried.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.errors import BackupNotFound, ChecksumMismatch, ConfigurationError, ObjectExists, VerificationFailed
+
+PERMANENT = (BackupNotFound, ChecksumMismatch, ConfigurationError, ObjectExists, VerificationFailed)
+
+
+def retry_transient(_task: Any, _task_run: Any, state: Any) -> bool:
+    """``retry_condition_fn`` for Prefect tasks: False for the permanent errors above."""
+    try:
+        state.result()
+    except PERMANENT:
+        return False
+    except Exception:  # noqa: BLE001 - anything else is worth another try
+        return True
+    return True

@@ -1,0 +1,72 @@
+"""A small real HTTP application for recovery tests: health (its database answers) and maintenance mode."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import psycopg
+
+
+class FakeApp:
+    """Serves GET /health (200 when ``db_url`` answers SELECT 1 and ``healthy`` is set) and
+    POST /maintenance/on|off, which need ``Authorization: Bearer <token>``; records every switch."""
+
+    def __init__(self, db_url: str, token: str) -> None:
+        self.db_url = db_url
+        self.token = token
+        self.healthy = True
+        self.maintenance = False
+        self.events: list[tuple[str, float]] = []
+        self.unauthorized = 0
+        app = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _reply(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path != "/health":
+                    return self._reply(404, {})
+                try:
+                    with psycopg.connect(app.db_url, connect_timeout=2) as conn:
+                        conn.execute("SELECT 1")
+                    ok = app.healthy
+                except psycopg.Error:
+                    ok = False
+                self._reply(200 if ok else 503, {"ok": ok, "maintenance": app.maintenance})
+
+            def do_POST(self) -> None:  # noqa: N802
+                if self.headers.get("Authorization") != f"Bearer {app.token}":
+                    app.unauthorized += 1
+                    return self._reply(401, {})
+                if self.path not in ("/maintenance/on", "/maintenance/off"):
+                    return self._reply(404, {})
+                app.maintenance = self.path.endswith("/on")
+                app.events.append(("on" if app.maintenance else "off", time.monotonic()))
+                self._reply(200, {"maintenance": app.maintenance})
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def __enter__(self) -> FakeApp:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
