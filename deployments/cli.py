@@ -119,6 +119,19 @@ def cmd_backup_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup_verify(args: argparse.Namespace) -> int:
+    from flows.verify import verify_backup
+
+    state = verify_backup(store=resolve_store(args.store), backup_id=args.id, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if state.is_completed():
+        print(f"set {result.set_id}: restore drill passed "
+              f"({', '.join(f'{k} {v:.1f} s' for k, v in result.seconds.items())})")
+        return 0
+    print(f"runbooks: restore drill FAILED: {result}", file=sys.stderr)
+    return 1
+
+
 def cmd_demo(_args: argparse.Namespace) -> int:
     from deployments.demo import run_demo
 
@@ -154,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--store", help=store_help)
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_backup_show)
+
+    verify = backup.add_parser("verify", help="restore drill: restore into scratch servers and compare")
+    verify.add_argument("id", help="set id, or 'latest'")
+    verify.add_argument("--store", help=store_help)
+    verify.set_defaults(func=cmd_backup_verify)
 
     demo = commands.add_parser("demo", help="back up a sandbox stack, restore it, and compare")
     demo.set_defaults(func=cmd_demo)

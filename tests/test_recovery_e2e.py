@@ -14,6 +14,7 @@ from blocks.app import AppEndpoint
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
+from deployments.cli import main as cli_main
 from flows.backup import backup
 from flows.disaster_recovery import disaster_recovery
 from flows.verify import verify_backup
@@ -198,12 +199,15 @@ def test_two_recoveries_of_one_target_never_interleave(stack, prefect_harness, t
     assert len([d for d in _databases(stack) if "__pre_restore_" in d]) == 2
 
 
-def test_verify_backup_passes_good_and_fails_tampered_sets(stack, prefect_harness, tmp_path):
+def test_verify_backup_passes_good_and_fails_tampered_sets(stack, prefect_harness, tmp_path, capsys):
     store = BackupStore.from_url(f"file://{tmp_path}/store")
     client = store.get_client()
     good_id = _backup(stack, store)
-    result = verify_backup(store=store, backup_id=good_id)
-    assert result.ok and read_verification(client, good_id).ok
+    capsys.readouterr()
+    assert cli_main(["backup", "verify", good_id, "--store", f"file://{tmp_path}/store"]) == 0
+    assert "restore drill passed" in capsys.readouterr().out
+    record = read_verification(client, good_id)
+    assert record.ok and record.problems == [] and record.seconds
 
     # A stored part with one byte flipped.
     flipped_id = _backup(stack, store)
