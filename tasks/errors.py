@@ -43,3 +43,15 @@ class RestoreFailed(RunbookError):
 
 class VerificationFailed(RunbookError):
     """Restored data differs from what the manifest recorded."""
+
+
+class PreflightFailed(RunbookError):
+    """A server is not set up for what the runbook needs; nothing was changed. The message says what to set."""
+
+
+class BaseBackupFailed(RunbookError):
+    """A physical base backup could not be taken or completed; no manifest was written, so it does not exist."""
+
+
+class WalMissing(RestoreFailed):
+    """A WAL file the restore needs is not in the archive; the message names it."""

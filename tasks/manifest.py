@@ -23,7 +23,7 @@ SETS_PREFIX = "backups/"
 FORMAT_VERSION = 1
 _SET_ID = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{6})$")
 
-PartKind = Literal["postgres", "globals", "redis", "files"]
+PartKind = Literal["postgres", "globals", "redis", "files", "pgbase"]  # pgbase: physical base backup (PITR)
 
 
 def new_set_id(now: datetime | None = None, entropy: str | None = None) -> str:
@@ -162,6 +162,7 @@ class Manifest(BaseModel):
     runbooks_version: str = ""
     flow_run_id: str | None = None
     parts: list[Part]
+    pitr: PhysicalBackup | None = Field(default=None, description="Physical base backups: WAL range and timeline.")
 
     @property
     def size(self) -> int:
@@ -254,3 +255,49 @@ def human_size(num: float) -> str:
             return f"{num:.0f} {unit}" if unit == "B" else f"{num:.1f} {unit}"
         num /= 1024
     return f"{num:.1f} TiB"
+
+
+# ------------------------------------------------------------------------------------- physical backups
+
+BASE_TAR = "base.tar"
+BACKUP_MANIFEST = "backup_manifest"
+
+
+def base_backup_key(set_id: str, name: str = BASE_TAR) -> str:
+    """Key of a physical base backup's tar (``base.tar``) or PostgreSQL's ``backup_manifest`` beside it."""
+    return f"{set_prefix(set_id)}pgbase/{encode_name(name)}.zst"
+
+
+class PhysicalBackup(BaseModel):
+    """Where a physical base backup sits in the WAL: restore replays from ``start_lsn`` and is consistent
+    from ``stop_lsn`` on; everything needed to choose it for a target and to check its WAL chain."""
+
+    timeline: int
+    start_lsn: str
+    checkpoint_lsn: str
+    stop_lsn: str
+    start_wal: str = Field(description="First WAL segment the backup needs.")
+    stop_wal: str = Field(description="Last WAL segment the backup needs to become consistent.")
+    stop_time: datetime = Field(description="Server clock once the backup had ended; targets after it can use it.")
+    system_identifier: str
+    server_version: str
+    segment_size: int
+    archive_command: str = Field(description="Of the source; restore_command is derived from it by default.")
+    files: int = Field(description="Files in the backup (from PostgreSQL's backup_manifest).")
+    files_verified: bool = Field(description="Every file re-read from the store matched backup_manifest.")
+
+
+class RestorePointRecord(BaseModel):
+    """A named restore point (``pg_create_restore_point``), kept in the store so a restore can find it."""
+
+    name: str
+    lsn: str
+    timeline: int
+    created_at: datetime
+    system_identifier: str
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), indent=2).encode() + b"\n"
+
+
+Manifest.model_rebuild()
