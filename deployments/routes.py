@@ -146,9 +146,10 @@ class TemplateError(ValueError):
 def _check_template(text: str, where: str) -> None:
     stripped = _PLACEHOLDER.sub("", text)
     bad = _ANY_BRACES.search(stripped)
-    if bad:
+    if bad or any(mark in stripped for mark in ("{{", "}}", "{%", "{#")):
+        shown = bad.group(0) if bad else stripped[:80]
         raise ValueError(
-            f"{where}: unsupported template {bad.group(0)!r}: use {{{{ labels.NAME }}}}, "
+            f"{where}: unsupported template {shown!r}: use {{{{ labels.NAME }}}}, "
             f"{{{{ annotations.NAME }}}}, {{{{ alert.FIELD }}}} with FIELD in {', '.join(ALERT_FIELDS)}, "
             "optionally | default('value')"
         )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import binascii
 import hmac
 import json
 import logging
@@ -125,7 +124,7 @@ def authorized(header: str | None, config: BridgeConfig) -> bool:
     elif scheme.lower() == "basic" and credentials:
         try:
             decoded = base64.b64decode(credentials, validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # binascii.Error, non-ASCII header text, UnicodeDecodeError
             return False
         user, sep, password = decoded.partition(":")
         if not sep:
@@ -255,7 +254,6 @@ class PrefectRunStarter:
             raise
 
     async def _start(self, trigger: Trigger) -> RunOutcome:
-        import httpx
         from prefect.client.schemas.actions import DeploymentFlowRunCreate
         from prefect.input.run_input import keyset_from_paused_state
         from prefect.states import Paused, Scheduled, to_state_create
@@ -277,23 +275,45 @@ class PrefectRunStarter:
             idempotency_key=trigger.idempotency_key,
         ).model_dump(mode="json", exclude_unset=True)
 
-        deployment_id = await self._deployment_id(route.deployment)
-        response = await client.request("POST", "/deployments/{id}/create_flow_run",
-                                        path_params={"id": deployment_id}, json=body)
-        if response.status_code == 404:  # deployment deleted and re-created since we cached its id
-            deployment_id = await self._deployment_id(route.deployment, refresh=True)
-            response = await client.request("POST", "/deployments/{id}/create_flow_run",
-                                            path_params={"id": deployment_id}, json=body)
-        if response.status_code == 422 or response.status_code == 409:
-            raise ParametersRejected(_api_detail(response))
-        response.raise_for_status()
+        response = await self._post_run(client, route.deployment, body)
         run = response.json()
         created = response.status_code == 201
-        if created and keyset is not None:
+        if keyset is not None and (created or not await self._has_input(client, UUID(run["id"]), keyset["schema"])):
+            # also on a repeat: the call that created the run may have died before the form was saved
             await self._attach_approval_form(client, UUID(run["id"]), keyset, trigger)
-        if response.status_code not in (200, 201):
-            raise httpx.HTTPStatusError("unexpected status", request=response.request, response=response)
         return RunOutcome(created=created, flow_run_id=run["id"], flow_run_name=run.get("name", ""))
+
+    async def _post_run(self, client: Any, deployment: str, body: dict[str, Any]) -> Any:
+        """POST create_flow_run: 201 a new run, 200 the run an earlier call made with the same key."""
+        import httpx
+
+        for attempt in (1, 2):
+            deployment_id = await self._deployment_id(deployment, refresh=attempt == 2)
+            try:
+                return await client.request("POST", "/deployments/{id}/create_flow_run",
+                                            path_params={"id": deployment_id}, json=body)
+            except httpx.HTTPStatusError as exc:
+                code = exc.response.status_code
+                if code == 404 and attempt == 1:  # deleted and re-created since its id was cached
+                    continue
+                if code == 404:
+                    raise DeploymentMissing(deployment) from exc
+                if code in (409, 422):
+                    raise ParametersRejected(_api_detail(exc.response)) from exc
+                raise
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _has_input(client: Any, run_id: UUID, key: str) -> bool:
+        import httpx
+
+        try:
+            await client.read_flow_run_input(run_id, key)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 404:
+                return False
+            raise
+        return True
 
     async def _attach_approval_form(self, client: Any, run_id: UUID, keyset: dict[str, str], trigger: Trigger) -> None:
         from prefect._internal.pydantic.v2_schema import create_v2_schema
@@ -312,8 +332,14 @@ class PrefectRunStarter:
             "",
             "Resume with the form to start it, or cancel this run to refuse.",
         ])
-        await client.create_flow_run_input(run_id, keyset["schema"], json.dumps(schema))
-        await client.create_flow_run_input(run_id, keyset["description"], json.dumps(description))
+        import httpx
+
+        for key, value in ((keyset["schema"], schema), (keyset["description"], description)):
+            try:
+                await client.create_flow_run_input(run_id, key, json.dumps(value))
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 409:  # 409: saved by an earlier attempt
+                    raise
 
 
 class ParametersRejected(Exception):

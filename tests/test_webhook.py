@@ -1,0 +1,330 @@
+"""The Alertmanager bridge as an ASGI app: authentication, limits, validation, a fuzz run that finds no 500,
+and run creation, deduplication, cooldown and approval against a real Prefect API (the session harness)."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import string
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import SecretStr
+from starlette.testclient import TestClient
+
+from deployments.routes import compile_routes
+from deployments.webhook import APPROVAL_PAUSE_KEY, BridgeConfig, PrefectRunStarter, authorized, create_app
+
+TOKEN = "test-token-" + "x" * 20
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+CLOSED_API = "http://127.0.0.1:9/api"  # discard port: nothing listens, so any run creation is a 503
+TARGET_FLOW = "bridge-test-target"
+
+
+def payload(*alerts: dict[str, Any], status: str = "firing") -> dict[str, Any]:
+    return {"version": "4", "groupKey": "{}:{alertname=\"x\"}", "truncatedAlerts": 0, "status": status,
+            "receiver": "runbooks", "groupLabels": {}, "commonLabels": {}, "commonAnnotations": {},
+            "externalURL": "http://alertmanager", "alerts": list(alerts)}
+
+
+def alert(name: str, fingerprint: str, status: str = "firing", starts: str = "2026-11-20T02:00:00Z",
+          **labels: str) -> dict[str, Any]:
+    return {"status": status, "labels": {"alertname": name, **labels}, "annotations": {"summary": "s"},
+            "startsAt": starts, "endsAt": "0001-01-01T00:00:00Z", "generatorURL": "", "fingerprint": fingerprint}
+
+
+def config(routes: list[dict[str, Any]], **kwargs: Any) -> BridgeConfig:
+    compiled = compile_routes({"routes": routes}, lambda _n: False)
+    return BridgeConfig(routes=compiled, tokens=[SecretStr(TOKEN)],
+                        basic_users={"alertmanager": SecretStr("basic-pass")}, **kwargs)
+
+
+OFFLINE_ROUTES = [{"name": "fuzz", "alertname": "Fuzz", "deployment": "x/y",
+                   "parameters": {"who": "{{ labels.who | default('n') }}"}}]
+
+
+@pytest.fixture
+def offline() -> Iterator[TestClient]:
+    app = create_app(config(OFFLINE_ROUTES, max_body_bytes=4096), PrefectRunStarter(CLOSED_API))
+    with TestClient(app) as client:
+        yield client
+
+
+# -- authentication, limits, validation (no Prefect API needed) ---------------------------------------------
+
+
+def test_authorization_header_checks() -> None:
+    cfg = config(OFFLINE_ROUTES)
+    basic = base64.b64encode(b"alertmanager:basic-pass").decode()
+    assert authorized(f"Bearer {TOKEN}", cfg)
+    assert authorized(f"bearer   {TOKEN} ", cfg)
+    assert authorized(f"Basic {basic}", cfg)
+    for header in (None, "", "Bearer", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", f"Token {TOKEN}", TOKEN,
+                   "Basic " + base64.b64encode(b"alertmanager:wrong").decode(),
+                   "Basic " + base64.b64encode(b"other:basic-pass").decode(),
+                   "Basic " + base64.b64encode(b"no-colon").decode(), "Basic !!!notbase64", "Basic " + "\u00e9"):
+        assert not authorized(header, cfg), header
+    with pytest.raises(ValueError, match="never accepts anonymous"):
+        BridgeConfig(routes=[])
+
+
+def test_missing_or_wrong_credentials_get_401(offline: TestClient) -> None:
+    body = payload(alert("Fuzz", "f1"))
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + base64.b64encode(
+            b"alertmanager:nope").decode()}):
+        r = offline.post("/alertmanager", json=body, headers=headers)
+        assert r.status_code == 401 and "WWW-Authenticate" in r.headers
+    # before the body is even read: a huge unauthenticated body is still a 401
+    assert offline.post("/alertmanager", content=b"x" * 100_000).status_code == 401
+    metrics = offline.get("/metrics").text
+    assert 'runbooks_bridge_requests_rejected_total{reason="unauthorized"} 4.0' in metrics
+
+
+def test_oversized_body_is_413_with_or_without_content_length(offline: TestClient) -> None:
+    assert offline.post("/alertmanager", content=b"{" + b" " * 5000 + b"}", headers=AUTH).status_code == 413
+
+    def chunks() -> Iterator[bytes]:  # chunked: no Content-Length to trust
+        for _ in range(10):
+            yield b" " * 1000
+
+    assert offline.post("/alertmanager", content=chunks(), headers=AUTH).status_code == 413
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"not json", "not JSON"),
+    (b"[" * 3000 + b"]" * 3000, "JSON"),  # nesting deeper than the parser's recursion limit
+    (b"\xff\xfe", "not JSON"),
+    (json.dumps([1, 2]).encode(), "Alertmanager v4"),
+    (json.dumps({**payload(), "version": 4}).encode(), "version"),
+    (json.dumps({k: v for k, v in payload().items() if k != "alerts"}).encode(), "alerts"),
+    (json.dumps(payload({"status": "firing", "labels": {"alertname": 1}})).encode(), "alerts.0"),
+])
+def test_malformed_payloads_get_400_with_the_reason(offline: TestClient, body: bytes, reason: str) -> None:
+    app = create_app(config(OFFLINE_ROUTES), PrefectRunStarter(CLOSED_API))  # default 1 MiB limit
+    with TestClient(app) as client:
+        r = client.post("/alertmanager", content=body, headers=AUTH)
+    assert r.status_code == 400, r.text
+    assert reason in r.json()["error"]
+
+
+def test_valid_payload_without_matching_route_is_202_with_reasons(offline: TestClient) -> None:
+    r = offline.post("/alertmanager", json=payload(alert("Unrouted", "u1")), headers=AUTH)
+    assert r.status_code == 202
+    assert r.json() == {"created": [], "skipped": [{"fingerprint": "u1", "alertname": "Unrouted",
+                                                    "reason": "no route matches"}]}
+    assert offline.get("/healthz").json()["status"] == "ok"
+
+
+def test_prefect_api_down_is_503_so_alertmanager_retries(offline: TestClient) -> None:
+    r = offline.post("/alertmanager", json=payload(alert("Fuzz", "f1")), headers=AUTH)
+    assert r.status_code == 503 and r.headers["Retry-After"]
+
+
+# -- fuzz: whatever arrives, the answer is never a 500 ------------------------------------------------------
+
+_label_text = st.text(alphabet=string.printable + "\u00e9\u2603\x00", max_size=12)
+_json_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), _label_text)
+_json = st.recursive(_json_scalar, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(_label_text, inner, max_size=4)), max_leaves=12)
+_FIELDS = ["version", "groupKey", "status", "receiver", "groupLabels", "commonLabels", "alerts", "truncatedAlerts"]
+_ALERT_FIELDS = ["status", "labels", "annotations", "startsAt", "endsAt", "fingerprint", "generatorURL"]
+
+
+@st.composite
+def mutated_payloads(draw: st.DrawFn) -> Any:
+    """A valid notification with a few fields replaced by arbitrary JSON or removed."""
+    body = copy.deepcopy(payload(alert("Fuzz", "fp", who="a"), alert("Other", "fp2")))
+    for _ in range(draw(st.integers(0, 3))):  # alert fields first: the top level may replace the list
+        target = body["alerts"][draw(st.integers(0, 1))]
+        key = draw(st.sampled_from(_ALERT_FIELDS))
+        if draw(st.booleans()):
+            target.pop(key, None)
+        else:
+            target[key] = draw(_json)
+    for _ in range(draw(st.integers(0, 2))):
+        key = draw(st.sampled_from(_FIELDS))
+        if draw(st.booleans()):
+            body.pop(key, None)
+        else:
+            body[key] = draw(_json)
+    return body
+
+
+_bodies = st.one_of(
+    mutated_payloads(),
+    _json,
+    st.binary(max_size=300),
+    st.builds(lambda labels, fp, starts: payload({"status": "firing", "labels": {"alertname": "Fuzz", **labels},
+                                                  "startsAt": starts, "fingerprint": fp}),
+              st.dictionaries(_label_text, _label_text, max_size=3), _label_text,
+              st.sampled_from(["2026-01-01T00:00:00Z", "2026-01-01T00:00:00", "0001-01-01T00:00:00Z",
+                               "9999-12-31T23:59:59.999999999Z", "2026-02-30T00:00:00Z", ""])),
+)
+
+
+def test_fuzzed_bodies_never_get_a_500(target_deployment: str) -> None:
+    """Schema-driven mutations of a valid notification, arbitrary JSON and bytes; routed alerts really create
+    runs on the harness API, so rendering and creation are fuzzed too."""
+    routes = [{"name": "fuzz", "alertname": "Fuzz", "deployment": target_deployment,
+               "parameters": {"who": "{{ labels.who | default('n') }}"}}]
+    app = create_app(config(routes, max_body_bytes=2048))
+    statuses: set[int] = set()
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(body=_bodies)
+    def check(body: Any) -> None:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = client.post("/alertmanager", content=raw, headers=AUTH)  # server errors raise here: no 500 hides
+        assert r.status_code in (202, 400, 413), (r.status_code, r.text)
+        assert r.headers["content-type"].startswith("application/json")
+        statuses.add(r.status_code)
+
+    with TestClient(app) as client:
+        check()
+    assert {202, 400} <= statuses
+
+
+# -- against a real Prefect API -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def target_deployment(prefect_harness: None) -> str:
+    """A deployment of a tiny flow on the harness API (nothing serves it: runs stay where the bridge put them)."""
+    from prefect import flow
+
+    @flow(name=TARGET_FLOW)
+    def target(who: str = "", tags: list[str] | None = None) -> str:
+        return who
+
+    target.to_deployment("bridge", entrypoint_type=_module_path()).apply()
+    return f"{TARGET_FLOW}/bridge"
+
+
+def _module_path() -> Any:
+    from prefect.deployments.runner import EntrypointType
+
+    return EntrypointType.MODULE_PATH
+
+
+def _runs(tag: str) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+
+
+def test_one_run_per_notification_across_repeats_and_restarts(target_deployment: str) -> None:
+    route = f"dedup-{uuid.uuid4().hex[:8]}"
+    routes = [{"name": route, "alertname": "DiskFull", "deployment": target_deployment, "on": "both",
+               "parameters": {"who": "{{ labels.instance }}"}}]
+    fp = uuid.uuid4().hex[:16]
+    body = payload(alert("DiskFull", fp, instance="db-1"))
+    with TestClient(create_app(config(routes))) as client:
+        first = client.post("/alertmanager", json=body, headers=AUTH)
+        assert first.status_code == 202, first.text
+        [created] = first.json()["created"]
+        assert created["route"] == route and created["awaiting_approval"] is False
+        repeat = client.post("/alertmanager", json=body, headers=AUTH).json()  # repeat_interval
+        assert repeat["created"] == [] and repeat["skipped"][0]["flow_run_id"] == created["flow_run_id"]
+        assert repeat["skipped"][0]["reason"].startswith("duplicate")
+        metrics = client.get("/metrics").text
+    assert "runbooks_bridge_alerts_deduplicated_total 1.0" in metrics
+    created_line = (f'runbooks_bridge_runs_created_total{{approval="false",deployment="{target_deployment}",'
+                    f'route="{route}"}} 1.0')
+    assert created_line in metrics
+    with TestClient(create_app(config(routes))) as restarted:  # a new bridge process: empty memory
+        again = restarted.post("/alertmanager", json=body, headers=AUTH).json()
+        assert again["created"] == [] and again["skipped"][0]["flow_run_id"] == created["flow_run_id"]
+        resolved = restarted.post("/alertmanager", json=payload(alert("DiskFull", fp, status="resolved",
+                                                                     instance="db-1"), status="resolved"),
+                                  headers=AUTH).json()
+        assert len(resolved["created"]) == 1  # on: both -> the resolved notification is a new run
+    runs = _runs(f"route:{route}")
+    assert len(runs) == 2
+    assert {r.parameters["who"] for r in runs} == {"db-1"}
+    assert all(r.state.is_scheduled() for r in runs)
+
+
+def test_cooldown_per_route_and_parameters(target_deployment: str) -> None:
+    route = f"cool-{uuid.uuid4().hex[:8]}"
+    routes = [{"name": route, "alertname": "Flappy", "deployment": target_deployment, "cooldown": "1h",
+               "parameters": {"who": "{{ labels.instance }}"}}]
+    with TestClient(create_app(config(routes))) as client:
+        one = client.post("/alertmanager", json=payload(alert("Flappy", uuid.uuid4().hex, instance="a")),
+                          headers=AUTH).json()
+        two = client.post("/alertmanager", json=payload(alert("Flappy", uuid.uuid4().hex, instance="a"),
+                                                        alert("Flappy", uuid.uuid4().hex, instance="b")),
+                          headers=AUTH).json()
+    assert len(one["created"]) == 1
+    assert [c["fingerprint"] for c in two["created"]] == [two["created"][0]["fingerprint"]]
+    assert two["created"][0]["flow_run_id"] != one["created"][0]["flow_run_id"]
+    [cooled] = two["skipped"]
+    assert cooled["reason"].startswith("cooldown") and cooled["flow_run_id"] == one["created"][0]["flow_run_id"]
+    assert sorted(r.parameters["who"] for r in _runs(f"route:{route}")) == ["a", "b"]
+
+
+def test_missing_deployment_and_refused_parameters_are_reported_not_500(target_deployment: str) -> None:
+    routes = [{"name": "ghost", "alertname": "Ghost", "deployment": "no-such-flow/nowhere"},
+              {"name": "badparams", "alertname": "BadParams", "deployment": target_deployment,
+               "parameters": {"who": {"not": "a string"}}}]
+    with TestClient(create_app(config(routes))) as client:
+        r = client.post("/alertmanager", json=payload(alert("Ghost", uuid.uuid4().hex),
+                                                      alert("BadParams", uuid.uuid4().hex)), headers=AUTH)
+    assert r.status_code == 202
+    ghost, bad = r.json()["skipped"]
+    assert "not found" in ghost["reason"]
+    assert bad["reason"].startswith("parameters refused")
+
+
+def test_approval_route_creates_a_paused_run_that_waits_for_the_form(target_deployment: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.responses import SetStateStatus
+
+    route = f"approve-{uuid.uuid4().hex[:8]}"
+    routes = [{"name": route, "alertname": "HighErrorRate", "deployment": target_deployment,
+               "require_approval": True, "approval_timeout": "2h", "parameters": {"who": "{{ labels.deployment }}"}}]
+    with TestClient(create_app(config(routes))) as client:
+        r = client.post("/alertmanager", json=payload(alert("HighErrorRate", uuid.uuid4().hex, deployment="api")),
+                        headers=AUTH).json()
+    [created] = r["created"]
+    assert created["awaiting_approval"] is True
+    with get_client(sync_client=True) as api:
+        run = api.read_flow_run(created["flow_run_id"])
+        assert run.state.is_paused() and run.state.state_details.pause_reschedule
+        keyset = run.state.state_details.run_input_keyset
+        assert keyset and APPROVAL_PAUSE_KEY in keyset["schema"]
+        schema = json.loads(api.read_flow_run_input(run.id, keyset["schema"]))
+        assert set(schema["required"]) >= {"approved_by", "confirm"}
+        assert "HighErrorRate" in json.loads(api.read_flow_run_input(run.id, keyset["description"]))
+        refused = api.resume_flow_run(run.id, run_input={"approved_by": "ops", "confirm": False})
+        assert refused.status == SetStateStatus.REJECT
+        assert api.read_flow_run(run.id).state.is_paused()  # an unticked form starts nothing
+        accepted = api.resume_flow_run(run.id, run_input={"approved_by": "ops", "confirm": True})
+        assert accepted.status == SetStateStatus.ACCEPT
+        resumed = api.read_flow_run(run.id)
+        assert resumed.state.is_scheduled()  # the runner of the deployment picks it up from here
+
+
+def test_a_repeat_restores_a_missing_approval_form(target_deployment: str) -> None:
+    """The call that created a paused run died before saving the form: the next repeat saves it."""
+    from prefect.client.orchestration import get_client
+
+    route = f"approve-{uuid.uuid4().hex[:8]}"
+    routes = [{"name": route, "alertname": "Crashy", "deployment": target_deployment, "require_approval": True}]
+    body = payload(alert("Crashy", uuid.uuid4().hex))
+    with TestClient(create_app(config(routes))) as client:
+        [created] = client.post("/alertmanager", json=body, headers=AUTH).json()["created"]
+    with get_client(sync_client=True) as api:
+        keyset = api.read_flow_run(created["flow_run_id"]).state.state_details.run_input_keyset
+        api.delete_flow_run_input(created["flow_run_id"], keyset["schema"])
+    with TestClient(create_app(config(routes))) as client:
+        again = client.post("/alertmanager", json=body, headers=AUTH).json()
+    assert again["skipped"][0]["flow_run_id"] == created["flow_run_id"]
+    with get_client(sync_client=True) as api:
+        assert "approved_by" in api.read_flow_run_input(created["flow_run_id"], keyset["schema"])
