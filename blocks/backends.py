@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -51,7 +51,7 @@ class StoreClient(Protocol):
     def list(self, prefix: str = "") -> list[StoredObject]: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
-    def abort_incomplete_uploads(self, prefix: str = "") -> int: ...
+    def abort_incomplete_uploads(self, prefix: str = "", *, older_than: timedelta | None = None) -> int: ...
 
 
 # --------------------------------------------------------------------------------------------- local
@@ -141,17 +141,28 @@ class LocalStore:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
-    def abort_incomplete_uploads(self, prefix: str = "") -> int:
+    def abort_incomplete_uploads(self, prefix: str = "", *, older_than: timedelta | None = None) -> int:
+        """Remove temporary files of unfinished writes; ``older_than``: only those untouched that long."""
         removed = 0
         if not self.root.is_dir():
             return removed
+        cutoff = datetime.now(UTC) - older_than if older_than is not None else None
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 path = Path(dirpath) / name
                 if _PARTIAL in name and path.relative_to(self.root).as_posix().startswith(prefix):
+                    if cutoff is not None and _mtime(path) > cutoff:
+                        continue
                     path.unlink(missing_ok=True)
                     removed += 1
         return removed
+
+
+def _mtime(path: Path) -> datetime:
+    try:
+        return datetime.fromtimestamp(path.stat().st_mtime, UTC)
+    except FileNotFoundError:  # finished or removed since the walk: not ours to count
+        return datetime.max.replace(tzinfo=UTC)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -270,15 +281,19 @@ class S3Store:
         except Exception as exc:
             raise self._fail("deleting", key, exc) from exc
 
-    def abort_incomplete_uploads(self, prefix: str = "") -> int:
+    def abort_incomplete_uploads(self, prefix: str = "", *, older_than: timedelta | None = None) -> int:
+        """Abort multipart uploads under ``prefix``; ``older_than``: only those initiated that long ago."""
         aborted = 0
         full = self._key(prefix) if prefix else self.prefix
+        cutoff = datetime.now(UTC) - older_than if older_than is not None else None
         try:
             pages = self.client.get_paginator("list_multipart_uploads").paginate(
                 Bucket=self.bucket, Prefix=full
             )
             for page in pages:
                 for upload in page.get("Uploads", []):
+                    if cutoff is not None and upload["Initiated"] > cutoff:
+                        continue
                     self.client.abort_multipart_upload(
                         Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                     )
