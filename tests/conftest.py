@@ -76,3 +76,90 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# -- monitoring daemons (Debian's prometheus, prometheus-alertmanager, prometheus-pushgateway) -------------
+
+import subprocess  # noqa: E402 - appended section: its own imports
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+
+class MonitoringDaemon:
+    """A Prometheus-family binary on a free loopback port in its own temp dir; ready when ``ready_path`` is 200."""
+
+    def __init__(self, binary: str, args: Callable[[int, str], list[str]], ready_path: str = "/-/ready") -> None:
+        import shutil
+
+        found = shutil.which(binary)
+        if found is None:
+            raise RuntimeError(f"{binary} not found: apt-get install -y prometheus prometheus-alertmanager "
+                               "prometheus-pushgateway (make system-deps does)")
+        self.binary = found
+        self._args = args
+        self.ready_path = ready_path
+        self.port = 0
+        self.dir = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> MonitoringDaemon:
+        import tempfile
+
+        from tasks.scratch import free_port
+
+        self.dir = tempfile.mkdtemp(prefix=f"{Path(self.binary).name}-")
+        self.port = free_port()
+        log = open(Path(self.dir) / "daemon.log", "wb")  # noqa: SIM115 - the child writes to it
+        self.proc = subprocess.Popen([self.binary, *self._args(self.port, self.dir)], stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.binary} exited {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"{self.binary} not ready within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join((Path(self.dir) / "daemon.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        import shutil
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def pushgateway_daemon() -> MonitoringDaemon:
+    return MonitoringDaemon("prometheus-pushgateway", lambda port, _dir: [
+        f"--web.listen-address=127.0.0.1:{port}"])
+
+
+@pytest.fixture(scope="session")
+def pushgateway() -> Iterator[MonitoringDaemon]:
+    """A Pushgateway (no persistence) on loopback."""
+    daemon = pushgateway_daemon().start()
+    yield daemon
+    daemon.stop()
