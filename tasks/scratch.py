@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -125,6 +126,19 @@ class ScratchPostgres:
         self._fast = fast
         self._start_timeout = start_timeout
         self._tmp: Path | None = None
+        self._adopted = False
+
+    @classmethod
+    def adopt(cls, base: str | os.PathLike[str], *, port: int, start_timeout: float = 60.0) -> ScratchPostgres:
+        """Run a cluster whose data directory already exists at ``base/data`` (one restored from a base
+        backup, say) and whose configuration already listens on 127.0.0.1:``port``.
+
+        Nothing is written to its configuration; ``stop()`` stops it and leaves ``base`` in place.
+        """
+        server = cls(port, password="adopted-cluster-password-unknown", start_timeout=start_timeout)
+        server._tmp = Path(base)
+        server._adopted = True
+        return server
 
     def __repr__(self) -> str:
         # No password here: reprs end up in logs and pytest output.
@@ -195,7 +209,8 @@ class ScratchPostgres:
             for attempt in range(attempts):
                 if not self._port_given and (attempt > 0 or self._port == 0):
                     self._port = free_port()
-                self._write_settings()
+                if not self._adopted:
+                    self._write_settings()
                 log_start = self.log_file.stat().st_size if self.log_file.exists() else 0
                 try:
                     self._launch()
@@ -228,7 +243,10 @@ class ScratchPostgres:
                 if result.returncode != 0 and self.is_running():
                     self.kill()
         finally:
-            self._remove_tmp()
+            if self._adopted:
+                self._tmp = None  # not ours to remove
+            else:
+                self._remove_tmp()
 
     def kill(self, *, backends: bool = True) -> None:
         """SIGKILL the server, as a crash would (fault tests). The data dir stays, ``start()`` recovers it.
@@ -402,6 +420,45 @@ class ScratchPostgres:
             self._tmp = None
 
 
+def interpreter_for(user: str, base_dir: str | os.PathLike[str]) -> str:
+    """A Python that OS user ``user`` can run and that imports this environment's packages.
+
+    Scratch clusters run their archive_command (`runbooks wal-push`) as ``user``; the project's virtualenv
+    may sit where that user cannot reach (a pyenv build under /root, for one). Then a virtualenv of the
+    system's Python of the same X.Y is made under ``base_dir`` whose site-packages load ours (same X.Y, so
+    compiled wheels fit). Not root: this interpreter.
+    """
+    import sysconfig
+
+    def usable(python: str) -> bool:
+        probe = subprocess.run(
+            ["runuser", "-u", user, "--", python, "-c", "import deployments.wal, zstandard, boto3"],
+            cwd="/", capture_output=True, timeout=60, check=False,
+        )
+        return probe.returncode == 0
+
+    if not _running_as_root() or usable(sys.executable):
+        return sys.executable
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    system_python = shutil.which(f"python{version}", path="/usr/local/bin:/usr/bin:/bin")
+    if system_python is None:
+        raise RuntimeError(
+            f"the {user} OS user cannot run {sys.executable} (a parent directory is private) and there is no "
+            f"system python{version} to build a reachable one from: install the project in a virtualenv under "
+            "a directory every user can enter (e.g. /opt/runbooks)"
+        )
+    venv = Path(base_dir) / f"python{version}-for-{user}"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([system_python, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
+        site_packages = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+        ours = sysconfig.get_path("purelib")
+        (site_packages / "runbooks-project.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
+    if not usable(str(python)):
+        raise RuntimeError(f"{python} cannot import the project as {user}: is {base_dir} readable by {user}?")
+    return str(python)
+
+
 def _find_pg_bindir() -> Path:
     bindir = pg_bindir()  # $RUNBOOKS_PG_BINDIR, else `pg_config --bindir`: not on PATH on Debian
     if bindir is None:
@@ -555,6 +612,9 @@ class ScratchRedis:
             f"logfile {_redis_conf_quote(str(self.log_file))}",
             'save ""',
             "appendonly no",
+            # Scratch servers are sources of test/demo backups too: start a replication snapshot at once
+            # instead of Redis's default 5 s wait for more replicas.
+            "repl-diskless-sync-delay 0",
         ]
         if self._password is not None:
             lines.append(f"requirepass {_redis_conf_quote(self._password)}")

@@ -78,6 +78,85 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
+# ------------------------------------------------------------------------------------ WAL archiving (PITR)
+
+
+@pytest.fixture(scope="session")
+def wal_python() -> Iterator[str]:
+    """A Python the ``postgres`` OS user can run with this project importable: archive_command runs as it."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tasks.scratch import interpreter_for
+
+    base = Path(tempfile.mkdtemp(prefix="runbooks-wal-python-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield interpreter_for(ScratchPostgres.OS_USER, base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+class WalArchive:
+    """A WAL archive in the sandbox S3 under its own prefix, and the commands PostgreSQL runs for it.
+
+    The store URL and credentials sit in a 0600 env file owned by ``postgres`` (never in the commands).
+    """
+
+    def __init__(self, s3: SeaweedS3, python: str, prefix: str, directory: str, extra: dict[str, str]) -> None:
+        import os
+        import shutil
+        from pathlib import Path
+
+        from blocks.backends import make_s3_store
+
+        self.prefix = prefix
+        self.store_url = f"s3://{s3.bucket}/{prefix}?endpoint_url={s3.endpoint_url}&region={s3.region}"
+        self.config_file = str(Path(directory) / f"{prefix.replace('/', '_')}.env")
+        lines = {"RUNBOOKS_WAL_STORE": self.store_url, "AWS_ACCESS_KEY_ID": s3.access_key,
+                 "AWS_SECRET_ACCESS_KEY": s3.secret_key, "RUNBOOKS_WAL_IDLE_EXIT": "20", **extra}
+        fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write("".join(f"{k}={v}\n" for k, v in lines.items()))
+        shutil.chown(self.config_file, ScratchPostgres.OS_USER, ScratchPostgres.OS_USER)
+        self.python = python
+        self.command = f"{python} -m deployments.cli"
+        self.archive_command = f"{self.command} wal-push --config {self.config_file} %p"
+        self.restore_command = f"{self.command} wal-fetch --config {self.config_file} %f %p"
+        self.client = make_s3_store(
+            bucket=str(s3.bucket), prefix=prefix, description=f"s3://{s3.bucket}/{prefix}",
+            endpoint_url=s3.endpoint_url, region=s3.region, access_key_id=s3.access_key,
+            secret_access_key=s3.secret_key, session_token=None, sse="", kms_key_id=None, storage_class=None,
+            part_size=8 * 2**20, max_concurrency=4)
+
+    def settings(self, **more: str) -> dict[str, str]:
+        """postgresql.conf settings of a cluster archiving here."""
+        return {"wal_level": "replica", "archive_mode": "on", "archive_command": self.archive_command,
+                "max_wal_senders": "4", "lc_messages": "C", **more}
+
+    def wal_names(self) -> set[str]:
+        from tasks.wal import name_of_key
+
+        return {n for n in (name_of_key(o.key) for o in self.client.list("wal/")) if n}
+
+
+@pytest.fixture
+def wal_archive(s3: SeaweedS3, wal_python: str) -> Iterator[Callable[..., WalArchive]]:
+    """Factory: ``wal_archive(**extra_settings)`` gives a fresh WAL archive (its own S3 prefix)."""
+    import shutil
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="runbooks-wal-config-", dir="/tmp")
+    shutil.chown(directory, ScratchPostgres.OS_USER, ScratchPostgres.OS_USER)
+
+    def make(**extra: str) -> WalArchive:
+        return WalArchive(s3, wal_python, f"pitr-{secrets.token_hex(4)}", directory, extra)
+
+    yield make
+    shutil.rmtree(directory, ignore_errors=True)
+
+
 # -- monitoring daemons (Debian's prometheus, prometheus-alertmanager, prometheus-pushgateway) -------------
 
 import subprocess  # noqa: E402 - appended section: its own imports
