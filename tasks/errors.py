@@ -45,7 +45,7 @@ class VerificationFailed(RunbookError):
     """Restored data differs from what the manifest recorded."""
 
 
-class PreflightFailed(RunbookError):
+class PreflightFailed(ConfigurationError):
     """A server is not set up for what the runbook needs; nothing was changed. The message says what to set."""
 
 

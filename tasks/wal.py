@@ -364,6 +364,7 @@ class RecoveryLog:
     shut_down: bool = False
     fatal: list[str] = field(default_factory=list)
     restore_failures: list[str] = field(default_factory=list)  # what wal-fetch said on stderr
+    restored: list[str] = field(default_factory=list)  # files restored from the archive, in order
 
 
 _STOPPING = re.compile(r"LOG:\s+recovery stopping (.*)$")
@@ -373,6 +374,7 @@ _REDO_DONE = re.compile(r"LOG:\s+redo done at ([0-9A-F]+/[0-9A-F]+)")
 _LAST_TX = re.compile(r"LOG:\s+last completed transaction was at log time (.+)$")
 _NEW_TLI = re.compile(r"LOG:\s+selected new timeline ID: (\d+)")
 _FATAL = re.compile(r"(?:FATAL|PANIC):\s+(.*)$")
+_RESTORED = re.compile(r'LOG:\s+restored log file "([0-9A-F]{24})" from archive')
 
 
 def parse_recovery_log(text: str) -> RecoveryLog:
@@ -384,6 +386,8 @@ def parse_recovery_log(text: str) -> RecoveryLog:
                 log.stop_time = time_match.group(1)
             if lsn_match := _STOP_LSN.search(log.stopped_at):
                 log.stop_lsn = lsn_match.group(1)
+        elif match := _RESTORED.search(line):
+            log.restored.append(match.group(1))
         elif match := _REDO_DONE.search(line):
             log.redo_done_lsn = match.group(1)
         elif match := _LAST_TX.search(line):

@@ -111,6 +111,7 @@ class WalArchive:
 
         from blocks.backends import make_s3_store
 
+        self._s3 = s3
         self.prefix = prefix
         self.store_url = f"s3://{s3.bucket}/{prefix}?endpoint_url={s3.endpoint_url}&region={s3.region}"
         self.config_file = str(Path(directory) / f"{prefix.replace('/', '_')}.env")
@@ -135,13 +136,24 @@ class WalArchive:
         return {"wal_level": "replica", "archive_mode": "on", "archive_command": self.archive_command,
                 "max_wal_senders": "4", "lc_messages": "C", **more}
 
+    def block(self):  # -> BackupStore, imported below: Prefect must not load for tests of pure code
+        """The same store as a BackupStore Block (base backups and the WAL archive share it)."""
+        from pydantic import SecretStr
+
+        from blocks.store import BackupStore
+
+        s3 = self._s3
+        return BackupStore(backend="s3", bucket=s3.bucket, prefix=self.prefix, endpoint_url=s3.endpoint_url,
+                           region=s3.region, access_key_id=SecretStr(s3.access_key),
+                           secret_access_key=SecretStr(s3.secret_key))
+
     def wal_names(self) -> set[str]:
         from tasks.wal import name_of_key
 
         return {n for n in (name_of_key(o.key) for o in self.client.list("wal/")) if n}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def wal_archive(s3: SeaweedS3, wal_python: str) -> Iterator[Callable[..., WalArchive]]:
     """Factory: ``wal_archive(**extra_settings)`` gives a fresh WAL archive (its own S3 prefix)."""
     import shutil
@@ -232,8 +244,9 @@ class MonitoringDaemon:
 
 
 def pushgateway_daemon() -> MonitoringDaemon:
+    # Debian's build persists to /var/lib/prometheus/pushgateway.data unless told otherwise: memory only here.
     return MonitoringDaemon("prometheus-pushgateway", lambda port, _dir: [
-        f"--web.listen-address=127.0.0.1:{port}"])
+        f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="])
 
 
 @pytest.fixture(scope="session")

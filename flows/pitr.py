@@ -1,0 +1,218 @@
+"""Point-in-time recovery runbooks.
+
+`pitr-base-backup`: check the server archives its WAL into the store (wal-push), stream a physical base
+backup into it, wait for the WAL that makes it consistent, re-read it against PostgreSQL's backup_manifest,
+and write the manifest last; optionally expire old base backups and the WAL only they needed.
+
+`pitr-restore`: choose a base backup for the target (a time, an LSN, a named restore point, or the end of
+the archive), check the WAL chain, extract it into a NEW directory, verify every file, start it as the
+postgres OS user with restore_command = wal-fetch, wait for recovery to end and check where it stopped.
+The restored cluster stays running for inspection or a swap; nothing existing is ever touched.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run as current_run
+from pydantic import BaseModel, Field
+
+from blocks.postgres import PostgresConnection
+from blocks.store import BackupStore
+from flows.backup import DEFAULT_STORE, runbooks_version
+from tasks.errors import ConfigurationError, RestoreFailed
+from tasks.log import run_logger
+from tasks.manifest import PhysicalBackup, build_manifest, human_size, new_set_id
+from tasks.pitr import (
+    check_pitr_ready,
+    check_restore_command,
+    check_restore_target,
+    configure_recovery,
+    expire_pitr_backups,
+    extract_base_backup,
+    plan_restore,
+    start_restored_cluster,
+    take_base_backup,
+    target_problems,
+    verify_base_backup,
+    verify_restored_files,
+    wait_for_backup_wal,
+    wait_for_recovery,
+)
+from tasks.store import discard_incomplete_set, write_manifest
+from tasks.wal import RecoveryTarget, parse_lsn, recovery_settings, restore_command_for, segment_name, segment_of_lsn
+
+
+class PitrBackupResult(BaseModel):
+    set_id: str
+    store: str
+    timeline: int
+    start_lsn: str
+    stop_lsn: str
+    wal_segments: int
+    size: int
+    raw_size: int
+    files: int
+    files_verified: bool
+    seconds: float
+    backup_seconds: float
+    expired: list[str] = Field(default_factory=list)
+
+
+@flow(name="pitr-base-backup", log_prints=False)
+def pitr_base_backup(
+    postgres: PostgresConnection,
+    store: Annotated[BackupStore | None, Field(description="The store wal-push archives into; empty: "
+                                                           + DEFAULT_STORE)] = None,
+    tags: list[str] | None = None,
+    verify: Annotated[bool, Field(description="Re-read the stored backup and check every file's sha256.")] = True,
+    compression_level: Annotated[int, Field(ge=1, le=19)] = 1,
+    compression_threads: Annotated[int, Field(ge=0, le=64)] = 2,
+    wal_timeout_seconds: Annotated[float, Field(ge=1, description="Wait for the backup's WAL in the store.")] = 300,
+    keep_last: Annotated[int | None, Field(ge=1, description="Then expire all but the newest N base backups "
+                                                             "(and WAL only they needed); empty: expire none.")] = None,
+    keep_within_days: Annotated[float | None, Field(gt=0, description="With keep_last: also keep every base "
+                                                                      "backup this PITR window needs.")] = None,
+) -> PitrBackupResult:
+    """Physical base backup for point-in-time recovery, after checking WAL archiving works end to end."""
+    log = run_logger()
+    store = store or BackupStore.from_url(DEFAULT_STORE)
+    started = time.monotonic()
+    started_at = datetime.now(UTC)
+    status = check_pitr_ready(postgres, store)
+    set_id = new_set_id()
+    log.info("PITR base backup %s of %s into %s", set_id, postgres.describe(), store.describe())
+    try:
+        taken = take_base_backup(postgres, store, set_id, level=compression_level, threads=compression_threads)
+        segments = wait_for_backup_wal(store, timeline=taken.timeline, start_lsn=taken.start_lsn,
+                                       stop_lsn=taken.stop_lsn, segment_size=status.segment_size,
+                                       timeout_seconds=wal_timeout_seconds)
+        verified = verify_base_backup(store, taken.parts[0], taken.parts[1]) if verify else None
+        start_seg = segment_of_lsn(parse_lsn(taken.start_lsn), status.segment_size)
+        stop_seg = segment_of_lsn(parse_lsn(taken.stop_lsn), status.segment_size)
+        manifest = build_manifest(
+            set_id, taken.parts, started_at=started_at, completed_at=datetime.now(UTC),
+            tags=["pitr-base", *(tags or [])], source={"postgres": f"{postgres.describe()} (PostgreSQL "
+                                                                    f"{status.server_version})"},
+            runbooks_version=runbooks_version(), flow_run_id=str(current_run.id or ""),
+        ).model_copy(update={"pitr": PhysicalBackup(
+            timeline=taken.timeline, start_lsn=taken.start_lsn, checkpoint_lsn=taken.checkpoint_lsn,
+            stop_lsn=taken.stop_lsn, start_wal=segment_name(taken.timeline, start_seg, status.segment_size),
+            stop_wal=segment_name(taken.timeline, stop_seg, status.segment_size), stop_time=taken.stop_time,
+            system_identifier=status.system_identifier, server_version=status.server_version,
+            segment_size=status.segment_size, archive_command=status.archive_command, files=taken.files,
+            files_verified=verified is not None)})
+        write_manifest(store, manifest)
+    except BaseException:
+        log.error("PITR base backup %s failed; discarding its parts so it is never listed", set_id)
+        discard_incomplete_set(store, set_id)
+        raise
+    expired: list[str] = []
+    if keep_last is not None:
+        expired = expire_pitr_backups(store, keep_last=keep_last, keep_within_days=keep_within_days).expired
+    seconds = round(time.monotonic() - started, 1)
+    result = PitrBackupResult(
+        set_id=set_id, store=store.describe(), timeline=taken.timeline, start_lsn=taken.start_lsn,
+        stop_lsn=taken.stop_lsn, wal_segments=len(segments), size=manifest.size, raw_size=manifest.raw_size,
+        files=taken.files, files_verified=verified is not None, seconds=seconds, backup_seconds=taken.seconds,
+        expired=expired)
+    create_markdown_artifact("\n".join([
+        f"# PITR base backup `{set_id}`",
+        "",
+        f"- source: `{postgres.describe()}`, PostgreSQL {status.server_version}, timeline {taken.timeline}",
+        f"- store: `{store.describe()}`",
+        f"- WAL {taken.start_lsn} .. {taken.stop_lsn} ({len(segments)} segments, all archived)",
+        f"- {taken.files} files, {human_size(manifest.raw_size)} raw, {human_size(manifest.size)} stored, "
+        f"backup {taken.seconds:.1f} s, total {seconds:.1f} s",
+        f"- files checked against backup_manifest: {'yes' if verified else 'no (verify=false)'}",
+        f"- expired: {', '.join(expired) or '-'}",
+    ]), key="pitr-base-backup", description=f"PITR base backup {set_id}")
+    return result
+
+
+class PitrRestoreResult(BaseModel):
+    set_id: str
+    target: str
+    data_dir: str
+    port: int
+    state: str
+    stopped_at: str | None
+    timeline: int | None
+    redo_done_lsn: str | None
+    last_transaction_time: str | None
+    wal_segments_planned: int
+    notes: list[str]
+    seconds: float
+    extract_seconds: float
+
+
+@flow(name="pitr-restore", log_prints=False)
+def pitr_restore(
+    store: BackupStore,
+    target_dir: Annotated[str, Field(description="NEW directory for the restored cluster: PGDATA is "
+                                                 "<target_dir>/data, its log <target_dir>/server.log.")],
+    port: Annotated[int, Field(ge=1, le=65535, description="A free port; the cluster listens on 127.0.0.1.")],
+    target: Literal["latest", "time", "lsn", "name", "immediate"] = "latest",
+    target_time: Annotated[datetime | None, Field(description="target=time: with a time zone.")] = None,
+    target_lsn: Annotated[str | None, Field(description="target=lsn: e.g. 0/5000060.")] = None,
+    target_name: Annotated[str | None, Field(description="target=name: a restore point's name.")] = None,
+    inclusive: Annotated[bool, Field(description="Stop just after (true) or just before the target.")] = True,
+    timeline: Annotated[str, Field(description="latest, current (the backup's) or a timeline number.")] = "latest",
+    backup_id: Annotated[str | None, Field(description="Empty: the newest base backup before the target.")] = None,
+    action: Literal["promote", "pause"] = "promote",
+    restore_command: Annotated[str | None, Field(description="Empty: the source's archive_command with wal-push "
+                                                             "-> wal-fetch.")] = None,
+    keep_archiving: Annotated[bool, Field(description="After promotion, archive the new timeline as the source "
+                                                      "did; false: archive_mode=off.")] = True,
+    os_user: str = "postgres",
+    timeout_seconds: Annotated[float, Field(ge=10)] = 3600,
+) -> PitrRestoreResult:
+    """Restore a new cluster to a point in time; it stays running on ``port`` for inspection or a swap."""
+    log = run_logger()
+    started = time.monotonic()
+    wanted = RecoveryTarget(target, time=target_time, lsn=parse_lsn(target_lsn) if target_lsn else None,
+                            name=target_name, inclusive=inclusive)
+    check_restore_target(target_dir, port)
+    plan = plan_restore(store, wanted, backup_id=backup_id, timeline=timeline)
+    command = restore_command or restore_command_for(plan.archive_command)
+    if "wal-fetch" not in command:
+        raise ConfigurationError(f"restore_command {command!r} does not run wal-fetch")
+    if wanted.kind == "name" and plan.restore_point_lsn is None:
+        log.warning("restore point %r is not recorded in the store: the newest base backup is used, and recovery "
+                    "stops at the first restore point of that name after it", target_name)
+    settings = recovery_settings(wanted, restore_command=command, timeline=timeline, action=action)
+    extracted = extract_base_backup(store, plan.tar_part, target_dir, os_user=os_user)
+    verify_restored_files(extracted.data_dir)
+    notes = configure_recovery(target_dir, settings, port=port, keep_archiving=keep_archiving, os_user=os_user)
+    check_restore_command(command, extracted.data_dir, plan.first_segment, os_user=os_user)
+    start_restored_cluster(target_dir, port, timeout_seconds=timeout_seconds)
+    outcome = wait_for_recovery(target_dir, action=action, timeout_seconds=timeout_seconds, gap=plan.gap)
+    problems = target_problems(outcome, wanted, plan)
+    if problems:
+        raise RestoreFailed(f"restore into {extracted.data_dir} did not reach {wanted.describe()}: "
+                            + "; ".join(problems) + f". The cluster is left {outcome.state} on port {port}.")
+    seconds = round(time.monotonic() - started, 1)
+    result = PitrRestoreResult(
+        set_id=plan.set_id, target=wanted.describe(), data_dir=extracted.data_dir, port=port, state=outcome.state,
+        stopped_at=outcome.stopped_at, timeline=outcome.timeline, redo_done_lsn=outcome.redo_done_lsn,
+        last_transaction_time=outcome.last_transaction_time, wal_segments_planned=plan.segments, notes=notes,
+        seconds=seconds, extract_seconds=extracted.seconds)
+    create_markdown_artifact("\n".join([
+        f"# PITR restore to {wanted.describe()}",
+        "",
+        f"- base backup `{plan.set_id}` (timeline {plan.backup_timeline}, WAL from {plan.start_lsn}), "
+        f"target timeline {plan.target_timeline}",
+        f"- new cluster: `{extracted.data_dir}` on 127.0.0.1:{port}, {outcome.state}"
+        + (f" on timeline {outcome.timeline}" if outcome.timeline else ""),
+        f"- recovery stopped {outcome.stopped_at or 'at the end of the archive'}; redo done at "
+        f"{outcome.redo_done_lsn}; last transaction {outcome.last_transaction_time or '-'}",
+        f"- {extracted.files} files ({human_size(extracted.bytes)}) verified by pg_verifybackup; "
+        f"extract {extracted.seconds:.1f} s, recovery {outcome.seconds:.1f} s, total {seconds:.1f} s",
+        *[f"- note: {n}" for n in notes],
+    ]), key="pitr-restore", description=f"PITR restore into {target_dir}")
+    return result
+
