@@ -479,6 +479,7 @@ def create_app(config: BridgeConfig, starter: RunStarter | None = None) -> Starl
         started = time.perf_counter()
         if not authorized(request.headers.get("authorization"), config):
             metrics.rejected.labels("unauthorized").inc()
+            log.warning("401 for %s: no valid credentials", request.client.host if request.client else "?")
             return reply(started, 401, {"error": "unauthorized: send the bearer token or basic auth "
                                                  "configured for the bridge"},
                          {"WWW-Authenticate": 'Bearer realm="runbooks", Basic realm="runbooks"'})
@@ -496,7 +497,9 @@ def create_app(config: BridgeConfig, starter: RunStarter | None = None) -> Starl
             notification = Notification.model_validate(data)
         except ValidationError as exc:
             metrics.rejected.labels("invalid").inc()
-            return reply(started, 400, {"error": "not an Alertmanager v4 payload: " + describe_validation_error(exc)})
+            reason = "not an Alertmanager v4 payload: " + describe_validation_error(exc)
+            log.warning("400: %s", reason)
+            return reply(started, 400, {"error": reason})
         except RecursionError:
             metrics.rejected.labels("invalid").inc()
             return reply(started, 400, {"error": "payload nested too deeply"})

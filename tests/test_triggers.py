@@ -128,7 +128,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, prefect_database: str | None
     token_file.write_text(token)
     routes = {"defaults": {"cooldown": 0}, "routes": [
         {"name": "backup-missing", "alertname": "BackupMissing", "deployment": "backup/nightly", "on": "firing",
-         "continue": True, "parameters": backup_params(store, media, "{{ labels.alertname }}")},
+         "continue": True, "parameters": {**backup_params(store, media, "{{ labels.alertname }}"),
+                                          # a saved Block, loaded by the run (what prefect.yaml does too)
+                                          "store": {"$ref": {"block_document_slug": "backup-store/e2e"}}}},
         {"name": "backup-missing-resolved", "alertname": "BackupMissing", "deployment": "backup/nightly",
          "on": "resolved", "parameters": backup_params(store, media, "resolved")},
         {"name": "approve-backup", "alertname": "ApproveMe", "deployment": "backup/nightly",
@@ -164,6 +166,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, prefect_database: str | None
 
     try:
         wait_for("runbooks up to serve every runbook", served, timeout=180, every=1)
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        from blocks.store import BackupStore
+
+        with temporary_settings({PREFECT_API_URL: stack.api_url}):
+            BackupStore(path=str(store)).save("e2e", overwrite=True)
         yield stack
     finally:
         if proc.poll() is None:
