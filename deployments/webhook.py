@@ -53,6 +53,7 @@ log = logging.getLogger("runbooks.webhook")
 
 DEFAULT_PORT = 9095
 DEFAULT_MAX_BODY = 1024 * 1024
+MIN_SECRET_LENGTH = 16  # refuses placeholders like the REPLACE-ME of deployments/k8s/bridge.yaml
 TOKEN_ENV = "RUNBOOKS_WEBHOOK_TOKEN"
 TOKEN_FILE_ENV = "RUNBOOKS_WEBHOOK_TOKEN_FILE"
 BASIC_AUTH_FILE_ENV = "RUNBOOKS_WEBHOOK_BASIC_AUTH_FILE"
@@ -82,6 +83,10 @@ class BridgeConfig:
     def __post_init__(self) -> None:
         if not self.tokens and not self.basic_users:
             raise ValueError("the bridge needs a bearer token or basic-auth users: it never accepts anonymous calls")
+        for secret in [*self.tokens, *self.basic_users.values()]:
+            if len(secret.get_secret_value()) < MIN_SECRET_LENGTH:
+                raise ValueError(f"bridge token/password shorter than {MIN_SECRET_LENGTH} characters: use a random "
+                                 "one (openssl rand -base64 32)")
 
     def __repr__(self) -> str:  # no secrets in reprs
         return f"BridgeConfig(routes={len(self.routes)}, tokens={len(self.tokens)}, users={sorted(self.basic_users)})"

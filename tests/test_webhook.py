@@ -41,7 +41,7 @@ def alert(name: str, fingerprint: str, status: str = "firing", starts: str = "20
 def config(routes: list[dict[str, Any]], **kwargs: Any) -> BridgeConfig:
     compiled = compile_routes({"routes": routes}, lambda _n: False)
     return BridgeConfig(routes=compiled, tokens=[SecretStr(TOKEN)],
-                        basic_users={"alertmanager": SecretStr("basic-pass")}, **kwargs)
+                        basic_users={"alertmanager": SecretStr("basic-pass-0123456789")}, **kwargs)
 
 
 OFFLINE_ROUTES = [{"name": "fuzz", "alertname": "Fuzz", "deployment": "x/y",
@@ -60,17 +60,19 @@ def offline() -> Iterator[TestClient]:
 
 def test_authorization_header_checks() -> None:
     cfg = config(OFFLINE_ROUTES)
-    basic = base64.b64encode(b"alertmanager:basic-pass").decode()
+    basic = base64.b64encode(b"alertmanager:basic-pass-0123456789").decode()
     assert authorized(f"Bearer {TOKEN}", cfg)
     assert authorized(f"bearer   {TOKEN} ", cfg)
     assert authorized(f"Basic {basic}", cfg)
     for header in (None, "", "Bearer", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}", f"Token {TOKEN}", TOKEN,
                    "Basic " + base64.b64encode(b"alertmanager:wrong").decode(),
-                   "Basic " + base64.b64encode(b"other:basic-pass").decode(),
+                   "Basic " + base64.b64encode(b"other:basic-pass-0123456789").decode(),
                    "Basic " + base64.b64encode(b"no-colon").decode(), "Basic !!!notbase64", "Basic " + "\u00e9"):
         assert not authorized(header, cfg), header
     with pytest.raises(ValueError, match="never accepts anonymous"):
         BridgeConfig(routes=[])
+    with pytest.raises(ValueError, match="shorter than 16"):
+        BridgeConfig(routes=[], tokens=[SecretStr("REPLACE-ME")])
 
 
 def test_missing_or_wrong_credentials_get_401(offline: TestClient) -> None:
