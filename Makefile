@@ -3,7 +3,6 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := redis-server zstd postgresql-15 postgresql-client-15 pgbench
 
 .PHONY: install system-deps demo test lint bench clean
 
@@ -15,9 +14,12 @@ system-deps:
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v zstd >/dev/null || missing="$$missing zstd"; \
 	[ -x "$$(pg_config --bindir 2>/dev/null)/initdb" ] || missing="$$missing postgresql-15 postgresql-client-15"; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v prometheus-alertmanager >/dev/null || missing="$$missing prometheus-alertmanager"; \
+	command -v prometheus-pushgateway >/dev/null || missing="$$missing prometheus-pushgateway"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
 $(STAMP): pyproject.toml requirements.lock
@@ -38,6 +40,9 @@ lint: install
 
 bench: install
 	$(PY) bench/run.py
+	$(PY) bench/restore.py
+	$(PY) bench/pitr.py
+	$(PY) bench/webhook.py
 
 clean:
 	rm -rf $(VENV) .demo .bench
