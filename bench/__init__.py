@@ -1,0 +1,1 @@
+"""The backup benchmark behind `make bench`: dataset generator, measured variants, report."""

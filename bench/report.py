@@ -1,0 +1,220 @@
+"""Results of a bench run and their markdown: pure functions, no I/O."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from bench.measure import median
+from tasks.manifest import human_size
+
+MiB = 1024 * 1024
+RSS_LIMIT_MIB = 200
+RSS_GROWTH_TOLERANCE_MIB = 8  # allocator noise; a streaming path grows by whole buffers, not by KiBs
+
+
+@dataclass
+class Sample:
+    """One run of one variant."""
+
+    seconds: float
+    size: int | None = None
+    peak_rss_kib: int | None = None
+    cpu: dict[str, float] = field(default_factory=dict)
+    startup_seconds: float | None = None
+    rss_before_flow_kib: int | None = None
+    task_seconds: float | None = None  # of a flow run: the dump_database task alone
+    disturbed: bool = False  # other work on the machine took a noticeable share of the CPU meanwhile
+
+
+@dataclass
+class Variant:
+    key: str
+    title: str
+    limit: float | None = None  # target wall time as a multiple of (a)
+    samples: list[Sample] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def timed(self) -> list[Sample]:
+        """The undisturbed samples, or all of them if every one was disturbed."""
+        clean = [s for s in self.samples if not s.disturbed]
+        return clean or self.samples
+
+    @property
+    def seconds(self) -> float:
+        return median([s.seconds for s in self.timed])
+
+    @property
+    def size(self) -> int | None:
+        sizes = [s.size for s in self.samples if s.size is not None]
+        return int(median(sizes)) if sizes else None
+
+    @property
+    def peak_rss_mib(self) -> float | None:
+        peaks = [s.peak_rss_kib for s in self.samples if s.peak_rss_kib is not None]
+        return max(peaks) / 1024 if peaks else None
+
+    def cpu(self, party: str) -> float:
+        return median([s.cpu.get(party, 0.0) for s in self.timed])
+
+
+CPU_PARTIES = (("ours", "ours"), ("tools", "pg_dump/gzip"), ("postgres", "PostgreSQL"),
+               ("prefect_api", "Prefect API"), ("seaweedfs", "SeaweedFS"), ("other", "other"))
+
+
+@dataclass
+class Verdict:
+    target: str
+    measured: str
+    ok: bool
+
+
+def _fmt_seconds(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mid = median(values)
+    if len(values) == 1:
+        return f"{mid:.2f} s"
+    return f"{mid:.2f} s ({min(values):.2f}-{max(values):.2f})"
+
+
+def verdicts(variants: dict[str, Variant]) -> list[Verdict]:
+    """The issue's targets, each with what was measured and whether it holds."""
+    found: list[Verdict] = []
+    base = variants.get("a")
+    if base is None or not base.samples:
+        return found
+    limit = base.seconds
+    for variant in variants.values():
+        if variant.limit is None:
+            continue
+        if variant.error or not variant.samples:
+            found.append(Verdict(f"{variant.title} <= {variant.limit:.2f} x (a)", "failed to run", False))
+            continue
+        ratio = variant.seconds / limit
+        over = (ratio / variant.limit - 1) * 100
+        note = "" if ratio <= variant.limit else f", {over:.0f} % over the target"
+        found.append(Verdict(f"{variant.title}: wall <= {variant.limit:.2f} x (a)", f"{ratio:.2f} x{note}",
+                             ratio <= variant.limit))
+    guide = variants.get("b")
+    if guide is not None and guide.size:
+        for variant in variants.values():
+            if variant.limit is None or not variant.size:
+                continue
+            found.append(Verdict(
+                f"{variant.title}: compressed size <= (b)'s",
+                f"{human_size(variant.size)} vs {human_size(guide.size)} "
+                f"({100 * variant.size / guide.size:.0f} %)",
+                variant.size <= guide.size,
+            ))
+    peaks = [(v.title, v.peak_rss_mib) for v in variants.values() if v.peak_rss_mib is not None]
+    if peaks:
+        title, worst = max(peaks, key=lambda item: item[1])
+        found.append(Verdict(f"peak RSS of our process <= {RSS_LIMIT_MIB} MiB", f"{worst:.0f} MiB at most ({title})",
+                             worst <= RSS_LIMIT_MIB))
+    half, full = variants.get("c-half"), variants.get("c")
+    if half and full and half.peak_rss_mib is not None and full.peak_rss_mib is not None:
+        growth = full.peak_rss_mib - half.peak_rss_mib
+        found.append(Verdict(
+            "peak RSS does not grow when the dataset doubles",
+            f"{half.peak_rss_mib:.0f} MiB (half) -> {full.peak_rss_mib:.0f} MiB (full), {growth:+.0f} MiB",
+            growth <= RSS_GROWTH_TOLERANCE_MIB,
+        ))
+    return found
+
+
+def results_table(variants: dict[str, Variant]) -> list[str]:
+    base = variants.get("a")
+    limit = base.seconds if base and base.samples else math.nan
+    lines = [
+        "| variant | wall time, median (min-max) | runs | ratio to (a) | target | compressed size | peak RSS (ours) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v in variants.values():
+        if v.error:
+            lines.append(f"| {v.title} | failed: {v.error} | | | | | |")
+            continue
+        ratio = v.seconds / limit if v.samples else math.nan
+        target = f"<= {v.limit:.2f}" if v.limit else ""
+        if v.limit:
+            target += " ok" if ratio <= v.limit else " **missed**"
+        size = human_size(v.size) if v.size else "-"
+        rss = f"{v.peak_rss_mib:.0f} MiB" if v.peak_rss_mib is not None else "- (no Python)"
+        clean = sum(1 for s in v.samples if not s.disturbed)
+        runs = f"{len(v.samples)}" if clean == len(v.samples) else f"{clean} of {len(v.samples)} undisturbed"
+        lines.append(f"| {v.title} | {_fmt_seconds([s.seconds for s in v.timed])} | {runs} | {ratio:.2f} | "
+                     f"{target} | {size} | {rss} |")
+    return lines
+
+
+def cpu_table(variants: dict[str, Variant], cores: int) -> list[str]:
+    head = " | ".join(label for _key, label in CPU_PARTIES)
+    lines = [
+        f"| variant | wall | {head} | CPU total / (wall x {cores} cores) |",
+        "|---|---|" + "---|" * len(CPU_PARTIES) + "---|",
+    ]
+    for v in variants.values():
+        if v.error or not v.samples:
+            continue
+        cells = " | ".join(f"{v.cpu(key):.1f}" for key, _label in CPU_PARTIES)
+        total = sum(v.cpu(key) for key, _label in CPU_PARTIES)
+        lines.append(f"| {v.title} | {v.seconds:.2f} | {cells} | {100 * total / (v.seconds * cores):.0f} % |")
+    return lines
+
+
+def overhead_table(variants: dict[str, Variant]) -> list[str]:
+    lines = [
+        "| variant | flow call | `dump_database` task | the rest: flow and task runs, API calls, globals, manifest, "
+        "artifacts |",
+        "|---|---|---|---|",
+    ]
+    for v in variants.values():
+        tasks = [s.task_seconds for s in v.timed if s.task_seconds is not None]
+        if v.error or not tasks:
+            continue
+        rest = median([s.seconds - s.task_seconds for s in v.timed if s.task_seconds is not None])
+        lines.append(f"| {v.title} | {v.seconds:.2f} s | {median(tasks):.2f} s | {rest:.2f} s |")
+    return lines
+
+
+def render(meta: dict[str, str], variants: dict[str, Variant], cores: int, method: list[str]) -> str:
+    """The whole docs/benchmarks.md."""
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (`bench/run.py`); rerun it to refresh this page. Numbers from one machine,",
+        "one run: read them as ratios, not as absolute speeds.",
+        "",
+        "## Backup: PostgreSQL dump to the local store and to S3",
+        "",
+    ]
+    lines += [f"- {name}: {value}" for name, value in meta.items()]
+    lines += ["", *results_table(variants), "", "### Targets", "", "| target | measured | |", "|---|---|---|"]
+    lines += [f"| {v.target} | {v.measured} | {'ok' if v.ok else '**missed**'} |" for v in verdicts(variants)]
+    lines += [
+        "",
+        "### Where the flow's time went (medians)",
+        "",
+        *overhead_table(variants),
+        "",
+        "### Where the CPU went (seconds, medians)",
+        "",
+        "CPU seconds of each party during the measured interval: our Python process (zstd and sha256 run in",
+        "its threads), the dump tools it started, PostgreSQL (the backends serving `COPY` and the checksum",
+        "queries), the Prefect API server, SeaweedFS, and whatever else ran on the machine (\"other\").",
+        "",
+        *cpu_table(variants, cores),
+        "",
+        "### Method",
+        "",
+        *[f"- {line}" for line in method],
+        "",
+    ]
+    startup = [s.startup_seconds for v in variants.values() for s in v.samples if s.startup_seconds is not None]
+    before = [s.rss_before_flow_kib for v in variants.values() for s in v.samples if s.rss_before_flow_kib]
+    if startup:
+        lines.insert(len(lines) - 1, f"- Not in the wall times above: interpreter start and imports of a flow "
+                                     f"process, median {median(startup):.2f} s; RSS after imports, before the "
+                                     f"flow, median {median([b / 1024 for b in before]):.0f} MiB.")
+    return "\n".join(lines)
