@@ -79,6 +79,8 @@ class BridgeConfig:
     basic_users: dict[str, SecretStr] = field(default_factory=dict)
     max_body_bytes: int = DEFAULT_MAX_BODY
     dedup_cache_size: int = 100_000
+    api_concurrency: int = 4  # run creations in flight against the Prefect API at once
+    respond_within: float = 0.03  # seconds; slower creations finish in the background (listed as pending)
 
     def __post_init__(self) -> None:
         if not self.tokens and not self.basic_users:
@@ -363,7 +365,14 @@ def _api_detail(response: Any) -> str:
 
 
 class Bridge:
-    """Carries out the plan for one notification: dedup cache, cooldowns, run creation."""
+    """Carries out the plan for one notification: dedup cache, cooldowns, run creation.
+
+    A creation that takes longer than ``respond_within`` (a Prefect API on a busy SQLite can take seconds)
+    goes on in the background and the answer lists it under ``pending`` with its idempotency key: the
+    response time stays bounded and a repeat still starts nothing. A failure seen within the window is a
+    503 (Alertmanager retries); one after it is logged and counted, and Alertmanager's next repeat of the
+    firing alert, with the same key, creates the run.
+    """
 
     def __init__(self, config: BridgeConfig, starter: RunStarter, metrics: BridgeMetrics) -> None:
         self.config = config
@@ -372,6 +381,8 @@ class Bridge:
         self._seen: OrderedDict[str, str] = OrderedDict()  # idempotency key -> flow run id
         self._cooldown_until: dict[str, tuple[float, str]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._in_flight: dict[str, asyncio.Task[RunOutcome | Skip]] = {}
+        self._api_slots = asyncio.Semaphore(config.api_concurrency)
 
     def _remember(self, key: str, run_id: str) -> None:
         self._seen[key] = run_id
@@ -383,21 +394,26 @@ class Bridge:
         self.metrics.notifications.inc()
         for alert in notification.alerts:
             self.metrics.alerts.labels(alert.status).inc()
-        created: list[dict[str, Any]] = []
-        skipped: list[dict[str, Any]] = []
+        out: dict[str, list[dict[str, Any]]] = {"created": [], "pending": [], "skipped": []}
         for step in plan(notification, self.config.routes):
             if isinstance(step, Skip):
-                self._skip(skipped, step, _reason_label(step.reason))
+                self._skip(out["skipped"], step)
                 continue
             outcome = await self._trigger(step)
             if isinstance(outcome, Skip):
-                self._skip(skipped, outcome, _reason_label(outcome.reason))
+                self._skip(out["skipped"], outcome)
             else:
-                created.append(outcome)
-        return {"created": created, "skipped": skipped}
+                out["pending" if outcome.get("status") == "creating" else "created"].append(outcome)
+        return out
 
-    def _skip(self, out: list[dict[str, Any]], step: Skip, label: str) -> None:
+    async def drain(self, timeout: float) -> None:
+        """Let creations still in flight finish (on shutdown)."""
+        if self._in_flight:
+            await asyncio.wait(list(self._in_flight.values()), timeout=timeout)
+
+    def _skip(self, out: list[dict[str, Any]], step: Skip) -> None:
         out.append(step.as_dict())
+        label = _reason_label(step.reason)
         if label == "duplicate":
             self.metrics.deduplicated.inc()
         else:
@@ -405,10 +421,55 @@ class Bridge:
 
     async def _trigger(self, trigger: Trigger) -> dict[str, Any] | Skip:
         alert, route = trigger.alert, trigger.route
-        known = self._seen.get(trigger.idempotency_key)
+        key = trigger.idempotency_key
+        known = self._seen.get(key)
         if known is not None:
             return Skip(alert.fingerprint, alert.alertname, "duplicate: this notification already started a run",
                         route.name, known)
+        task = self._in_flight.get(key)
+        first = task is None
+        if task is None:
+            task = asyncio.ensure_future(self._create(trigger))
+            self._in_flight[key] = task
+            task.add_done_callback(lambda done: self._finished(key, trigger, done))
+        done, _ = await asyncio.wait([task], timeout=self.config.respond_within)
+        if not done:
+            if not first:
+                return Skip(alert.fingerprint, alert.alertname, "duplicate: the run for this notification is being "
+                            "created", route.name)
+            return {"route": route.name, "deployment": route.deployment, "fingerprint": alert.fingerprint,
+                    "alertname": alert.alertname, "status": "creating", "idempotency_key": key,
+                    "awaiting_approval": route.require_approval}
+        if not first:  # a repeat that arrived while the first was being created
+            if task.cancelled() or task.exception() is not None:
+                return await self._trigger(trigger) if key not in self._in_flight else Skip(
+                    alert.fingerprint, alert.alertname, "duplicate: the run for this notification is being created",
+                    route.name)
+            result = task.result()
+            if isinstance(result, Skip):  # cooldown, missing deployment...: the same answer as the first got
+                return result
+            return Skip(alert.fingerprint, alert.alertname, "duplicate: this notification already started a run",
+                        route.name, result.flow_run_id)
+        result = task.result()  # ApiUnavailable within the window: a 503, Alertmanager retries
+        if isinstance(result, Skip):
+            return result
+        return {"route": route.name, "deployment": route.deployment, "fingerprint": alert.fingerprint,
+                "alertname": alert.alertname, "status": alert.status, "flow_run_id": result.flow_run_id,
+                "flow_run_name": result.flow_run_name, "awaiting_approval": route.require_approval}
+
+    def _finished(self, key: str, trigger: Trigger, task: asyncio.Task[RunOutcome | Skip]) -> None:
+        self._in_flight.pop(key, None)
+        if task.cancelled():
+            return
+        exc = task.exception()  # also marks it retrieved
+        if exc is not None:
+            self.metrics.rejected.labels("unavailable").inc()
+            log.error("creating the run of route %s for alert %s (%s) failed: %s; Alertmanager's next repeat "
+                      "retries it", trigger.route.name, trigger.alert.alertname, trigger.alert.fingerprint, exc)
+
+    async def _create(self, trigger: Trigger) -> RunOutcome | Skip:
+        """Cooldown check, then the API call (at most ``api_concurrency`` at once: SQLite serialises writes)."""
+        alert, route = trigger.alert, trigger.route
         lock = self._locks.setdefault(trigger.cooldown_key, asyncio.Lock())
         async with lock:
             now = time.monotonic()
@@ -419,7 +480,8 @@ class Bridge:
                             f"{route.cooldown - (cooling[0] - now):.0f} s ago (cooldown {route.cooldown:.0f} s)",
                             route.name, cooling[1])
             try:
-                outcome = await self.starter.start(trigger)
+                async with self._api_slots:
+                    outcome = await self.starter.start(trigger)
             except DeploymentMissing:
                 log.error("route %s: deployment %s not found on the Prefect server", route.name, route.deployment)
                 return Skip(alert.fingerprint, alert.alertname,
@@ -433,15 +495,12 @@ class Bridge:
                 return Skip(alert.fingerprint, alert.alertname,
                             "duplicate: this notification already started a run", route.name, outcome.flow_run_id)
             if route.cooldown > 0:
-                self._cooldown_until[trigger.cooldown_key] = (now + route.cooldown, outcome.flow_run_id)
+                self._cooldown_until[trigger.cooldown_key] = (time.monotonic() + route.cooldown,
+                                                              outcome.flow_run_id)
         self.metrics.runs.labels(route.deployment, route.name, str(route.require_approval).lower()).inc()
         log.info("alert %s (%s, %s) -> %s: flow run %s%s", alert.alertname, alert.fingerprint, alert.status,
                  route.deployment, outcome.flow_run_name, " (awaiting approval)" if route.require_approval else "")
-        return {
-            "route": route.name, "deployment": route.deployment, "fingerprint": alert.fingerprint,
-            "alertname": alert.alertname, "status": alert.status, "flow_run_id": outcome.flow_run_id,
-            "flow_run_name": outcome.flow_run_name, "awaiting_approval": route.require_approval,
-        }
+        return outcome
 
 
 def _reason_label(reason: str) -> str:
@@ -528,6 +587,7 @@ def create_app(config: BridgeConfig, starter: RunStarter | None = None) -> Starl
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> Any:
         yield
+        await bridge.drain(timeout=10)
         await bridge.starter.aclose()
 
     app = Starlette(
@@ -561,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--basic-auth-file", default=os.environ.get(BASIC_AUTH_FILE_ENV),
                         help="file of user:password lines for basic auth")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
+    parser.add_argument("--respond-within", type=float, default=0.03,
+                        help="seconds to wait for a run creation before answering it as pending (default 0.03)")
     parser.add_argument("--check", action="store_true", help="validate the routes file and exit")
     return parser
 
@@ -575,7 +637,8 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
         tokens.append(SecretStr(read_secret_file(args.token_file)))
     users = parse_basic_auth_file(read_secret_file(args.basic_auth_file)) if args.basic_auth_file else {}
     log.info("routes from %s: %s", routes_path, ", ".join(f"{r.name}->{r.deployment}" for r in routes))
-    return BridgeConfig(routes=routes, tokens=tokens, basic_users=users, max_body_bytes=args.max_body_bytes)
+    return BridgeConfig(routes=routes, tokens=tokens, basic_users=users, max_body_bytes=args.max_body_bytes,
+                        respond_within=args.respond_within)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -280,8 +280,10 @@ def test_approval_route_waits_for_the_form_with_a_runner_polling(stack: Stack) -
     body = {"version": "4", "groupKey": "g", "status": "firing", "receiver": "runbooks-bridge",
             "alerts": [{"status": "firing", "labels": {"alertname": "ApproveMe"}, "annotations": {},
                         "startsAt": "2026-11-22T00:00:00Z", "fingerprint": secrets.token_hex(8)}]}
-    [created] = stack.post_alert(body)["created"]
-    assert created["awaiting_approval"]
+    answer = stack.post_alert(body)
+    assert [c["awaiting_approval"] for c in answer["created"] + answer["pending"]] == [True]
+    [run] = wait_for("the approval run", lambda: runs_of_route(stack, "approve-backup"), 30)
+    created = {"flow_run_id": str(run.id)}
     time.sleep(5)  # five runner polls
     with stack.client() as client:
         assert client.read_flow_run(created["flow_run_id"]).state.is_paused()

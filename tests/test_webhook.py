@@ -40,6 +40,7 @@ def alert(name: str, fingerprint: str, status: str = "firing", starts: str = "20
 
 def config(routes: list[dict[str, Any]], **kwargs: Any) -> BridgeConfig:
     compiled = compile_routes({"routes": routes}, lambda _n: False)
+    kwargs.setdefault("respond_within", 30.0)  # answers list the created runs, however busy the harness is
     return BridgeConfig(routes=compiled, tokens=[SecretStr(TOKEN)],
                         basic_users={"alertmanager": SecretStr("basic-pass-0123456789")}, **kwargs)
 
@@ -117,8 +118,8 @@ def test_malformed_payloads_get_400_with_the_reason(offline: TestClient, body: b
 def test_valid_payload_without_matching_route_is_202_with_reasons(offline: TestClient) -> None:
     r = offline.post("/alertmanager", json=payload(alert("Unrouted", "u1")), headers=AUTH)
     assert r.status_code == 202
-    assert r.json() == {"created": [], "skipped": [{"fingerprint": "u1", "alertname": "Unrouted",
-                                                    "reason": "no route matches"}]}
+    assert r.json() == {"created": [], "pending": [], "skipped": [{"fingerprint": "u1", "alertname": "Unrouted",
+                                                                   "reason": "no route matches"}]}
     assert offline.get("/healthz").json()["status"] == "ok"
 
 
@@ -330,3 +331,47 @@ def test_a_repeat_restores_a_missing_approval_form(target_deployment: str) -> No
     assert again["skipped"][0]["flow_run_id"] == created["flow_run_id"]
     with get_client(sync_client=True) as api:
         assert "approved_by" in api.read_flow_run_input(created["flow_run_id"], keyset["schema"])
+
+
+def test_concurrent_repeats_wait_for_the_first_creation(target_deployment: str) -> None:
+    """Ten copies of one notification at once (HA peers): one API creation, nine duplicates naming its run."""
+    import asyncio
+
+    import httpx
+
+    route = f"burst-{uuid.uuid4().hex[:8]}"
+    app = create_app(config([{"name": route, "alertname": "Burst", "deployment": target_deployment}]))
+    body = json.dumps(payload(alert("Burst", uuid.uuid4().hex))).encode()
+
+    async def post_all() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bridge") as client:
+            responses = await asyncio.gather(*(client.post("/alertmanager", content=body, headers=AUTH)
+                                               for _ in range(10)))
+        await app.state.bridge.starter.aclose()
+        return [r.json() for r in responses]
+
+    answers = asyncio.run(post_all())
+    created = [c for a in answers for c in a["created"]]
+    assert len(created) == 1
+    duplicates = [s for a in answers for s in a["skipped"]]
+    assert len(duplicates) == 9 and {d["flow_run_id"] for d in duplicates} == {created[0]["flow_run_id"]}
+    assert len(_runs(f"route:{route}")) == 1
+
+
+def test_a_slow_creation_is_answered_as_pending_and_finishes_in_the_background(target_deployment: str) -> None:
+    import time
+
+    route = f"slow-{uuid.uuid4().hex[:8]}"
+    body = payload(alert("Slow", uuid.uuid4().hex))
+    with TestClient(create_app(config([{"name": route, "alertname": "Slow", "deployment": target_deployment}],
+                                      respond_within=0.0))) as client:
+        first = client.post("/alertmanager", json=body, headers=AUTH).json()
+        assert first["created"] == [] and first["pending"][0]["status"] == "creating"
+        assert first["pending"][0]["idempotency_key"].startswith("alertmanager-")
+        deadline = time.monotonic() + 30
+        while not _runs(f"route:{route}") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        repeat = client.post("/alertmanager", json=body, headers=AUTH).json()
+    [run] = _runs(f"route:{route}")
+    assert repeat["skipped"][0]["flow_run_id"] == str(run.id)
