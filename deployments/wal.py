@@ -35,10 +35,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
-from typing import Any, NamedTuple
+
+# Not even `typing` at run time: every import here is paid on every archived segment.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from typing import Any
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # wal-push: PostgreSQL retries; wal-fetch: "not in the archive"
@@ -67,21 +71,35 @@ class WalCommandError(Exception):
 # ----------------------------------------------------------------------------------------- configuration
 
 
-class WalConfig(NamedTuple):
-    """Settings of the WAL commands (a NamedTuple, not a dataclass: this module is on the fast path)."""
+class WalConfig:
+    """Settings of the WAL commands (a plain class, not a dataclass: this module is on the fast path)."""
 
-    store_url: str
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
-    session_token: str | None = None
-    concurrency: int = 4
-    look_ahead: int = 8
-    prefetch: int = 8
-    async_mode: bool = True
-    idle_exit: float = 120.0
-    spool: str | None = None
-    fetch_retry_seconds: float = 60.0
-    config_file: str | None = None
+    __slots__ = ("store_url", "access_key_id", "secret_access_key", "session_token", "concurrency", "look_ahead",
+                 "prefetch", "async_mode", "idle_exit", "spool", "fetch_retry_seconds", "config_file")
+
+    def __init__(
+        self, store_url: str, *, access_key_id: str | None = None, secret_access_key: str | None = None,
+        session_token: str | None = None, concurrency: int = 4, look_ahead: int = 8, prefetch: int = 8,
+        async_mode: bool = True, idle_exit: float = 120.0, spool: str | None = None,
+        fetch_retry_seconds: float = 60.0, config_file: str | None = None,
+    ) -> None:
+        self.store_url = store_url
+        self.access_key_id = access_key_id
+        self.secret_access_key = secret_access_key
+        self.session_token = session_token
+        self.concurrency = concurrency
+        self.look_ahead = look_ahead
+        self.prefetch = prefetch
+        self.async_mode = async_mode
+        self.idle_exit = idle_exit
+        self.spool = spool
+        self.fetch_retry_seconds = fetch_retry_seconds
+        self.config_file = config_file
+
+    def replace(self, **changes: Any) -> WalConfig:
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return WalConfig(**values)
 
     def __repr__(self) -> str:  # no credentials in reprs
         return f"WalConfig(store_url={self.store_url!r}, concurrency={self.concurrency}, async={self.async_mode})"
@@ -409,7 +427,11 @@ def _ask_daemon(config: WalConfig, spool: str, pgdata: str, request: dict[str, A
 
 
 def _exchange(spool: str, sock_name: str, request: dict[str, Any]) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    # The C module: `socket` costs milliseconds of imports (enum, selectors) on every archived segment.
+    import _socket
+
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
         sock.settimeout(_REPLY_WAIT)
         # A path relative to the spool keeps us under the 108-byte limit of socket paths.
         cwd = os.open(".", os.O_RDONLY)
@@ -426,6 +448,8 @@ def _exchange(spool: str, sock_name: str, request: dict[str, Any]) -> dict[str, 
             if not chunk:
                 raise ValueError("daemon closed the connection without an answer")
             data += chunk
+    finally:
+        sock.close()
     return json.loads(data)
 
 
@@ -753,6 +777,7 @@ def run_daemon(argv: list[str]) -> int:
     """``wal-daemon --spool DIR --pgdata DIR [--config FILE]``: started by the commands, never by hand."""
     import argparse
     import fcntl
+    import socket
 
     parser = argparse.ArgumentParser(prog="runbooks wal-daemon")
     parser.add_argument("--spool", required=True)

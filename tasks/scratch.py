@@ -425,8 +425,10 @@ def interpreter_for(user: str, base_dir: str | os.PathLike[str]) -> str:
 
     Scratch clusters run their archive_command (`runbooks wal-push`) as ``user``; the project's virtualenv
     may sit where that user cannot reach (a pyenv build under /root, for one). Then a virtualenv of the
-    system's Python of the same X.Y is made under ``base_dir`` whose site-packages load ours (same X.Y, so
-    compiled wheels fit). Not root: this interpreter.
+    system's Python of the same X.Y is made under ``base_dir``, as a regular install would be: the project's
+    packages copied in and byte-compiled, our site-packages on its path as a plain entry (same X.Y, so
+    compiled wheels fit). No editable finder, no recompiling on every start (PYTHONDONTWRITEBYTECODE may be
+    set here). The copy is taken when the interpreter is made. Not root: this interpreter.
     """
     import sysconfig
 
@@ -452,8 +454,11 @@ def interpreter_for(user: str, base_dir: str | os.PathLike[str]) -> str:
     if not python.exists():
         subprocess.run([system_python, "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True)
         site_packages = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
-        ours = sysconfig.get_path("purelib")
-        (site_packages / "runbooks-project.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
+        project = Path(__file__).resolve().parent.parent
+        for package in ("deployments", "tasks", "blocks"):
+            shutil.copytree(project / package, site_packages / package, ignore=shutil.ignore_patterns("__pycache__"))
+        (site_packages / "runbooks-deps.pth").write_text(f"{sysconfig.get_path('purelib')}\n")
+        subprocess.run([str(python), "-m", "compileall", "-q", str(site_packages)], check=True, capture_output=True)
     if not usable(str(python)):
         raise RuntimeError(f"{python} cannot import the project as {user}: is {base_dir} readable by {user}?")
     return str(python)

@@ -274,7 +274,7 @@ def test_config_file_wins_over_the_environment_and_is_never_world_readable(tmp_p
         "env-key", "s3cr3t", 8, False)
     assert "s3cr3t" not in repr(config) and "env-key" not in repr(config)
     assert config.fingerprint("/a") != config.fingerprint("/b")
-    assert config.fingerprint("/a") != config._replace(secret_access_key="other").fingerprint("/a")
+    assert config.fingerprint("/a") != config.replace(secret_access_key="other").fingerprint("/a")
     with pytest.raises(WalCommandError, match="chmod 600"):
         read_env_file(_write_config(tmp_path / "open.env", "RUNBOOKS_WAL_STORE=x\n", 0o644))
     with pytest.raises(WalCommandError, match="RUNBOOKS_WAL_STORE is not set"):
