@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from blocks.store import BackupStore
 from tasks.log import run_logger
 from tasks.manifest import human_size
+from tasks.pitr import PitrRetention, expire_pitr_backups
 from tasks.retention import (
     Decision,
     RetentionPolicy,
@@ -23,6 +24,7 @@ from tasks.retention import (
     abort_stale_uploads,
     delete_set,
     gather_inventory,
+    physical_backup_ids,
     plan_retention,
 )
 
@@ -37,6 +39,7 @@ class RetentionResult(BaseModel):
     deleted_bytes: int
     aborted_uploads: int | None = Field(description="None in a dry run.")
     decisions: list[Decision]
+    pitr: PitrRetention | None = Field(default=None, description="Base backups and WAL, when the store has any.")
 
 
 @flow(name="apply-retention", log_prints=False)
@@ -52,6 +55,9 @@ def apply_retention(
         ge=0, description="Delete sets without manifest, and abort multipart uploads, idle this long. "
                           "Must exceed the longest backup run.")] = 24,
     dry_run: Annotated[bool, Field(description="Only publish the plan. Schedules set this to false.")] = True,
+    pitr_keep_last: Annotated[int, Field(ge=1, description="PITR: keep the newest N base backups.")] = 2,
+    pitr_keep_within_days: Annotated[float | None, Field(
+        ge=0, description="PITR: keep every moment of this window restorable.")] = 7,
 ) -> RetentionResult:
     """Keep what the policy and the safety rules say, delete the rest (only with dry_run=false)."""
     log = run_logger()
@@ -65,7 +71,10 @@ def apply_retention(
                     incomplete_grace_hours)
     now = datetime.now(UTC)
     inventory = gather_inventory(store)
-    decisions = plan_retention(inventory.sets, policy, now)
+    # Physical base backups follow the PITR policy below (with the WAL they need), never the GFS buckets.
+    physical = set(physical_backup_ids(store))
+    decisions = plan_retention(inventory.sets, policy, now, protect=lambda s: (
+        "PITR base backup: kept or expired by the PITR policy" if s.set_id in physical else None))
     doomed = [d for d in decisions if not d.keep]
     log.info("retention plan for %s (%s): keep %d, delete %d%s", inventory.store, policy.describe(),
              len(decisions) - len(doomed), len(doomed), " (dry run)" if dry_run else "")
@@ -81,11 +90,14 @@ def apply_retention(
             deleted.append(done.set_id)
             freed += done.bytes
         aborted = abort_stale_uploads(store, policy.incomplete_grace)
+    pitr = expire_pitr_backups(store, keep_last=pitr_keep_last, keep_within_days=pitr_keep_within_days,
+                               dry_run=dry_run) if physical else None
 
     result = RetentionResult(
         store=inventory.store, policy=policy.describe(), dry_run=dry_run,
         kept=[d.set_id for d in decisions if d.keep], planned=[d.set_id for d in doomed],
         deleted=sorted(deleted, reverse=True), deleted_bytes=freed, aborted_uploads=aborted, decisions=decisions,
+        pitr=pitr,
     )
     _publish_summary(inventory.sets, result)
     return result

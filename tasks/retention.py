@@ -29,6 +29,7 @@ from tasks.manifest import (
     set_time,
     verification_key,
 )
+from tasks.retry import retry_transient
 from tasks.store import read_manifest
 
 
@@ -330,3 +331,11 @@ def abort_stale_uploads(store: BackupStore, older_than: timedelta) -> int:
     run_logger().info("aborted %d unfinished uploads older than %s in %s", aborted, _duration(older_than),
                       client.description)
     return aborted
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
+def physical_backup_ids(store: BackupStore) -> list[str]:
+    """Sets that are PITR base backups: the PITR policy (``expire_pitr_backups``) decides about those."""
+    from tasks.pitr import base_backups
+
+    return [m.set_id for m in base_backups(store.get_client())]
