@@ -25,6 +25,7 @@ from tasks.errors import ConfigurationError
 from tasks.files import archive_directory
 from tasks.log import run_logger
 from tasks.manifest import Manifest, Part, build_manifest, human_size, new_set_id
+from tasks.metrics import push_flow_run_metrics
 from tasks.notify import send_notification
 from tasks.postgres import dump_database, dump_globals, inspect_server
 from tasks.progress import Progress
@@ -61,7 +62,9 @@ def _notify_failure(flow: Flow, flow_run: FlowRun, state: State) -> None:
         )
 
 
-@flow(name="backup", on_failure=[_notify_failure], on_crashed=[_notify_failure], log_prints=False)
+@flow(name="backup", on_completion=[push_flow_run_metrics],
+      on_failure=[_notify_failure, push_flow_run_metrics], on_crashed=[_notify_failure, push_flow_run_metrics],
+      log_prints=False)
 def backup(
     store: Annotated[BackupStore | None, Field(description="Where the set goes; empty: " + DEFAULT_STORE)] = None,
     postgres: PostgresConnection | None = None,

@@ -32,6 +32,7 @@ from tasks.files import extract_archive, swap_in_directory
 from tasks.locks import ensure_lock, lock_name
 from tasks.log import run_logger
 from tasks.manifest import Manifest, Part, human_size, set_time
+from tasks.metrics import push_flow_run_metrics
 from tasks.notify import send_notification
 from tasks.postgres import (
     existing_databases,
@@ -70,8 +71,9 @@ def _notify(outcome: str):  # noqa: ANN202 - a Prefect state hook
     return hook
 
 
-@flow(name="disaster-recovery", on_completion=[_notify("completed")], on_failure=[_notify("FAILED")],
-      on_crashed=[_notify("CRASHED")], on_cancellation=[_notify("cancelled")])
+@flow(name="disaster-recovery", on_completion=[_notify("completed"), push_flow_run_metrics],
+      on_failure=[_notify("FAILED"), push_flow_run_metrics], on_crashed=[_notify("CRASHED"), push_flow_run_metrics],
+      on_cancellation=[_notify("cancelled")])
 def disaster_recovery(
     store: BackupStore,
     backup_id: Annotated[str, Field(description="A set id, or 'latest' (newest complete, preferring "

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from blocks.store import BackupStore
 from tasks.log import run_logger
 from tasks.manifest import human_size
+from tasks.metrics import runbook_metrics_hooks
 from tasks.pitr import PitrRetention, expire_pitr_backups
 from tasks.retention import (
     Decision,
@@ -42,7 +43,7 @@ class RetentionResult(BaseModel):
     pitr: PitrRetention | None = Field(default=None, description="Base backups and WAL, when the store has any.")
 
 
-@flow(name="apply-retention", log_prints=False)
+@flow(name="apply-retention", log_prints=False, **runbook_metrics_hooks())
 def apply_retention(
     store: Annotated[BackupStore, Field(description="The store whose backups/ are pruned (WAL is not touched).")],
     keep_last: Annotated[int, Field(ge=0, description="Keep the newest N complete sets.")] = 3,

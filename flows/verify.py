@@ -24,6 +24,7 @@ from tasks.errors import RunbookError, VerificationFailed
 from tasks.files import extract_archive
 from tasks.log import run_logger
 from tasks.manifest import Verification
+from tasks.metrics import push_flow_run_metrics
 from tasks.notify import send_notification
 from tasks.postgres import (
     compare_with_manifest,
@@ -67,7 +68,8 @@ def _notify(flow: Flow, flow_run: FlowRun, state: State) -> None:
                              body=f"Restore drill {flow_run.name} ended {state.type.value}: {state.message}")
 
 
-@flow(name="verify-backup", on_failure=[_notify], on_crashed=[_notify])
+@flow(name="verify-backup", on_completion=[push_flow_run_metrics], on_failure=[_notify, push_flow_run_metrics],
+      on_crashed=[_notify, push_flow_run_metrics])
 def verify_backup(
     store: BackupStore,
     backup_id: Annotated[str, Field(description="A set id, or 'latest'.")] = "latest",
