@@ -191,7 +191,7 @@ def pitr_restore(
     notes = configure_recovery(target_dir, settings, port=port, keep_archiving=keep_archiving, os_user=os_user)
     check_restore_command(command, extracted.data_dir, plan.first_segment, os_user=os_user)
     recovery_started = time.monotonic()
-    start_restored_cluster(target_dir, port, timeout_seconds=timeout_seconds)
+    start_restored_cluster(target_dir, port, timeout_seconds=timeout_seconds, gap=plan.gap)
     outcome = wait_for_recovery(target_dir, action=action, timeout_seconds=timeout_seconds, gap=plan.gap)
     recovery_seconds = round(time.monotonic() - recovery_started, 3)
     problems = target_problems(outcome, wanted, plan)

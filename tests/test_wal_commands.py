@@ -123,7 +123,8 @@ def test_wal_fetch_of_a_missing_file_fails_fast_and_a_broken_store_aborts_recove
         timings.append(time.monotonic() - started)
         assert done.returncode == 1 and "not in the archive" in done.stderr
     assert not (pg.data_dir / "pg_wal" / "RECOVERYHISTORY").exists()
-    assert max(timings) < 2.0, timings
+    # The first call starts the daemon (boto3, an S3 client); then a miss is one round trip.
+    assert timings[0] < 10 and max(timings[1:]) < 1.5, timings
 
     broken = wal_archive(RUNBOOKS_WAL_FETCH_RETRY_SECONDS="1", RUNBOOKS_WAL_ASYNC="off")
     broken_conf = Path(broken.config_file)
