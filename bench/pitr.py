@@ -158,7 +158,8 @@ class Bench:
         return path
 
     # -- 1. archive_command latency ----------------------------------------------------------
-    def latency_run(self, variant: str, command: str, log: Path, *, python: str | None = None) -> LatencyRun:
+    def latency_run(self, variant: str, command: str, log: Path, *, python: str | None = None,
+                    rate: int | None = None) -> LatencyRun:
         """One fresh cluster archiving with ``command`` under pgbench; ``python``: also time a bare start
         of that interpreter every second during the load (the floor of any Python archive_command)."""
         import threading
@@ -182,8 +183,11 @@ class Bench:
             script.write_text(BULK_SQL)
             load_before = load_average()
             started_ns = time.time_ns()
-            load = self.pgbench(pg, "-c", "4", "-j", "2", "-T", str(self.args.seconds), "-n", "-b", "tpcb-like@5",
-                                "-f", f"{script}@1", background=True)
+            if rate is None:  # as fast as it goes: both cores saturated
+                mix = ["-c", "4", "-j", "2", "-b", "tpcb-like@5", "-f", f"{script}@1"]
+            else:  # a fixed transaction rate: a busy server with some CPU to spare
+                mix = ["-c", "2", "-j", "2", "-R", str(rate), "-b", "tpcb-like@1", "-f", f"{script}@1"]
+            load = self.pgbench(pg, *mix, "-T", str(self.args.seconds), "-n", background=True)
             backlog = 0
             status = pg.data_dir / "pg_wal" / "archive_status"
             floor: list[float] = []
@@ -249,6 +253,53 @@ class Bench:
         return seconds
 
 
+def cpu_snapshot(postmaster: int, weed: int) -> dict[str, float]:
+    """CPU seconds so far: PostgreSQL's process tree, our reaped children (pg_basebackup), this process
+    (zstd, sha256, boto3 threads), SeaweedFS, and the whole machine."""
+    import resource
+
+    from bench.measure import machine_busy, tree_cpu
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"postgres": tree_cpu(postmaster), "pg_basebackup": children.ru_utime + children.ru_stime,
+            "runbooks": own.ru_utime + own.ru_stime, "seaweedfs": tree_cpu(weed), "machine": machine_busy()}
+
+
+def cpu_cell(samples: list[dict[str, float]]) -> str:
+    """Median CPU seconds per party over the rounds; "rest" is everything else the machine ran meanwhile."""
+    if not samples:
+        return "-"
+    parties = ("postgres", "pg_basebackup", "runbooks", "seaweedfs")
+    med = {p: statistics.median(s[p] for s in samples) for p in parties}
+    rest = statistics.median(s["machine"] - sum(s[p] for p in parties) for s in samples)
+    return " / ".join(f"{med[p]:.1f}" for p in parties) + f" / {rest:.1f}"
+
+
+def _latency_rows(runs: dict[str, list[LatencyRun]], variants: dict[str, str]) -> list[str]:
+    rows = []
+    for name, results in runs.items():
+        if not results:
+            continue
+
+        def stat(fn, results=results) -> str:  # noqa: ANN001
+            values = [fn(r) for r in results if r.latencies_ms]
+            if not values:
+                return "-"
+            spread = f" ({min(values):.0f}-{max(values):.0f})" if len(values) > 1 else ""
+            return f"{statistics.median(values):.0f} ms{spread}"
+
+        p50, p99 = stat(lambda r: percentile(r.latencies_ms, 50)), stat(lambda r: percentile(r.latencies_ms, 99))
+        rows.append(f"| {name} | {sum(len(r.latencies_ms) for r in results)} | {p50} | {p99} "
+                    f"| {stat(lambda r: max(r.latencies_ms))} | {stat(lambda r: r.first_ms or 0)} "
+                    f"| {max(r.max_backlog for r in results)} | {sum(r.failed for r in results)} |")
+    floor = [ms for r in runs[list(variants)[1]] for ms in r.python_floor_ms]
+    if floor:
+        rows.append(f"| (floor) `python -c pass`, same interpreter, once a second during the wal-push runs "
+                    f"| {len(floor)} | {percentile(floor, 50):.0f} ms | {percentile(floor, 99):.0f} ms "
+                    f"| {max(floor):.0f} ms | | | |")
+    return rows
+
+
 def _read_timings(log: Path, *, with_start: bool = False) -> list:
     rows = []
     for line in log.read_text().splitlines():
@@ -303,53 +354,43 @@ def run(args: argparse.Namespace) -> str:
             "`runbooks wal-push` -> SeaweedFS S3, RUNBOOKS_WAL_ASYNC=off":
                 f"{runbooks} wal-push --config {{config}} %p",
         }
-        runs: dict[str, list[LatencyRun]] = {name: [] for name in variants}
-        for round_no in range(args.rounds):
-            for index, (name, template) in enumerate(variants.items()):
-                if index == 2 and round_no > 0:
-                    continue  # the one-process-per-segment reference: one round is enough
-                prefix = f"latency-{round_no}-{index}"
-                extra = {"RUNBOOKS_WAL_ASYNC": "off"} if index == 2 else {}
-                command = template.format(config=bench.wal_config(s3, prefix, **extra))
-                shutil.rmtree(local_archive, ignore_errors=True)
-                bench.postgres_dir("guide-archive")
-                say(f"round {round_no + 1}: {name}, {args.seconds} s of pgbench")
-                result = bench.latency_run(name, command, work / f"{prefix}.log",
-                                           python=python if index == 1 else None)
-                runs[name].append(result)
-                say(f"  {len(result.latencies_ms)} segments, p50 {percentile(result.latencies_ms, 50):.0f} ms, "
-                    f"p99 {percentile(result.latencies_ms, 99):.0f} ms, max backlog {result.max_backlog}, "
-                    f"load {result.load}")
-
+        profiles = {
+            "saturating": (None, f"pgbench `-c 4 -j 2 -T {args.seconds}`, as fast as it goes: TPC-B (weight 5) "
+                                 "plus a bulk insert script (weight 1, 50 rows of ~430 bytes), a segment about "
+                                 "every second, both cores busy"),
+            "rate-limited": (args.rate, f"pgbench `-c 2 -j 2 -R {args.rate} -T {args.seconds}`: TPC-B and the bulk "
+                                        "script at weight 1 each, a fixed rate (a busy server with CPU to spare)"),
+        }
         lines += ["## archive_command latency per 16 MiB segment, under pgbench", "",
-                  f"pgbench `-c 4 -j 2 -T {args.seconds}`: TPC-B (weight 5) plus a bulk insert script (weight 1, "
-                  "50 rows of ~430 bytes) so that a segment fills about every second; `synchronous_commit=off`, "
-                  "fsync on. Latency = wall time of the archive_command as the archiver runs it (a `date +%s%N` "
-                  "wrapper around it), for segments archived while pgbench ran; first = the first segment of a "
-                  "fresh cluster (the daemon starting). Median over rounds of each round's percentile, spread "
-                  "in brackets.", "",
-                  "| archive_command | segments | p50 | p99 | max | first | max `.ready` backlog | failures |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name, results in runs.items():
-            if not results:
-                continue
-            def stat(fn, results=results) -> str:  # noqa: ANN001
-                values = [fn(r) for r in results if r.latencies_ms]
-                if not values:
-                    return "-"
-                spread = f" ({min(values):.0f}-{max(values):.0f})" if len(values) > 1 else ""
-                return f"{statistics.median(values):.0f} ms{spread}"
-            p50, p99 = stat(lambda r: percentile(r.latencies_ms, 50)), stat(lambda r: percentile(r.latencies_ms, 99))
-            lines.append(
-                f"| {name} | {sum(len(r.latencies_ms) for r in results)} | {p50} | {p99} "
-                f"| {stat(lambda r: max(r.latencies_ms))} | {stat(lambda r: r.first_ms or 0)} "
-                f"| {max(r.max_backlog for r in results)} | {sum(r.failed for r in results)} |")
-        floor = [ms for r in runs[list(variants)[1]] for ms in r.python_floor_ms]
-        if floor:
-            lines.append(f"| (floor) `python -c pass`, same interpreter, timed once a second during the wal-push runs "
-                         f"| {len(floor)} | {percentile(floor, 50):.0f} ms | {percentile(floor, 99):.0f} ms "
-                         f"| {max(floor):.0f} ms | | | |")
-        lines += ["", "Targets: wal-push p50 <= 100 ms, p99 <= 300 ms.", ""]
+                  "`synchronous_commit=off`, fsync on. Latency = wall time of the archive_command as the archiver "
+                  "runs it (a `date +%s%N` wrapper around it), for segments archived while pgbench ran; first = "
+                  "the first segment of a fresh cluster (the daemon starting). Median over rounds of each round's "
+                  "percentile, spread in brackets. The floor row times a bare start of the same interpreter once "
+                  "a second during the same runs: no Python command can be faster than that.", ""]
+        for profile, (rate, description) in profiles.items():
+            runs: dict[str, list[LatencyRun]] = {name: [] for name in variants}
+            for round_no in range(args.rounds):
+                for index, (name, template) in enumerate(variants.items()):
+                    if index == 2 and (round_no > 0 or rate is not None):
+                        continue  # the one-process-per-segment reference: one saturating round is enough
+                    prefix = f"latency-{profile}-{round_no}-{index}"
+                    extra = {"RUNBOOKS_WAL_ASYNC": "off"} if index == 2 else {}
+                    command = template.format(config=bench.wal_config(s3, prefix, **extra))
+                    shutil.rmtree(local_archive, ignore_errors=True)
+                    bench.postgres_dir("guide-archive")
+                    say(f"{profile} round {round_no + 1}: {name}, {args.seconds} s of pgbench")
+                    result = bench.latency_run(name, command, work / f"{prefix}.log",
+                                               python=python if index == 1 else None, rate=rate)
+                    runs[name].append(result)
+                    say(f"  {len(result.latencies_ms)} segments, p50 {percentile(result.latencies_ms, 50):.0f} ms, "
+                        f"p99 {percentile(result.latencies_ms, 99):.0f} ms, max backlog {result.max_backlog}, "
+                        f"load {result.load}")
+            lines += [f"### {profile}: {description}", "",
+                      "| archive_command | segments | p50 | p99 | max | first | max `.ready` backlog | failures |",
+                      "|---|---|---|---|---|---|---|---|"]
+            lines += _latency_rows(runs, variants)
+            lines.append("")
+        lines += ["Targets: wal-push p50 <= 100 ms, p99 <= 300 ms.", ""]
         say("start-up of the commands, without pgbench")
         startup = bench.startup(python, bench.wal_config(s3, "startup"), s3)
         lines += ["### Start-up of the WAL commands (no pgbench running)", "",
@@ -385,14 +426,24 @@ def run(args: argparse.Namespace) -> str:
         from tasks.pitr import take_base_backup
 
         baseline, step, flow_plain, flow_verify = (Timed("baseline"), Timed("step"), Timed("flow"), Timed("verify"))
+        cpu: dict[str, list[dict[str, float]]] = {"baseline": [], "step": []}
+        postmaster, weed = pg.postmaster_pid() or 0, s3._proc.pid if s3._proc else 0
+
+        def with_cpu(key: str, fn):  # noqa: ANN001, ANN202
+            before = cpu_snapshot(postmaster, weed)
+            result = fn()
+            after = cpu_snapshot(postmaster, weed)
+            cpu[key].append({k: after[k] - before[k] for k in after})
+            return result
+
         stored_size = 0
         for round_no in range(args.rounds):
             say(f"round {round_no + 1}: pg_basebackup -Ft to a local directory")
-            baseline.seconds.append(bench.baseline_basebackup(pg))
+            baseline.seconds.append(with_cpu("baseline", lambda: bench.baseline_basebackup(pg)))
             say(f"  {baseline.seconds[-1]:.1f} s, {human_size(bench.local_size)}; load {load_average()}")
             say(f"round {round_no + 1}: base backup step (pg_basebackup | zstd -> S3)")
             started = time.monotonic()
-            taken = take_base_backup.fn(conn, store, new_set_id())
+            taken = with_cpu("step", lambda: take_base_backup.fn(conn, store, new_set_id()))
             step.seconds.append(time.monotonic() - started)
             stored_size = taken.parts[0].size
             say(f"  {step.seconds[-1]:.1f} s, {human_size(stored_size)} stored; load {load_average()}")
@@ -429,20 +480,22 @@ def run(args: argparse.Namespace) -> str:
             "## Base backup and restore of the bench dataset", "",
             f"Dataset: {spec.describe()}, {human_size(total)} in the cluster; base backup "
             f"{human_size(bench.local_size)} as a local tar, {human_size(stored_size)} stored (zstd level 1).", "",
-            "| what | wall time | vs `pg_basebackup -Ft` |", "|---|---|---|",
+            "CPU seconds (median): PostgreSQL / pg_basebackup / runbooks process (zstd, sha256, boto3) / "
+            "SeaweedFS / everything else the machine ran meanwhile.", "",
+            "| what | wall time | vs `pg_basebackup -Ft` | CPU seconds |", "|---|---|---|---|",
             f"| `pg_basebackup -Ft -D DIR --checkpoint=fast` (local directory, WAL streamed, fsync) "
-            f"| {baseline.cell()} | 1.00 |",
+            f"| {baseline.cell()} | 1.00 | {cpu_cell(cpu['baseline'])} |",
             f"| base backup step of `pitr-base-backup`: `pg_basebackup -Ft -D - -X none "
             f"--manifest-checksums=SHA256` -> zstd -> S3 | {step.cell()} "
-            f"| {statistics.median(step.seconds) / base:.2f} |",
+            f"| {statistics.median(step.seconds) / base:.2f} | {cpu_cell(cpu['step'])} |",
             f"| `pitr-base-backup` flow, verify=false (preflight WAL switch, backup, WAL check, manifest) "
-            f"| {flow_plain.cell()} | {statistics.median(flow_plain.seconds) / base:.2f} |",
+            f"| {flow_plain.cell()} | {statistics.median(flow_plain.seconds) / base:.2f} | |",
             f"| `pitr-base-backup` flow, verify=true (also re-reads every file from S3 against backup_manifest) "
-            f"| {flow_verify.cell()} | {statistics.median(flow_verify.seconds) / base:.2f} |",
+            f"| {flow_verify.cell()} | {statistics.median(flow_verify.seconds) / base:.2f} | |",
             f"| `pitr-restore` to the end of the archive: download + extract + pg_verifybackup + replay of "
-            f"{human_size(wal_after)} WAL | {restore.cell()} | |",
-            f"| ... of which download and extract | {extract.cell()} | |",
-            f"| ... of which recovery (start, WAL fetch and replay, promotion) | {replay.cell()} | |",
+            f"{human_size(wal_after)} WAL | {restore.cell()} | | |",
+            f"| ... of which download and extract | {extract.cell()} | | |",
+            f"| ... of which recovery (start, WAL fetch and replay, promotion) | {replay.cell()} | | |",
             "", "Target: base backup to S3 <= 1.3 x local `pg_basebackup -Ft`.", ""]
     header = [
         "# PITR benchmark", "",
@@ -466,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=int, default=50, help="pgbench scale of the bench dataset")
     parser.add_argument("--rows", type=int, default=3_000_000, help="rows of bench_items in the bench dataset")
     parser.add_argument("--restore-wal-seconds", type=int, default=30, help="pgbench after the last base backup")
+    parser.add_argument("--rate", type=int, default=300, help="transactions/s of the rate-limited latency load")
     parser.add_argument("--quick", action="store_true", help="tiny dataset, short runs, one round, no report")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks-pitr.md"))
     parser.add_argument("--no-report", action="store_true", help="print the results only")

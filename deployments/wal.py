@@ -672,7 +672,7 @@ class WalDaemon:
                 except FileNotFoundError:
                     continue
             self._prune(set(ready))
-            self.stopping.wait(0.02)
+            self.stopping.wait(0.01)
 
     def _prune(self, ready: set[str]) -> None:
         """Forget finished uploads PostgreSQL has marked done (their .ready is gone)."""
