@@ -17,6 +17,7 @@ import json
 import os
 import resource
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -105,6 +106,8 @@ def main() -> int:
     if args.trial:
         print(json.dumps(trial(json.load(sys.stdin))))
         return 0
+    # SIGTERM unwinds like Ctrl-C, so the scratch servers below are stopped and removed, not orphaned.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
 
     from psycopg import sql
 
