@@ -30,6 +30,8 @@ _STABLE_TEXT = (
     "SET IntervalStyle = 'postgres'",
     "SET extra_float_digits = 3",
     "SET bytea_output = 'hex'",
+    # Checksums run beside a dump or a restore: parallel workers would only take a core from them.
+    "SET max_parallel_workers_per_gather = 0",
 )
 
 
