@@ -27,6 +27,7 @@ from flows.backup import DEFAULT_STORE, runbooks_version
 from tasks.errors import ConfigurationError, RestoreFailed
 from tasks.log import run_logger
 from tasks.manifest import PhysicalBackup, build_manifest, human_size, new_set_id
+from tasks.metrics import runbook_metrics_hooks
 from tasks.pitr import (
     check_pitr_ready,
     check_restore_command,
@@ -63,7 +64,7 @@ class PitrBackupResult(BaseModel):
     expired: list[str] = Field(default_factory=list)
 
 
-@flow(name="pitr-base-backup", log_prints=False)
+@flow(name="pitr-base-backup", log_prints=False, **runbook_metrics_hooks())
 def pitr_base_backup(
     postgres: PostgresConnection,
     store: Annotated[BackupStore | None, Field(description="The store wal-push archives into; empty: "
@@ -151,7 +152,7 @@ class PitrRestoreResult(BaseModel):
     recovery_seconds: float
 
 
-@flow(name="pitr-restore", log_prints=False)
+@flow(name="pitr-restore", log_prints=False, **runbook_metrics_hooks())
 def pitr_restore(
     store: BackupStore,
     target_dir: Annotated[str, Field(description="NEW directory for the restored cluster: PGDATA is "
