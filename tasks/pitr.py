@@ -116,6 +116,7 @@ class TarStream:
         self._hasher: Any = None
         self._buffer: bytearray | None = None
         self._long_name: str | None = None
+        self._long_kind = False  # the member is a GNU long-name record for the next one
         self._zero_blocks = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
