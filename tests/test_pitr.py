@@ -205,8 +205,9 @@ def test_a_missing_segment_fails_the_restore_naming_it(source, restores):
         assert not Path(target_dir).exists()  # refused before anything was written
         # A time target may lie before the gap, so that restore runs; it fails at the gap, naming it.
         target_dir, port = restores()
-        with pytest.raises(WalMissing, match=f"recovery ended before configured recovery target was reached.*"
-                                             f"WAL segment {victim} is missing"):
+        # How PostgreSQL reports the stop depends on timing (the target not reached, or the server still in
+        # recovery when it gives up); either way the error names the missing segment.
+        with pytest.raises(WalMissing, match=f"WAL segment {victim} is missing"):
             pitr_restore(store=source.store, target_dir=target_dir, port=port, timeline="1", keep_archiving=False,
                          target="time", target_time=datetime.now(source.t12.tzinfo) + timedelta(hours=1))
     finally:
