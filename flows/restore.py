@@ -53,6 +53,8 @@ def restore_set(
     manifest = find_set(store.get_client(), backup_id)
     log.info("restoring set %s from %s", manifest.set_id, store.describe())
     wanted = {p.kind for p in manifest.parts}
+    if wanted == {"pgbase"}:
+        raise ConfigurationError(f"set {manifest.set_id} is a PITR base backup: restore it with pitr-restore")
     if wanted & {"postgres", "globals"} and postgres is None:
         raise ConfigurationError(f"set {manifest.set_id} holds PostgreSQL parts: give a postgres target")
     if "redis" in wanted and redis is None:

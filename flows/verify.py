@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
-from tasks.errors import RunbookError, VerificationFailed
+from tasks.errors import ConfigurationError, RunbookError, VerificationFailed
 from tasks.files import extract_archive
 from tasks.log import run_logger
 from tasks.manifest import Verification
@@ -85,6 +85,9 @@ def verify_backup(
     file trees; the result is written as verification.json and fails the run on any difference."""
     log = run_logger()
     manifest = find_set(store.get_client(), backup_id)
+    if {p.kind for p in manifest.parts} == {"pgbase"}:
+        raise ConfigurationError(f"set {manifest.set_id} is a PITR base backup: pitr-base-backup verifies it "
+                                 "against backup_manifest, and pitr-restore restores it")
     log.info("restore drill of set %s from %s", manifest.set_id, store.describe())
     problems: list[str] = []
     seconds: dict[str, float] = {}
