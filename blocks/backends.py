@@ -15,10 +15,11 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Literal, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from tasks.errors import ConfigurationError, ObjectExists, StoreError
 
@@ -52,6 +53,50 @@ class StoreClient(Protocol):
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def abort_incomplete_uploads(self, prefix: str = "", *, older_than: timedelta | None = None) -> int: ...
+
+
+# ---------------------------------------------------------------------------------------- store URLs
+
+S3_URL_OPTIONS = ("endpoint_url", "region", "sse", "kms_key_id", "storage_class", "part_size_mib",
+                  "max_concurrency")
+
+
+@dataclass(frozen=True)
+class StoreURL:
+    """A parsed store URL: a local directory, or an S3 bucket/prefix with its query options (as strings)."""
+
+    backend: Literal["local", "s3"]
+    path: str = ""
+    bucket: str = ""
+    prefix: str = ""
+    options: dict[str, str] = field(default_factory=dict)
+
+
+def parse_store_url(url: str, *, credentials_hint: str = "the Block or the environment") -> StoreURL:
+    """``file:///dir``, a plain path, or ``s3://bucket/prefix?endpoint_url=...&region=...``.
+
+    Defaults and value checks are the caller's (the Block and the WAL commands differ). S3 credentials in
+    the URL are refused; ``credentials_hint`` says where they go instead.
+    """
+    parts = urlsplit(url)
+    if parts.scheme in ("", "file"):
+        path = unquote(parts.path if parts.scheme else url)
+        if not path:
+            raise ConfigurationError(f"store URL {url!r} has no path")
+        return StoreURL("local", path=path)
+    if parts.scheme != "s3":
+        raise ConfigurationError(
+            f"unknown store URL scheme {parts.scheme!r}; use file:///dir or s3://bucket/prefix?..."
+        )
+    if parts.username or parts.password:
+        raise ConfigurationError(f"put S3 credentials in {credentials_hint}, not in the URL")
+    if not parts.hostname:
+        raise ConfigurationError(f"store URL {url!r} names no bucket")
+    options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    unknown = sorted(set(options) - set(S3_URL_OPTIONS))
+    if unknown:
+        raise ConfigurationError(f"unknown S3 store option(s) {unknown}; known: {sorted(S3_URL_OPTIONS)}")
+    return StoreURL("s3", bucket=parts.hostname, prefix=parts.path.strip("/"), options=options)
 
 
 # --------------------------------------------------------------------------------------------- local

@@ -6,12 +6,11 @@ import hashlib
 import threading
 from pathlib import Path
 from typing import Literal
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from blocks.backends import LocalStore, MiB, StoreClient, StoredObject, make_s3_store
+from blocks.backends import LocalStore, MiB, StoreClient, StoredObject, make_s3_store, parse_store_url
 from tasks.errors import ConfigurationError
 
 __all__ = ["BackupStore", "StoreClient", "StoredObject"]
@@ -48,25 +47,10 @@ class BackupStore(Block):
         S3 credentials never go in the URL: they come from the Block's fields or boto3's default chain
         (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, instance roles).
         """
-        parts = urlsplit(url)
-        if parts.scheme in ("", "file"):
-            path = unquote(parts.path if parts.scheme else url)
-            if not path:
-                raise ConfigurationError(f"store URL {url!r} has no path")
-            return cls(backend="local", path=path)
-        if parts.scheme != "s3":
-            raise ConfigurationError(f"unknown store URL scheme {parts.scheme!r}; use file:// or s3://")
-        if parts.username or parts.password:
-            raise ConfigurationError("put S3 credentials in the Block or the environment, not in the URL")
-        if not parts.hostname:
-            raise ConfigurationError(f"store URL {url!r} names no bucket")
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        known = {"endpoint_url", "region", "sse", "kms_key_id", "storage_class", "part_size_mib",
-                 "max_concurrency"}
-        unknown = set(query) - known
-        if unknown:
-            raise ConfigurationError(f"unknown S3 store option(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(backend="s3", bucket=parts.hostname, prefix=parts.path.strip("/"), **query)
+        parsed = parse_store_url(url)
+        if parsed.backend == "local":
+            return cls(backend="local", path=parsed.path)
+        return cls(backend="s3", bucket=parsed.bucket, prefix=parsed.prefix, **parsed.options)
 
     def describe(self) -> str:
         """Names the store in logs and errors (no credentials)."""

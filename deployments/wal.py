@@ -184,38 +184,27 @@ def load_config(config_file: str | None, environ: dict[str, str] | None = None) 
     )
 
 
-_S3_OPTIONS = ("endpoint_url", "region", "sse", "kms_key_id", "storage_class", "part_size_mib", "max_concurrency")
-
-
 def open_store(config: WalConfig) -> Any:
-    """The store client for ``RUNBOOKS_WAL_STORE`` (same URL forms as ``BackupStore.from_url``)."""
-    from urllib.parse import parse_qs, unquote, urlsplit
-
-    from blocks.backends import LocalStore, MiB, make_s3_store
+    """The store client for ``RUNBOOKS_WAL_STORE`` (parsed like ``BackupStore.from_url``, WAL defaults)."""
+    from blocks.backends import LocalStore, MiB, make_s3_store, parse_store_url
     from tasks.errors import RunbookError
 
-    parts = urlsplit(config.store_url)
-    if parts.scheme in ("", "file"):
-        path = unquote(parts.path if parts.scheme else config.store_url)
-        if not path.startswith("/"):
+    try:
+        url = parse_store_url(config.store_url, credentials_hint="AWS_* variables")
+    except RunbookError as exc:
+        raise WalCommandError(f"RUNBOOKS_WAL_STORE: {exc}") from None
+    if url.backend == "local":
+        if not url.path.startswith("/"):
             raise WalCommandError(f"RUNBOOKS_WAL_STORE {config.store_url!r}: a local store needs an absolute path")
         from pathlib import Path
 
-        return LocalStore(Path(path))
-    if parts.scheme != "s3" or not parts.hostname:
-        raise WalCommandError(f"RUNBOOKS_WAL_STORE {config.store_url!r}: use s3://bucket/prefix?... or file:///dir")
-    if parts.username or parts.password:
-        raise WalCommandError("RUNBOOKS_WAL_STORE: put S3 credentials in AWS_* variables, not in the URL")
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    unknown = sorted(set(query) - set(_S3_OPTIONS))
-    if unknown:
-        raise WalCommandError(f"RUNBOOKS_WAL_STORE: unknown option(s) {unknown}; known: {sorted(_S3_OPTIONS)}")
-    prefix = parts.path.strip("/")
+        return LocalStore(Path(url.path))
+    query = url.options
     where = f" at {query['endpoint_url']}" if query.get("endpoint_url") else ""
     try:
         return make_s3_store(
-            bucket=parts.hostname, prefix=prefix,
-            description=f"s3://{parts.hostname}{'/' + prefix if prefix else ''}{where}",
+            bucket=url.bucket, prefix=url.prefix,
+            description=f"s3://{url.bucket}{'/' + url.prefix if url.prefix else ''}{where}",
             endpoint_url=query.get("endpoint_url"), region=query.get("region"),
             access_key_id=config.access_key_id, secret_access_key=config.secret_access_key,
             session_token=config.session_token, sse=query.get("sse", ""), kms_key_id=query.get("kms_key_id"),

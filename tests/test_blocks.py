@@ -2,6 +2,7 @@
 
 import pytest
 
+from blocks.backends import StoreURL, parse_store_url
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
@@ -50,3 +51,19 @@ def test_store_from_url():
         BackupStore.from_url("s3://bucket/p?endpoint=x")
     with pytest.raises(ConfigurationError, match="kms_key_id"):
         BackupStore.from_url("s3://bucket/p?sse=aws:kms").get_client()
+
+
+def test_parse_store_url_is_shared_by_the_block_and_the_wal_commands():
+    assert parse_store_url("/plain/dir") == StoreURL("local", path="/plain/dir")
+    assert parse_store_url("file:///a%20b") == StoreURL("local", path="/a b")
+    assert parse_store_url("s3://b/x/y/?region=r&region=r2") == StoreURL(
+        "s3", bucket="b", prefix="x/y", options={"region": "r2"})
+    with pytest.raises(ConfigurationError, match="has no path"):
+        parse_store_url("file://")
+    with pytest.raises(ConfigurationError, match="scheme 'http'"):
+        parse_store_url("http://u:pw@host/x")
+    with pytest.raises(ConfigurationError, match="names no bucket"):
+        parse_store_url("s3:///prefix")
+    with pytest.raises(ConfigurationError, match="in AWS_\\* variables, not in the URL") as err:
+        parse_store_url("s3://key:secret@bucket/p", credentials_hint="AWS_* variables")
+    assert "secret" not in str(err.value)

@@ -19,6 +19,7 @@ from deployments.wal import (
     check_cluster,
     fetch_file,
     load_config,
+    open_store,
     push_file,
     read_env_file,
 )
@@ -283,6 +284,19 @@ def test_config_file_wins_over_the_environment_and_is_never_world_readable(tmp_p
         load_config(None, {"RUNBOOKS_WAL_STORE": "file:///x", "RUNBOOKS_WAL_CONCURRENCY": "0"})
     with pytest.raises(WalCommandError, match="line 1"):
         read_env_file(_write_config(tmp_path / "bad.env", "just words\n"))
+
+
+def test_wal_store_url_keeps_the_wal_defaults_and_names_the_variable(tmp_path):
+    config = load_config(None, {"RUNBOOKS_WAL_STORE": f"file://{tmp_path}"})
+    assert open_store(config).root == tmp_path
+    s3 = open_store(config.replace(store_url="s3://b/p?endpoint_url=http://127.0.0.1:9", concurrency=6))
+    assert (s3.bucket, s3.prefix, s3.part_size, s3.max_concurrency) == ("b", "p", 64 * 1024 * 1024, 6)
+    assert s3.description == "s3://b/p at http://127.0.0.1:9"
+    for url, message in (("relative/dir", "absolute path"), ("s3://k:pw@b/p", "AWS_\\* variables"),
+                         ("s3://b/p?endpoint=x", "unknown S3 store option"), ("ftp://h/x", "use file:///dir"),
+                         ("s3://b/p?part_size_mib=big", "RUNBOOKS_WAL_STORE")):
+        with pytest.raises(WalCommandError, match=message):
+            open_store(config.replace(store_url=url))
 
 
 def test_usage_errors_exit_non_zero_with_a_message(capsys):
