@@ -15,6 +15,8 @@ from psycopg import sql
 
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
+from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError
+from tasks.archive import METHOD as ARCHIVE_METHOD
 from tasks.errors import ConfigurationError, DumpFailed, RestoreFailed, RunbookError, VerificationFailed
 from tasks.log import run_logger
 from tasks.manifest import Part, TableChecksum, part_key
@@ -99,10 +101,12 @@ def _checksum_relation(conn: psycopg.Connection, schema: str, name: str, kind: s
 def collect_checksums(
     conn: psycopg.Connection, *, max_table_bytes: int | None = None
 ) -> list[TableChecksum]:
-    """Row count and content checksum of every user table, and every sequence's value.
+    """Row count and content checksum of every user table, and every sequence's value, by SQL.
 
-    The checksum is the sum of ``hashtextextended(row::text, 0)`` over the rows: order-independent,
-    one sequential scan, no sort. Tables larger than ``max_table_bytes`` get a row count only.
+    The checksum is the sum of ``hashtextextended(row::text, 0)`` over the rows (``h64sum:``):
+    order-independent, one sequential scan, no sort. Backups record ``xxh64sum:`` checksums read off the
+    dump instead (``tasks.archive``, far cheaper); this one verifies sets made before that, and compares two
+    live databases directly (the demo, the tests). Tables larger than ``max_table_bytes`` get a row count only.
     Runs in whatever transaction (snapshot) the connection is in.
     """
     _stable_session(conn)
@@ -142,6 +146,31 @@ def collect_checksums_parallel(pg: PostgresConnection, database: str, *, workers
     return [results[i] for i in range(len(relations))]
 
 
+def digest_database(pg: PostgresConnection, database: str) -> list[TableChecksum]:
+    """``xxh64sum`` checksums of a database nobody writes to (a fresh restore): the same ``pg_dump``, data only,
+    read by the same parser as at backup time, plus sequence values."""
+    digest = ArchiveDigest()
+    argv = [pg_tool("pg_dump"), "--format=custom", "--compress=0", "--data-only", "--no-password"]
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    with spawn(argv, env={**pg.libpq_env(database), **CHECKSUM_ENV}) as child:
+        source = _ExitChecked(child, pg.describe(database), tap=digest)
+        while source.readinto(view):
+            pass
+    with pg.connect(database) as conn:
+        sequences = [_checksum_relation(conn, *rel, None) for rel in _relations(conn) if rel[2] == "S"]
+    return sorted([*digest.checksums(), *sequences], key=lambda t: (t.schema_name, t.table))
+
+
+def checksums_like(
+    pg: PostgresConnection, database: str, expected: list[TableChecksum], *, workers: int = 2
+) -> list[TableChecksum]:
+    """The restored database's checksums, computed the way ``expected`` (the manifest's) were."""
+    if any((t.checksum or "").startswith(f"{ARCHIVE_METHOD}:") for t in expected):
+        return digest_database(pg, database)
+    return collect_checksums_parallel(pg, database, workers=workers)
+
+
 def compare_checksums(expected: list[TableChecksum], actual: list[TableChecksum]) -> list[str]:
     """Human-readable differences; empty when every table and sequence matches."""
     want = {t.qualified: t for t in expected}
@@ -173,7 +202,9 @@ def dump_database(
 ) -> Part:
     """``pg_dump -Fc -Z0`` of one database, streamed through zstd and sha256 into the store.
 
-    The dump and the table checksums read the same exported snapshot, so they describe the same data.
+    Each table's row count and checksum are read off the dump's own COPY data as it streams past
+    (``tasks.archive``); sequence values come from the dump's exported snapshot. So they describe exactly
+    the data in the dump, and cost no second scan of the tables.
     """
     log = run_logger()
     key = part_key(set_id, "postgres", database)
@@ -183,35 +214,29 @@ def dump_database(
         server_version = str(snap_conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
         snap_conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         snapshot = str(snap_conn.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
+        relations = _relations(snap_conn) if table_checksums else []
+        sequences = [_checksum_relation(snap_conn, *rel, None) for rel in relations if rel[2] == "S"]
         log.info("dumping %s into %s", pg.describe(database), key)
-
-        checksums: list[TableChecksum] = []
-        checksum_error: list[BaseException] = []
-
-        def checksum_worker() -> None:
-            try:
-                checksums.extend(collect_checksums(snap_conn, max_table_bytes=checksum_max_table_bytes))
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the task's thread below
-                checksum_error.append(exc)
-
+        digest = ArchiveDigest() if table_checksums else None
         argv = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={snapshot}", "--no-password"]
-        with spawn(argv, env=pg.libpq_env(database)) as child:
-            worker = threading.Thread(target=checksum_worker, daemon=True) if table_checksums else None
-            if worker:
-                worker.start()
-            try:
-                stored = compress_into_store(
-                    store.get_client(), key, _ExitChecked(child, pg.describe(database)),
-                    level=level, threads=threads, on_progress=progress.advance if progress else None,
-                )
-            finally:
-                if worker:
-                    worker.join()
-        if checksum_error:
-            raise DumpFailed(
-                f"table checksums of {pg.describe(database)} failed: {checksum_error[0]}"
-            ) from checksum_error[0]
+        with spawn(argv, env={**pg.libpq_env(database), **CHECKSUM_ENV}) as child:
+            stored = compress_into_store(
+                store.get_client(), key, _ExitChecked(child, pg.describe(database), tap=digest),
+                level=level, threads=threads, on_progress=progress.advance if progress else None,
+            )
         snap_conn.execute("COMMIT")
+    checksums: list[TableChecksum] = []
+    if digest is not None:
+        try:
+            tables = digest.checksums()
+        except ArchiveFormatError as exc:
+            raise DumpFailed(f"table checksums of {pg.describe(database)}: {exc}") from exc
+        too_big = {(schema, name) for schema, name, kind, size in relations
+                   if kind == "r" and checksum_max_table_bytes is not None and size > checksum_max_table_bytes}
+        for table in tables:
+            if (table.schema_name, table.table) in too_big:
+                table.checksum = None
+        checksums = sorted([*tables, *sequences], key=lambda t: (t.schema_name, t.table))
     part = Part(
         kind="postgres", name=database, key=key, size=stored.size, raw_size=stored.raw_size,
         sha256=stored.sha256, compression_level=level, tool="pg_dump -Fc -Z0",
@@ -229,12 +254,18 @@ class _ExitChecked:
     Raising before the store writer commits is what keeps a failed dump from ever being stored.
     """
 
-    def __init__(self, child: Child, target: str) -> None:
+    def __init__(self, child: Child, target: str, tap: ArchiveDigest | None = None) -> None:
         self.child = child
         self.target = target
+        self.tap = tap
 
     def readinto(self, buffer: memoryview) -> int:
         count = self.child.stdout.readinto(buffer)  # type: ignore[attr-defined]
+        if count and self.tap is not None:
+            try:
+                self.tap.feed(buffer[:count])
+            except ArchiveFormatError as exc:
+                raise DumpFailed(f"reading the dump of {self.target}: {exc}") from exc
         if not count:
             code = self.child.wait()
             if code != 0:
@@ -339,7 +370,7 @@ def restore_database(
             _restore_streamed(part, store, pg, database, argv)
         tables = 0
         if verify and part.tables:
-            problems = compare_checksums(part.tables, collect_checksums_parallel(pg, database, workers=jobs))
+            problems = compare_checksums(part.tables, checksums_like(pg, database, part.tables, workers=jobs))
             if problems:
                 raise VerificationFailed(
                     f"restored {pg.describe(database)} differs from the backup: " + "; ".join(problems[:10])
@@ -553,7 +584,7 @@ def run_amcheck(pg: PostgresConnection, database: str, *, heapallindexed: bool =
 @task(cache_policy=NO_CACHE, task_run_name="compare-tables-{database}")
 def compare_with_manifest(pg: PostgresConnection, database: str, part: Part) -> list[str]:
     """Differences between a restored database and what the manifest recorded at dump time."""
-    return compare_checksums(part.tables, collect_checksums_parallel(pg, database))
+    return compare_checksums(part.tables, checksums_like(pg, database, part.tables))
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)

@@ -226,7 +226,8 @@ def test_verify_backup_passes_good_and_fails_tampered_sets(stack, prefect_harnes
     mpath = tmp_path / "store" / manifest_key(lying_id)
     manifest = Manifest.from_bytes(mpath.read_bytes())
     orders = next(t for t in manifest.part("postgres").tables if t.table == "orders")
-    orders.checksum = "h64sum:12345"
+    assert orders.checksum and orders.checksum.startswith("xxh64sum:")  # read off the dump itself
+    orders.checksum = "xxh64sum:" + format(int(orders.checksum.split(":")[1], 16) ^ 1, "016x")
     mpath.write_bytes(manifest.to_bytes())
     state = verify_backup(store=store, backup_id=lying_id, return_state=True)
     assert state.is_failed()

@@ -1,0 +1,231 @@
+"""Table checksums read off a streamed pg_dump archive (tasks/archive.py + the C scanner), checked against
+an independent reading of the same data: pg_restore's SQL script and a pure-Python XXH64."""
+
+from __future__ import annotations
+
+import random
+import secrets
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from blocks.postgres import PostgresConnection
+from tasks._copyhash import xxh64
+from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError
+from tasks.errors import DumpFailed
+from tasks.postgres import _ExitChecked, digest_database
+from tasks.process import child_env, pg_tool, spawn
+from tasks.scratch import ScratchPostgres
+
+M = 2**64
+P1, P2, P3, P4, P5 = (11400714785074694791, 14029467366897019727, 1609587929392839161,
+                      9650029242287828579, 2870177450012600261)
+
+
+def _rotl(x: int, r: int) -> int:
+    return ((x << r) | (x >> (64 - r))) % M
+
+
+def _round(acc: int, lane: int) -> int:
+    return _rotl((acc + lane * P2) % M, 31) * P1 % M
+
+
+def xxh64_reference(data: bytes) -> int:
+    """XXH64 with seed 0, written from the specification, one shot."""
+    n, i = len(data), 0
+    if n >= 32:
+        v = [(P1 + P2) % M, P2, 0, (-P1) % M]
+        while i + 32 <= n:
+            for j in range(4):
+                v[j] = _round(v[j], int.from_bytes(data[i + 8 * j:i + 8 * j + 8], "little"))
+            i += 32
+        h = (_rotl(v[0], 1) + _rotl(v[1], 7) + _rotl(v[2], 12) + _rotl(v[3], 18)) % M
+        for lane in v:
+            h = ((h ^ _round(0, lane)) * P1 + P4) % M
+    else:
+        h = P5
+    h = (h + n) % M
+    while i + 8 <= n:
+        h = (_rotl(h ^ _round(0, int.from_bytes(data[i:i + 8], "little")), 27) * P1 + P4) % M
+        i += 8
+    if i + 4 <= n:
+        h = (_rotl(h ^ (int.from_bytes(data[i:i + 4], "little") * P1 % M), 23) * P2 + P3) % M
+        i += 4
+    while i < n:
+        h = _rotl(h ^ (data[i] * P5 % M), 11) * P1 % M
+        i += 1
+    h ^= h >> 33
+    h = h * P2 % M
+    h ^= h >> 29
+    h = h * P3 % M
+    return h ^ (h >> 32)
+
+
+def test_xxh64_matches_the_specification() -> None:
+    assert xxh64(b"") == 0xEF46DB3751D8E999 == xxh64_reference(b"")  # published test vectors
+    assert xxh64(b"abc") == 0x44BC2CF5AD770999 == xxh64_reference(b"abc")
+    rng = random.Random(7)
+    for length in [*range(0, 70), 127, 128, 129, 1000, 4099]:
+        data = rng.randbytes(length)
+        assert xxh64(data) == xxh64_reference(data), length
+
+
+# --- real archives -----------------------------------------------------------------------------------
+
+
+def _dump(pg: PostgresConnection, database: str, *extra: str) -> bytes:
+    argv = [pg_tool("pg_dump"), "--format=custom", "--no-password", *extra]
+    return subprocess.run(argv, env=child_env({**pg.libpq_env(database), **CHECKSUM_ENV}),
+                          capture_output=True, check=True).stdout
+
+
+def _unquote(qualified: str) -> str:
+    """A quoted qualified name as pg_restore prints it, unquoted: Odd "Schema".things."""
+    parts, current, quoted, i = [], "", False, 0
+    while i < len(qualified):
+        ch = qualified[i]
+        if ch == '"' and quoted and qualified[i + 1:i + 2] == '"':
+            current, i = current + '"', i + 2
+            continue
+        if ch == '"':
+            quoted = not quoted
+        elif ch == "." and not quoted:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+        i += 1
+    return ".".join([*parts, current])
+
+
+def _reference_checksums(archive: bytes, pg: PostgresConnection) -> dict[str, tuple[int, str]]:
+    """Per table: rows and checksum from pg_restore's own SQL rendering of the archive's COPY data."""
+    script = subprocess.run([pg_tool("pg_restore"), "--data-only", "--file=-"], input=archive,
+                            capture_output=True, check=True, env=child_env(pg.libpq_env())).stdout
+    result: dict[str, tuple[int, str]] = {}
+    lines = iter(script.split(b"\n"))
+    for line in lines:
+        if line.startswith(b"COPY ") and line.endswith(b" FROM stdin;"):
+            name = line[5:].split(b" (")[0].decode()
+            rows = total = 0
+            for row in lines:
+                if row == b"\\.":
+                    break
+                rows += 1
+                total = (total + xxh64_reference(row)) % M
+            result[_unquote(name)] = (rows, f"xxh64sum:{total:016x}")
+    return result
+
+
+def _digest(archive: bytes, piece_sizes: list[int] | None = None) -> dict[str, tuple[int, str]]:
+    digest = ArchiveDigest()
+    if piece_sizes is None:
+        digest.feed(archive)
+    else:
+        rng, pos = random.Random(1), 0
+        while pos < len(archive):
+            size = rng.choice(piece_sizes)
+            digest.feed(memoryview(archive)[pos:pos + size])
+            pos += size
+    return {f"{t.schema_name}.{t.table}": (t.rows, t.checksum) for t in digest.checksums()}
+
+
+@pytest.fixture(scope="module")
+def sample(pg: ScratchPostgres) -> PostgresConnection:
+    """A database with awkward content: NULLs, tabs, newlines and backslashes in text, bytea, jsonb,
+    timestamptz, an enum, an empty table, a row of 3 MB, duplicate rows, and an odd schema name."""
+    conn_info = PostgresConnection.from_url(pg.url)
+    name = f"archive_{secrets.token_hex(3)}"
+    with conn_info.connect(autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    with conn_info.connect(name, autocommit=True) as conn:
+        conn.execute("CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy')")
+        conn.execute('CREATE SCHEMA "Odd ""Schema"""')
+        conn.execute('CREATE TABLE "Odd ""Schema""".things (id int, note text, m mood, at timestamptz, '
+                     "doc jsonb, raw bytea, f float8)")
+        conn.execute(
+            'INSERT INTO "Odd ""Schema""".things SELECT i, CASE WHEN i % 7 = 0 THEN NULL ELSE '
+            "E'line\\nbreak\\ttab\\\\slash ' || i END, (ARRAY['sad','ok','happy'])[1 + i % 3]::mood, "
+            "'2026-01-01 00:00:00+02'::timestamptz + i * interval '1 minute', "
+            "jsonb_build_object('i', i, 'u', 'ü'), decode(md5(i::text), 'hex'), i / 3.0 "
+            "FROM generate_series(1, 20000) i"
+        )
+        conn.execute("CREATE TABLE empty_one (a int)")
+        conn.execute("CREATE TABLE dupes (a int)")
+        conn.execute("INSERT INTO dupes VALUES (1), (1), (2)")
+        conn.execute("CREATE TABLE big_row (b bytea)")
+        conn.execute("INSERT INTO big_row VALUES (%s)", (random.Random(3).randbytes(3 * 1024 * 1024),))
+    return conn_info.model_copy(update={"database": name})
+
+
+def test_digest_equals_an_independent_reading_of_the_same_archive(sample: PostgresConnection) -> None:
+    archive = _dump(sample, sample.database, "--compress=0")
+    expected = _reference_checksums(archive, sample)
+    assert expected['Odd "Schema".things'][0] == 20000 and expected["public.dupes"][0] == 3
+    assert _digest(archive) == expected
+    # Bytes arriving in any split (a pipe hands over whatever it has) give the same result.
+    assert _digest(archive, [1, 2, 3, 5, 7]) == expected
+    assert _digest(archive, [65536, 1 << 20, 13]) == expected
+    assert expected["public.empty_one"] == (0, "xxh64sum:0000000000000000")
+    one = xxh64_reference(b"1")
+    assert expected["public.dupes"][1] == f"xxh64sum:{(2 * one + xxh64_reference(b'2')) % M:016x}"  # twice
+
+
+def test_checksum_ignores_row_order_and_sees_any_change(sample: PostgresConnection) -> None:
+    with sample.connect(autocommit=True) as conn:
+        conn.execute("CREATE TABLE ordered AS SELECT i, md5(i::text) AS t FROM generate_series(1, 5000) i ORDER BY i")
+        conn.execute("CREATE TABLE shuffled AS SELECT * FROM ordered ORDER BY t")
+    try:
+        sums = _digest(_dump(sample, sample.database, "--compress=0"))
+        assert sums["public.ordered"] == sums["public.shuffled"]
+        with sample.connect(autocommit=True) as conn:
+            conn.execute("UPDATE shuffled SET t = t || ' ' WHERE i = 4321")
+        changed = _digest(_dump(sample, sample.database, "--compress=0"))
+        assert changed["public.shuffled"][0] == 5000
+        assert changed["public.shuffled"][1] != sums["public.ordered"][1]
+    finally:
+        with sample.connect(autocommit=True) as conn:
+            conn.execute("DROP TABLE ordered, shuffled")
+
+
+def test_digest_of_a_restored_copy_equals_the_dump(
+    sample: PostgresConnection, fresh_pg: ScratchPostgres, tmp_path: Path
+) -> None:
+    archive = _dump(sample, sample.database, "--compress=0")
+    (tmp_path / "dump").write_bytes(archive)
+    target = PostgresConnection.from_url(fresh_pg.url)
+    # A restore server in another time zone must not change the checksums.
+    with target.connect(autocommit=True) as admin:
+        admin.execute("ALTER SYSTEM SET timezone = 'America/Caracas'")
+        admin.execute("SELECT pg_reload_conf()")
+        admin.execute("CREATE DATABASE copy TEMPLATE template0")
+    subprocess.run([pg_tool("pg_restore"), "--no-password", "--dbname=copy", "--jobs=2", str(tmp_path / "dump")],
+                   check=True, capture_output=True, env=child_env(target.libpq_env("copy")))
+    have = {f"{t.schema_name}.{t.table}": (t.rows, t.checksum) for t in digest_database(target, "copy")}
+    want = _digest(archive)
+    assert {k: v for k, v in have.items() if not v[1].startswith("seq:")} == want
+    with target.connect("copy", autocommit=True) as conn:
+        conn.execute("DELETE FROM dupes WHERE a = 1 AND ctid = (SELECT min(ctid) FROM dupes WHERE a = 1)")
+    after = {f"{t.schema_name}.{t.table}": (t.rows, t.checksum) for t in digest_database(target, "copy")}
+    assert after["public.dupes"][0] == 2 and after["public.dupes"] != want["public.dupes"]
+
+
+def test_bad_archives_fail_clearly(sample: PostgresConnection) -> None:
+    archive = _dump(sample, sample.database, "--compress=0")
+    with pytest.raises(ArchiveFormatError, match="inside a data block"):
+        _digest(archive[: len(archive) - 100])
+    with pytest.raises(ArchiveFormatError, match="inside its table of contents"):
+        _digest(archive[:40])
+    with pytest.raises(ArchiveFormatError, match="compressed"):
+        _digest(_dump(sample, sample.database, "--compress=1"))
+    with pytest.raises(ArchiveFormatError, match="PGDMP"):
+        _digest(b"-- plain SQL, not an archive\n")
+
+
+def test_a_dump_that_is_not_an_archive_fails_the_read(sample: PostgresConnection) -> None:
+    # What dump_database sees if the stream is garbage: DumpFailed naming the target, not a wrong checksum.
+    with spawn(["/bin/echo", "definitely not a dump"], env={}) as child:
+        source = _ExitChecked(child, "db at somewhere", tap=ArchiveDigest())
+        with pytest.raises(DumpFailed, match="db at somewhere.*PGDMP"):
+            source.readinto(memoryview(bytearray(1024)))
