@@ -59,6 +59,8 @@ TOKEN_FILE_ENV = "RUNBOOKS_WEBHOOK_TOKEN_FILE"
 BASIC_AUTH_FILE_ENV = "RUNBOOKS_WEBHOOK_BASIC_AUTH_FILE"
 ROUTES_ENV = "RUNBOOKS_ROUTES"
 APPROVAL_PAUSE_KEY = "approval"
+MAX_RETRY_BACKOFF = 30.0
+CREATION_FAILURES = ("retries_exhausted", "error", "shutdown")  # reasons of runbooks_bridge_creations_failed
 
 
 class Approval(BaseModel):
@@ -81,6 +83,8 @@ class BridgeConfig:
     dedup_cache_size: int = 100_000
     api_concurrency: int = 4  # run creations in flight against the Prefect API at once
     respond_within: float = 0.03  # seconds; slower creations finish in the background (listed as pending)
+    retry_for: float = 900.0  # seconds a background creation is retried before it is reported as failed
+    retry_backoff: float = 1.0  # first wait between background attempts; doubles up to 30 s
 
     def __post_init__(self) -> None:
         if not self.tokens and not self.basic_users:
@@ -150,7 +154,7 @@ class BridgeMetrics:
     """Counters and a latency histogram in their own registry (one per app, so tests do not collide)."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
         ns = "runbooks_bridge"
@@ -166,12 +170,21 @@ class BridgeMetrics:
                                registry=self.registry)
         self.rejected = Counter(f"{ns}_requests_rejected", "Requests refused, by reason.", ["reason"],
                                 registry=self.registry)
+        self.in_flight = Gauge(f"{ns}_creations_in_flight", "Run creations not finished yet (answered as pending "
+                               "or waiting for a retry).", registry=self.registry)
+        self.retries = Counter(f"{ns}_creation_retries", "Background run creations that failed and are retried "
+                               "(same idempotency key: a retry never makes a second run).", registry=self.registry)
+        self.failed = Counter(f"{ns}_creations_failed", "Alerts answered as pending whose run could not be created "
+                              "(the next repeat of the notification tries again), by reason.", ["reason"],
+                              registry=self.registry)
         self.latency = Histogram(
             f"{ns}_request_duration_seconds", "Time to answer POST /alertmanager.", ["code"],
             buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0), registry=self.registry,
         )
         for reason in ("unauthorized", "too_large", "invalid", "unavailable"):
             self.rejected.labels(reason)
+        for reason in CREATION_FAILURES:
+            self.failed.labels(reason)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -206,7 +219,7 @@ class RunStarter(Protocol):
 class PrefectRunStarter:
     """Creates flow runs from deployments through the Prefect API (one client, deployment ids cached)."""
 
-    def __init__(self, api_url: str | None = None) -> None:
+    def __init__(self, api_url: str | None = None, httpx_settings: dict[str, Any] | None = None) -> None:
         from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, PREFECT_API_URL
 
         # Captured now: the bridge may serve from another thread, where a test's temporary settings
@@ -216,6 +229,7 @@ class PrefectRunStarter:
             raise ValueError("PREFECT_API_URL is not set: point the bridge at the Prefect server")
         self._auth_string = PREFECT_API_AUTH_STRING.value()
         self._api_key = PREFECT_API_KEY.value()
+        self._httpx_settings = httpx_settings  # TLS options, or a test's fault-injecting transport
         self._client: Any = None
         self._client_lock = asyncio.Lock()
         self._deployments: dict[str, UUID] = {}
@@ -226,7 +240,8 @@ class PrefectRunStarter:
                 if self._client is None:
                     from prefect.client.orchestration import PrefectClient
 
-                    client = PrefectClient(self.api_url, auth_string=self._auth_string, api_key=self._api_key)
+                    client = PrefectClient(self.api_url, auth_string=self._auth_string, api_key=self._api_key,
+                                           httpx_settings=self._httpx_settings)
                     await client.__aenter__()
                     self._client = client
         return self._client
@@ -370,19 +385,24 @@ class Bridge:
     A creation that takes longer than ``respond_within`` (a Prefect API on a busy SQLite can take seconds)
     goes on in the background and the answer lists it under ``pending`` with its idempotency key: the
     response time stays bounded and a repeat still starts nothing. A failure seen within the window is a
-    503 (Alertmanager retries); one after it is logged and counted, and Alertmanager's next repeat of the
-    firing alert, with the same key, creates the run.
+    503 (Alertmanager retries). Once an alert has been answered as pending, Alertmanager will not retry it,
+    so the bridge does: a transient failure is retried with the same key (a retry never makes a second run)
+    for ``retry_for`` seconds; a creation that still fails, or fails for another reason, or is cut short by
+    shutdown, is counted and logged. Only a run that exists is remembered as deduplicated, so the next repeat
+    of that notification creates it.
     """
 
     def __init__(self, config: BridgeConfig, starter: RunStarter, metrics: BridgeMetrics) -> None:
         self.config = config
         self.starter = starter
         self.metrics = metrics
-        self._seen: OrderedDict[str, str] = OrderedDict()  # idempotency key -> flow run id
+        self._seen: OrderedDict[str, str] = OrderedDict()  # idempotency key -> flow run id (the run exists)
         self._cooldown_until: dict[str, tuple[float, str]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._in_flight: dict[str, asyncio.Task[RunOutcome | Skip]] = {}
+        self._promised: set[str] = set()  # keys in flight already answered 202: the bridge owns their retries
         self._api_slots = asyncio.Semaphore(config.api_concurrency)
+        metrics.in_flight.set_function(lambda: len(self._in_flight))
 
     def _remember(self, key: str, run_id: str) -> None:
         self._seen[key] = run_id
@@ -407,12 +427,22 @@ class Bridge:
         return out
 
     async def drain(self, timeout: float) -> None:
-        """Let creations still in flight finish (on shutdown)."""
-        if self._in_flight:
-            await asyncio.wait(list(self._in_flight.values()), timeout=timeout)
+        """On shutdown: let creations in flight finish; the ones that cannot within ``timeout`` are cancelled
+        and reported (counted and logged with their alert), never dropped silently."""
+        tasks = list(self._in_flight.values())
+        if not tasks:
+            return
+        _, unfinished = await asyncio.wait(tasks, timeout=timeout)
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            await asyncio.wait(unfinished)
 
     def _skip(self, out: list[dict[str, Any]], step: Skip) -> None:
         out.append(step.as_dict())
+        self._count_skip(step)
+
+    def _count_skip(self, step: Skip) -> None:
         label = _reason_label(step.reason)
         if label == "duplicate":
             self.metrics.deduplicated.inc()
@@ -429,11 +459,12 @@ class Bridge:
         task = self._in_flight.get(key)
         first = task is None
         if task is None:
-            task = asyncio.ensure_future(self._create(trigger))
+            task = asyncio.ensure_future(self._create_until_done(trigger))
             self._in_flight[key] = task
             task.add_done_callback(lambda done: self._finished(key, trigger, done))
         done, _ = await asyncio.wait([task], timeout=self.config.respond_within)
         if not done:
+            self._promised.add(key)  # a 202 without the run: from here on, failures are the bridge's to retry
             if not first:
                 return Skip(alert.fingerprint, alert.alertname, "duplicate: the run for this notification is being "
                             "created", route.name)
@@ -457,15 +488,49 @@ class Bridge:
                 "alertname": alert.alertname, "status": alert.status, "flow_run_id": result.flow_run_id,
                 "flow_run_name": result.flow_run_name, "awaiting_approval": route.require_approval}
 
+    async def _create_until_done(self, trigger: Trigger) -> RunOutcome | Skip:
+        """``_create``, retried with backoff on ApiUnavailable once the alert was answered as pending."""
+        key = trigger.idempotency_key
+        give_up_at = time.monotonic() + self.config.retry_for
+        backoff = self.config.retry_backoff
+        while True:
+            try:
+                return await self._create(trigger)
+            except ApiUnavailable as exc:
+                if key not in self._promised or time.monotonic() + backoff > give_up_at:
+                    raise  # answered 503 by the request still waiting for it, or reported by _finished
+                self.metrics.retries.inc()
+                log.warning("creating the run of route %s for alert %s (%s) failed: %s; retrying in %.1f s with "
+                            "the same idempotency key", trigger.route.name, trigger.alert.alertname,
+                            trigger.alert.fingerprint, exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_RETRY_BACKOFF)
+
     def _finished(self, key: str, trigger: Trigger, task: asyncio.Task[RunOutcome | Skip]) -> None:
         self._in_flight.pop(key, None)
+        promised = key in self._promised
+        self._promised.discard(key)
         if task.cancelled():
-            return
-        exc = task.exception()  # also marks it retrieved
-        if exc is not None:
-            self.metrics.rejected.labels("unavailable").inc()
-            log.error("creating the run of route %s for alert %s (%s) failed: %s; Alertmanager's next repeat "
-                      "retries it", trigger.route.name, trigger.alert.alertname, trigger.alert.fingerprint, exc)
+            reason, exc = "shutdown", None
+        else:
+            exc = task.exception()  # also marks it retrieved
+            if exc is None:
+                result = task.result()
+                if promised and isinstance(result, Skip):  # the answer said pending: count what it became
+                    self._count_skip(result)
+                return
+            if not promised:
+                return  # the request that waited for it answered 503 (counted there); Alertmanager retries
+            reason = "retries_exhausted" if isinstance(exc, ApiUnavailable) else "error"
+        self.metrics.failed.labels(reason).inc()
+        alert, route = trigger.alert, trigger.route
+        why = {"shutdown": "the bridge stopped before the Prefect API answered",
+               "retries_exhausted": f"still failing after {self.config.retry_for:g} s of retries: {exc}",
+               "error": f"{type(exc).__name__}: {exc}"}[reason]
+        log.error("no flow run created for alert %s (%s, %s) via route %s -> %s, answered as pending: %s. The "
+                  "next repeat of the notification creates it (idempotency key %s)", alert.alertname,
+                  alert.fingerprint, alert.status, route.name, route.deployment, why, key,
+                  exc_info=exc if reason == "error" else None)
 
     async def _create(self, trigger: Trigger) -> RunOutcome | Skip:
         """Cooldown check, then the API call (at most ``api_concurrency`` at once: SQLite serialises writes)."""
@@ -623,6 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
     parser.add_argument("--respond-within", type=float, default=0.03,
                         help="seconds to wait for a run creation before answering it as pending (default 0.03)")
+    parser.add_argument("--retry-for", type=float, default=900.0,
+                        help="seconds a pending creation that fails is retried before it is reported (default 900)")
     parser.add_argument("--check", action="store_true", help="validate the routes file and exit")
     return parser
 
@@ -638,7 +705,7 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
     users = parse_basic_auth_file(read_secret_file(args.basic_auth_file)) if args.basic_auth_file else {}
     log.info("routes from %s: %s", routes_path, ", ".join(f"{r.name}->{r.deployment}" for r in routes))
     return BridgeConfig(routes=routes, tokens=tokens, basic_users=users, max_body_bytes=args.max_body_bytes,
-                        respond_within=args.respond_within)
+                        respond_within=args.respond_within, retry_for=args.retry_for)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -375,3 +375,160 @@ def test_a_slow_creation_is_answered_as_pending_and_finishes_in_the_background(t
         repeat = client.post("/alertmanager", json=body, headers=AUTH).json()
     [run] = _runs(f"route:{route}")
     assert repeat["skipped"][0]["flow_run_id"] == str(run.id)
+
+
+# -- background creation: a failure after the answer is retried or reported, never lost ------------------------
+
+
+class FaultyApi:
+    """The real HTTP transport to the harness API, with faults on ``create_flow_run`` (at the HTTP boundary, so
+    the real Prefect client and the bridge's error mapping run): the first ``failures`` POSTs of each alert
+    wait ``delay`` s and answer 500, either before the server saw them or after it created the run (the answer
+    lost on the way back, for the keys in ``lose_answer``)."""
+
+    def __init__(self, failures: float, delay: float, lose_answer: frozenset[str] = frozenset()) -> None:
+        import collections
+
+        self.failures, self.delay, self.lose_answer = failures, delay, lose_answer
+        self.attempts: collections.Counter[str] = collections.Counter()
+
+    def starter(self) -> PrefectRunStarter:
+        import asyncio
+
+        import httpx
+
+        faults = self
+
+        class Transport(httpx.AsyncBaseTransport):
+            def __init__(self) -> None:
+                self.real = httpx.AsyncHTTPTransport()
+
+            async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+                if request.method == "POST" and request.url.path.endswith("/create_flow_run"):
+                    key = json.loads(await request.aread())["idempotency_key"]
+                    faults.attempts[key] += 1
+                    if faults.attempts[key] <= faults.failures:
+                        await asyncio.sleep(faults.delay)
+                        if key in faults.lose_answer:
+                            await (await self.real.handle_async_request(request)).aread()
+                        return httpx.Response(500, json={"exception_message": "Internal Server Error"},
+                                              request=request)
+                return await self.real.handle_async_request(request)
+
+            async def aclose(self) -> None:
+                await self.real.aclose()
+
+        return PrefectRunStarter(httpx_settings={"transport": Transport()})
+
+
+async def _post_all(app: Any, bodies: list[bytes]) -> list[dict[str, Any]]:
+    """POST every body at once through the ASGI app (the app's background creations go on after)."""
+    import asyncio
+
+    import httpx
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bridge") as client:
+        responses = await asyncio.gather(*(client.post("/alertmanager", content=b, headers=AUTH) for b in bodies))
+    assert all(r.status_code == 202 for r in responses), [r.text for r in responses]
+    return [r.json() for r in responses]
+
+
+def _alert_key(route: str, body: dict[str, Any]) -> str:
+    from deployments.routes import Alert, dedup_key
+
+    return dedup_key(route, Alert.model_validate(body))
+
+
+def test_background_creations_that_fail_are_retried_until_each_alert_has_one_run(target_deployment: str) -> None:
+    """The bench's missing run: creations answered as pending whose API call then failed (500 after the answer;
+    for half of them the server had made the run). Every alert ends with exactly one run, and the bridge's
+    dedup memory names that run."""
+    import asyncio
+
+    route = f"flaky-{uuid.uuid4().hex[:8]}"
+    alerts = {fp: alert("Flaky", fp) for fp in (uuid.uuid4().hex[:16] for _ in range(8))}
+    keys = {fp: _alert_key(route, a) for fp, a in alerts.items()}
+    api = FaultyApi(failures=1, delay=0.3, lose_answer=frozenset(list(keys.values())[::2]))
+    app = create_app(config([{"name": route, "alertname": "Flaky", "deployment": target_deployment,
+                              "parameters": {"who": "{{ alert.fingerprint }}"}}],
+                            respond_within=0.05, retry_backoff=0.1), api.starter())
+
+    async def scenario() -> list[dict[str, Any]]:
+        try:  # 3 copies of each notification, all at once (repeats, HA peers)
+            return await _post_all(app, [json.dumps(payload(a)).encode() for a in alerts.values()] * 3)
+        finally:
+            await app.state.bridge.drain(timeout=60)
+            await app.state.bridge.starter.aclose()
+
+    answers = asyncio.run(scenario())
+    pending = [p["fingerprint"] for a in answers for p in a["pending"]]
+    assert sorted(pending) == sorted(alerts)  # answered before the failure: Alertmanager will not retry them
+    runs = _runs(f"route:{route}")
+    assert sorted(r.parameters["who"] for r in runs) == sorted(alerts)  # one run each, none lost or doubled
+    assert all(api.attempts[k] >= 2 for k in keys.values()), api.attempts  # more: the harness's SQLite 503s
+    metrics = app.state.metrics.render().decode()
+    assert "runbooks_bridge_creation_retries_total 8.0" in metrics
+    assert "runbooks_bridge_creations_in_flight 0.0" in metrics
+    assert 'runbooks_bridge_requests_rejected_total{reason="unavailable"} 0.0' in metrics  # no request refused
+    remembered = {fp: app.state.bridge._seen.get(key) for fp, key in keys.items()}
+    assert remembered == {r.parameters["who"]: str(r.id) for r in runs}  # dedup memory names runs that exist
+
+
+def test_a_pending_creation_that_keeps_failing_is_reported_and_not_deduplicated(
+        target_deployment: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Retries run out: counted and logged with the alert, and the next repeat creates the run (once)."""
+    import asyncio
+    import logging
+
+    route = f"doomed-{uuid.uuid4().hex[:8]}"
+    fp = uuid.uuid4().hex[:16]
+    body = json.dumps(payload(alert("Doomed", fp))).encode()
+    api = FaultyApi(failures=float("inf"), delay=0.1)
+    app = create_app(config([{"name": route, "alertname": "Doomed", "deployment": target_deployment}],
+                            respond_within=0.05, retry_for=0.5, retry_backoff=0.1), api.starter())
+
+    async def scenario() -> tuple[dict[str, Any], list[Any], str, dict[str, Any]]:
+        try:
+            [first] = await _post_all(app, [body])
+            await app.state.bridge.drain(timeout=30)
+            runs_meanwhile = _runs(f"route:{route}")
+            metrics = app.state.metrics.render().decode()
+            api.failures = 0  # the API is back: Alertmanager's next repeat
+            [repeat] = await _post_all(app, [body])
+            await app.state.bridge.drain(timeout=30)
+            return first, runs_meanwhile, metrics, repeat
+        finally:
+            await app.state.bridge.starter.aclose()
+
+    with caplog.at_level(logging.ERROR, logger="runbooks.webhook"):
+        first, runs_meanwhile, metrics, repeat = asyncio.run(scenario())
+    assert [p["fingerprint"] for p in first["pending"]] == [fp]
+    assert runs_meanwhile == []
+    assert 'runbooks_bridge_creations_failed_total{reason="retries_exhausted"} 1.0' in metrics
+    assert api.attempts[_alert_key(route, alert("Doomed", fp))] >= 3  # the first try and at least two retries
+    assert any(fp in r.getMessage() and "no flow run created" in r.getMessage() for r in caplog.records)
+    # not remembered as handled: the repeat is not a duplicate, it creates the run
+    assert repeat["skipped"] == [] and len(repeat["created"] + repeat["pending"]) == 1
+    assert len(_runs(f"route:{route}")) == 1
+
+
+def test_a_creation_cut_short_by_shutdown_is_reported(target_deployment: str) -> None:
+    import asyncio
+
+    route = f"stopped-{uuid.uuid4().hex[:8]}"
+    api = FaultyApi(failures=1, delay=60)  # the API hangs past the shutdown deadline
+    app = create_app(config([{"name": route, "alertname": "Stopped", "deployment": target_deployment}],
+                            respond_within=0.05), api.starter())
+
+    async def scenario() -> dict[str, Any]:
+        try:
+            [answer] = await _post_all(app, [json.dumps(payload(alert("Stopped", uuid.uuid4().hex))).encode()])
+            await app.state.bridge.drain(timeout=0.2)
+            return answer
+        finally:
+            await app.state.bridge.starter.aclose()
+
+    assert len(asyncio.run(scenario())["pending"]) == 1
+    metrics = app.state.metrics.render().decode()
+    assert 'runbooks_bridge_creations_failed_total{reason="shutdown"} 1.0' in metrics
+    assert "runbooks_bridge_creations_in_flight 0.0" in metrics
