@@ -146,20 +146,62 @@ def collect_checksums_parallel(pg: PostgresConnection, database: str, *, workers
     return [results[i] for i in range(len(relations))]
 
 
-def digest_database(pg: PostgresConnection, database: str) -> list[TableChecksum]:
-    """``xxh64sum`` checksums of a database nobody writes to (a fresh restore): the same ``pg_dump``, data only,
-    read by the same parser as at backup time, plus sequence values."""
+def _table_pattern(schema: str, name: str) -> str:
+    """A pg_dump ``--table`` pattern that matches exactly this table: inside double quotes nothing is special."""
+    return '"{}"."{}"'.format(schema.replace('"', '""'), name.replace('"', '""'))
+
+
+def _digest_dump(pg: PostgresConnection, database: str, patterns: list[str] | None) -> list[TableChecksum]:
     digest = ArchiveDigest()
     argv = [pg_tool("pg_dump"), "--format=custom", "--compress=0", "--data-only", "--no-password"]
+    argv += [f"--table={p}" for p in patterns or []]
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
     with spawn(argv, env={**pg.libpq_env(database), **CHECKSUM_ENV}) as child:
         source = _ExitChecked(child, pg.describe(database), tap=digest)
         while source.readinto(view):
             pass
+    return digest.checksums()
+
+
+def digest_database(pg: PostgresConnection, database: str, *, workers: int = 2) -> list[TableChecksum]:
+    """``xxh64sum`` checksums of a database nobody writes to (a fresh restore): the same ``pg_dump``, data only,
+    read by the same parser as at backup time, plus sequence values.
+
+    With ``workers`` > 1 the tables are split into that many groups of about equal size (biggest first), each
+    read by its own ``pg_dump --table ...``; the union is the same as one whole dump's.
+    """
     with pg.connect(database) as conn:
-        sequences = [_checksum_relation(conn, *rel, None) for rel in _relations(conn) if rel[2] == "S"]
-    return sorted([*digest.checksums(), *sequences], key=lambda t: (t.schema_name, t.table))
+        relations = _relations(conn)
+        sequences = [_checksum_relation(conn, *rel, None) for rel in relations if rel[2] == "S"]
+    tables = sorted([rel for rel in relations if rel[2] == "r"], key=lambda rel: -rel[3])
+    groups: list[list[str]] = [[] for _ in range(max(1, min(workers, len(tables))))]
+    sizes = [0] * len(groups)
+    for schema, name, _kind, size in tables:
+        smallest = sizes.index(min(sizes))
+        groups[smallest].append(_table_pattern(schema, name))
+        sizes[smallest] += size
+    if len(groups) == 1 or sum(len(p) for g in groups for p in g) > 64 * 1024:
+        found = _digest_dump(pg, database, None)  # one dump of everything: no argv of unbounded length
+    else:
+        results: list[list[TableChecksum]] = [[] for _ in groups]
+        errors: list[BaseException] = []
+
+        def work(index: int) -> None:
+            try:
+                results[index] = _digest_dump(pg, database, groups[index])
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(groups))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        found = [t for group in results for t in group]
+    return sorted([*found, *sequences], key=lambda t: (t.schema_name, t.table))
 
 
 def checksums_like(
@@ -167,7 +209,7 @@ def checksums_like(
 ) -> list[TableChecksum]:
     """The restored database's checksums, computed the way ``expected`` (the manifest's) were."""
     if any((t.checksum or "").startswith(f"{ARCHIVE_METHOD}:") for t in expected):
-        return digest_database(pg, database)
+        return digest_database(pg, database, workers=workers)
     return collect_checksums_parallel(pg, database, workers=workers)
 
 
