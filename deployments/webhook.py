@@ -213,6 +213,8 @@ class ApiUnavailable(Exception):
 class RunStarter(Protocol):
     async def start(self, trigger: Trigger) -> RunOutcome: ...
 
+    async def warm_up(self, deployments: Sequence[str]) -> None: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -250,6 +252,21 @@ class PrefectRunStarter:
         if self._client is not None:
             await self._client.__aexit__(None, None, None)
             self._client = None
+
+    async def warm_up(self, deployments: Sequence[str]) -> None:
+        """Open the client and look up the routed deployments at startup, so the first alert does not pay for
+        it (building the client's TLS context alone blocks the event loop for tens of ms). Never fatal."""
+        import httpx
+
+        for name in deployments:
+            try:
+                await self._deployment_id(name)
+            except DeploymentMissing:
+                log.warning("route deployment %s is not on the Prefect server (yet)", name)
+            except httpx.HTTPError as exc:
+                log.warning("Prefect API at %s not reachable at startup (%s); the first alert connects",
+                            self.api_url, type(exc).__name__)
+                return
 
     async def _deployment_id(self, name: str, *, refresh: bool = False) -> UUID:
         from prefect.exceptions import ObjectNotFound
@@ -651,7 +668,12 @@ def create_app(config: BridgeConfig, starter: RunStarter | None = None) -> Starl
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> Any:
+        warm_up = asyncio.ensure_future(bridge.starter.warm_up(sorted({r.deployment for r in config.routes})))
+        warm_up.add_done_callback(lambda t: t.cancelled() or t.exception() is None or log.warning(
+            "warming up the Prefect client failed: %r", t.exception()))
         yield
+        warm_up.cancel()
+        await asyncio.gather(warm_up, return_exceptions=True)
         await bridge.drain(timeout=10)
         await bridge.starter.aclose()
 
