@@ -5,8 +5,9 @@ Starts `runbooks up` (Prefect server on SQLite, `runbooks serve` with a 1 s poll
   1. burst: 1000 Alertmanager notifications over 100 distinct alert groups (each group's notification
      repeated 10 times, shuffled, as repeat_interval and HA peers do), posted open-loop at 200 requests/s;
      per round: bridge p50/p99/max response time, runs created (must equal the 100 groups). The runs go to a
-     deployment nobody serves, so they stay Scheduled and cost the machine nothing after creation. Then one
-     round posted as fast as 50 concurrent connections go (no pacing).
+     deployment nobody serves, so they stay Scheduled; once counted they are deleted, or the server would mark
+     them Late during the next round (a runner would have started them). Then one round posted as fast as 50
+     concurrent connections go (no pacing).
   2. latency: 20 alerts, one at a time, each routed to the served `backup/nightly` (a small directory into a
      local store): time from the POST to the flow run's Running state (its timestamp in the Prefect API), then
      to Completed.
@@ -49,6 +50,8 @@ REPEATS = 10
 RATE = 200.0
 BURST_CONCURRENCY = 50
 COMMAND = ".venv/bin/python bench/webhook.py"
+RETRIES = "runbooks_bridge_creation_retries_total"
+FAILED = "runbooks_bridge_creations_failed_total"
 
 
 def say(text: str) -> None:
@@ -117,6 +120,13 @@ class Up:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def bridge_metric(up: Up, name: str) -> float:
+    """One unlabelled sample (or the sum over its labels) of the bridge's /metrics."""
+    text = urllib.request.urlopen(up.bridge_url + "/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"))
+
+
 def bridge_histogram(up: Up) -> dict[float, float]:
     """Cumulative counts of the bridge's own request-duration histogram (202 answers), bucket bound -> count."""
     text = urllib.request.urlopen(up.bridge_url + "/metrics", timeout=10).read().decode()
@@ -150,6 +160,7 @@ async def burst_round(up: Up, round_no: int, paced: bool) -> dict[str, Any]:
     created = skipped = errors = 0
     limits = httpx.Limits(max_connections=BURST_CONCURRENCY, max_keepalive_connections=BURST_CONCURRENCY)
     hist_before = bridge_histogram(up)
+    retries_before, failed_before = bridge_metric(up, RETRIES), bridge_metric(up, FAILED)
     load_before = os.getloadavg()[0]
     async with httpx.AsyncClient(base_url=up.bridge_url, limits=limits, timeout=120) as client:
         semaphore = asyncio.Semaphore(BURST_CONCURRENCY)
@@ -179,29 +190,49 @@ async def burst_round(up: Up, round_no: int, paced: bool) -> dict[str, Any]:
         await asyncio.gather(*(post(i, b, t_start + i / RATE) for i, b in enumerate(bodies)))
         wall = time.perf_counter() - wall
     within, p99_bucket = server_side(hist_before, bridge_histogram(up))
-    in_api = await asyncio.to_thread(count_runs_when_settled, up, "bench-burst", round_no * GROUPS)
+    settled = await asyncio.to_thread(wait_until_settled, up)
+    keys = [burst_key(fp, labels) for fp, labels in groups]
+    in_api = await asyncio.to_thread(count_and_delete_runs, up, keys)
     return {"round": round_no, "mode": f"{RATE:.0f} req/s" if paced else f"burst, {BURST_CONCURRENCY} conns",
             "server_within_50ms": within, "server_p99": p99_bucket,
             "load": f"{load_before:.1f}-{os.getloadavg()[0]:.1f}",
             "requests": len(bodies), "achieved_rate": len(bodies) / wall, "p50_ms": pct(latencies, 50) * 1000,
             "p99_ms": pct(latencies, 99) * 1000, "max_ms": max(latencies) * 1000, "created": created,
-            "in_api": in_api - (round_no - 1) * GROUPS,
+            "in_api": in_api, "settled_s": settled, "retries": bridge_metric(up, RETRIES) - retries_before,
+            "failed": bridge_metric(up, FAILED) - failed_before,
             "skipped": skipped, "errors": errors}
 
 
-def count_runs_when_settled(up: Up, deployment: str, expected: int, timeout: float = 60) -> int:
-    """Runs of backup/<deployment> in the Prefect API, once background creations are done (or timeout)."""
-    from prefect.client.orchestration import SyncPrefectClient
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+def burst_key(fingerprint: str, labels: dict[str, str]) -> str:
+    """The flow-run idempotency key the bridge gives this round's alert (so each round counts its own runs)."""
+    from deployments.routes import Alert, dedup_key
 
-    deadline = time.monotonic() + timeout
+    return dedup_key("bench-burst", Alert.model_validate(notification("BenchBurst", fingerprint, labels)["alerts"][0]))
+
+
+def wait_until_settled(up: Up, timeout: float = 600) -> float:
+    """Seconds until the bridge has no run creation in flight (pending answers and retries all finished)."""
+    started = time.monotonic()
+    while bridge_metric(up, "runbooks_bridge_creations_in_flight") > 0:
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"the bridge still has creations in flight after {timeout:.0f} s")
+        time.sleep(0.5)
+    return time.monotonic() - started
+
+
+def count_and_delete_runs(up: Up, keys: list[str]) -> int:
+    """Flow runs in the Prefect API with one of these idempotency keys; then deletes them (after the round's
+    timing), or the server's late-runs service marks every unserved run Late 15 s later, writes that contend
+    for SQLite with the next round's creations (a runner would have started them instead)."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempotencyKey
+
     with SyncPrefectClient(up.api_url) as client:
-        while True:
-            count = client.count_flow_runs(deployment_filter=DeploymentFilter(
-                name=DeploymentFilterName(any_=[deployment])))
-            if count >= expected or time.monotonic() > deadline:
-                return count
-            time.sleep(0.5)
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            idempotency_key=FlowRunFilterIdempotencyKey(any_=keys)), limit=2 * len(keys))
+        for run in runs:
+            client.delete_flow_run(run.id)
+    return len(runs)
 
 
 def post_alert(up: Up, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
@@ -297,15 +328,23 @@ def render(burst: list[dict[str, Any]], latency: list[dict[str, float]], startup
         "the bridge's own histogram (`runbooks_bridge_request_duration_seconds`) gives the server-side share "
         "answered within 50 ms. `load` is the 1-minute load average before and after the round (2 cores).",
         "",
+        "Runs in the API are counted per round by the idempotency keys of that round's alerts, once the bridge "
+        "reports no creation in flight (`runbooks_bridge_creations_in_flight` = 0; `settled` is how long after "
+        "the last answer that took). `retries` are background creations that failed (a Prefect API on a locked "
+        "SQLite answers 503) and were retried with the same key; `failed` are those given up "
+        "(`runbooks_bridge_creations_failed_total`). Counted runs are then deleted: nobody serves them, and the "
+        "server's late-runs service would otherwise mark each one Late during the next round.",
+        "",
         "| round | mode | requests | achieved req/s | p50 ms | p99 ms | max ms | bridge-side <= 50 ms | bridge-side "
-        "p99 | runs in the answers | runs in the API | duplicates skipped | errors | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "p99 | runs in the answers | runs in the API | settled s | retries | failed | duplicates skipped | errors "
+        "| load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in burst:
         lines.append(f"| {r['round']} | {r['mode']} | {r['requests']} | {r['achieved_rate']:.0f} | "
                      f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.1f} | {r['server_within_50ms']:.1%} | "
-                     f"{r['server_p99']} | {r['created']} | {r['in_api']} | {r['skipped']} | {r['errors']} | "
-                     f"{r['load']} |")
+                     f"{r['server_p99']} | {r['created']} | {r['in_api']} | {r['settled_s']:.1f} | "
+                     f"{r['retries']:.0f} | {r['failed']:.0f} | {r['skipped']} | {r['errors']} | {r['load']} |")
     lines += [
         "",
         f"p99 at 200 req/s over {len(p99s)} rounds: {min(p99s):.1f}-{max(p99s):.1f} ms "
