@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import psycopg
@@ -121,29 +122,41 @@ def collect_checksums_parallel(pg: PostgresConnection, database: str, *, workers
     queue = sorted(range(len(relations)), key=lambda i: -relations[i][3])
     results: dict[int, TableChecksum] = {}
     lock = threading.Lock()
-    errors: list[BaseException] = []
 
-    def worker() -> None:
+    def worker(_index: int, failed: threading.Event) -> None:
+        with pg.connect(database) as conn:
+            _stable_session(conn)
+            while True:
+                with lock:
+                    if not queue or failed.is_set():
+                        return
+                    index = queue.pop(0)
+                results[index] = _checksum_relation(conn, *relations[index], None)
+
+    _in_threads(worker, max(1, min(workers, len(queue))))
+    return [results[i] for i in range(len(relations))]
+
+
+def _in_threads(work: Callable[[int, threading.Event], None], count: int) -> None:
+    """Run ``work(i, failed)`` for i in 0 .. count - 1, each in a thread, and wait for all. The first error is
+    raised here; ``failed`` is set as soon as one fails, for workers that take items from a shared queue."""
+    errors: list[BaseException] = []
+    failed = threading.Event()
+
+    def guarded(index: int) -> None:
         try:
-            with pg.connect(database) as conn:
-                _stable_session(conn)
-                while True:
-                    with lock:
-                        if not queue or errors:
-                            return
-                        index = queue.pop(0)
-                    results[index] = _checksum_relation(conn, *relations[index], None)
+            work(index, failed)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(exc)
+            failed.set()
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(workers, len(queue))))]
+    threads = [threading.Thread(target=guarded, args=(i,), daemon=True) for i in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     if errors:
         raise errors[0]
-    return [results[i] for i in range(len(relations))]
 
 
 def _table_pattern(schema: str, name: str) -> str:
@@ -185,21 +198,11 @@ def digest_database(pg: PostgresConnection, database: str, *, workers: int = 2) 
         found = _digest_dump(pg, database, None)  # one dump of everything: no argv of unbounded length
     else:
         results: list[list[TableChecksum]] = [[] for _ in groups]
-        errors: list[BaseException] = []
 
-        def work(index: int) -> None:
-            try:
-                results[index] = _digest_dump(pg, database, groups[index])
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                errors.append(exc)
+        def work(index: int, _failed: threading.Event) -> None:
+            results[index] = _digest_dump(pg, database, groups[index])
 
-        threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(groups))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
+        _in_threads(work, len(groups))
         found = [t for group in results for t in group]
     return sorted([*found, *sequences], key=lambda t: (t.schema_name, t.table))
 

@@ -14,7 +14,8 @@ from blocks.postgres import PostgresConnection
 from tasks._copyhash import xxh64
 from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError
 from tasks.errors import DumpFailed
-from tasks.postgres import _ExitChecked, digest_database
+from tasks.manifest import TableChecksum
+from tasks.postgres import _ExitChecked, checksums_like, collect_checksums, compare_checksums, digest_database
 from tasks.process import child_env, pg_tool, spawn
 from tasks.scratch import ScratchPostgres
 
@@ -229,3 +230,22 @@ def test_a_dump_that_is_not_an_archive_fails_the_read(sample: PostgresConnection
         source = _ExitChecked(child, "db at somewhere", tap=ArchiveDigest())
         with pytest.raises(DumpFailed, match="db at somewhere.*PGDMP"):
             source.readinto(memoryview(bytearray(1024)))
+
+
+def test_verification_uses_the_method_the_manifest_recorded(sample: PostgresConnection) -> None:
+    # Sets made before the dump-stream checksums carry SQL ones (h64sum): they verify the old way, in parallel.
+    with sample.connect() as conn:
+        old_style = collect_checksums(conn)
+    assert any((t.checksum or "").startswith("h64sum:") for t in old_style)
+    assert compare_checksums(old_style, checksums_like(sample, sample.database, old_style, workers=2)) == []
+    new_style = checksums_like(sample, sample.database, [], workers=1)  # nothing recorded: SQL as well
+    assert new_style == old_style
+    from_dump = _digest(_dump(sample, sample.database, "--compress=0"))
+    recorded = [TableChecksum(schema_name=k.split(".")[0], table=k.split(".", 1)[1], rows=r, checksum=c)
+                for k, (r, c) in from_dump.items()]
+    have = checksums_like(sample, sample.database, recorded)
+    assert {t.qualified: t.checksum for t in have if not t.checksum.startswith("seq:")} == \
+        {k: c for k, (_r, c) in from_dump.items()}
+    recorded[0].rows += 1
+    assert compare_checksums(recorded, have) == [f"{recorded[0].qualified}: {recorded[0].rows - 1} rows, "
+                                                 f"backup had {recorded[0].rows}"]
