@@ -15,11 +15,10 @@ from prefect.states import State
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from blocks.store import BackupStore, StoredObject
-from tasks.errors import ConfigurationError, RunbookError, StoreError
+from tasks.errors import ConfigurationError, RunbookError
 from tasks.log import run_logger
 from tasks.manifest import (
     SETS_PREFIX,
-    Verification,
     complete_set_ids,
     human_size,
     incomplete_set_ids,
@@ -30,7 +29,7 @@ from tasks.manifest import (
     verification_key,
 )
 from tasks.retry import retry_transient
-from tasks.store import read_manifest
+from tasks.store import read_manifest, read_verification
 
 
 class RetentionRefused(RunbookError):
@@ -263,6 +262,7 @@ def gather_inventory(store: BackupStore) -> Inventory:
     client = store.get_client()
     objects = client.list(SETS_PREFIX)
     keys = [o.key for o in objects]
+    key_set = set(keys)
     by_set: dict[str, list[StoredObject]] = {}
     for obj in objects:
         by_set.setdefault(obj.key[len(SETS_PREFIX):].split("/", 1)[0], []).append(obj)
@@ -270,13 +270,8 @@ def gather_inventory(store: BackupStore) -> Inventory:
     sets: list[SetInfo] = []
     for set_id in complete_set_ids(keys):
         read_manifest(client, set_id)  # a manifest that does not parse stops the run before any delete
-        verified = None
-        if verification_key(set_id) in keys:
-            where = f"{client.description}/{verification_key(set_id)}"
-            record = Verification.from_bytes(client.get_bytes(verification_key(set_id)), where=where)
-            if record.set_id != set_id:
-                raise StoreError(f"{where} describes set {record.set_id}, not {set_id}")
-            verified = record.ok
+        record = read_verification(client, set_id, keys=key_set)
+        verified = record.ok if record is not None else None
         sets.append(_set_info(set_id, by_set[set_id], complete=True, verified=verified))
     for set_id in incomplete_set_ids(keys):
         sets.append(_set_info(set_id, by_set[set_id], complete=False, verified=None))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,12 +44,19 @@ def read_manifest(client: StoreClient, set_id: str) -> Manifest:
     return manifest
 
 
-def read_verification(client: StoreClient, set_id: str) -> Verification | None:
-    """The newest restore drill's record of a set, or None if it was never drilled."""
+def read_verification(client: StoreClient, set_id: str, *, keys: Iterable[str] | None = None) -> Verification | None:
+    """The newest restore drill's record of a set, or None if it was never drilled.
+
+    ``keys``: a listing already made (saves a request per set). A record that names another set is an error.
+    """
     key = verification_key(set_id)
-    if not client.exists(key):
+    if not (key in keys if keys is not None else client.exists(key)):
         return None
-    return Verification.from_bytes(client.get_bytes(key), where=f"{client.description}/{key}")
+    where = f"{client.description}/{key}"
+    record = Verification.from_bytes(client.get_bytes(key), where=where)
+    if record.set_id != set_id:
+        raise StoreError(f"{where} describes set {record.set_id}, not {set_id}")
+    return record
 
 
 def find_set(client: StoreClient, wanted: str, *, prefer_verified: bool = False) -> Manifest:
