@@ -120,6 +120,24 @@ def test_base_backup_is_complete_verified_and_consistent_with_the_archive(source
     assert any(n.endswith(".backup") for n in names)  # PostgreSQL's backup history file, archived too
 
 
+def test_verify_checks_file_contents_only_against_a_sha256_manifest(source):
+    from tasks.manifest import BACKUP_MANIFEST, new_set_id
+    from tasks.pitr import base_backups, take_base_backup, verify_base_backup
+    from tasks.store import discard_incomplete_set
+
+    [default] = [b for b in base_backups(source.archive.client) if b.set_id == source.set_id]
+    tar_part, manifest_part = default.part("pgbase", "base.tar"), default.part("pgbase", BACKUP_MANIFEST)
+    assert "--manifest-checksums=CRC32C" in tar_part.tool
+    assert verify_base_backup.fn(source.store, tar_part, manifest_part).compared == "size"
+    set_id = new_set_id()  # parts only, never a manifest: discarded below
+    try:
+        taken = take_base_backup.fn(PostgresConnection.from_url(source.pg.url), source.store, set_id,
+                                    manifest_checksums="SHA256")
+        assert verify_base_backup.fn(source.store, *taken.parts).compared == "size and sha256"
+    finally:
+        discard_incomplete_set.fn(source.store, set_id)
+
+
 def test_restore_to_latest_has_all_three_markers(source, restores):
     from flows.pitr import pitr_restore
 
