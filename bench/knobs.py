@@ -32,9 +32,10 @@ from bench.measure import CpuMeter, busy_cores, median  # noqa: E402
 
 F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named in Python 3.10+ only on some builds
 
-# The checksum collect_checksums runs per table today, and a candidate that skips the text output.
+# The SQL checksum collect_checksums runs per table (h64sum: how sets were checksummed before the checksums were
+# read off the dump stream, and how such sets are still verified), and a candidate that skips the text output.
 CHECKSUM_QUERIES = {
-    "sum(hashtextextended(t::text, 0))  (today)":
+    "sum(hashtextextended(t::text, 0))  (h64sum)":
         "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0)::text FROM ONLY {} AS t",
     "sum(hash_record_extended(t, 0))  (candidate)":
         "SELECT count(*), coalesce(sum(hash_record_extended(t, 0)), 0)::text FROM ONLY {} AS t",

@@ -426,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         "(c) and (d) each run in a fresh Python process (`bench/child.py`) against a Prefect API server "
         "started once beforehand (`prefect server start --no-services`, its start-up not timed). The time is "
         "the `backup(...)` flow call: flow and task run creation, API calls, artifacts, globals dump, the "
-        "database dump, zstd (level 1, 2 threads, the flow's defaults), sha256, the store write (fsync "
+        "database dump, the table checksums read off the dump's COPY data, zstd (level 1, 2 threads, the "
+        "flow's defaults), sha256, the store write (fsync "
         "for the local store; 8 MiB multipart parts, 4 in flight, for S3) and the manifest.",
         "Compressed size: the database part of the set (the globals part is a few hundred bytes more).",
         "Peak RSS: VmHWM of the flow's own Python process (threads included; pg_dump, a child, is not "
