@@ -78,6 +78,9 @@ def pitr_base_backup(
         description="Per-file checksums in backup_manifest. CRC32C: pg_verifybackup checks them on restore. "
                     "SHA256: verify also checks every file's content; costs the server ~0.6 CPU s per GiB.")
     ] = "CRC32C",
+    use_pg_basebackup: Annotated[bool, Field(
+        description="Run pg_basebackup and read its stdout, rather than reading BASE_BACKUP off a replication "
+                    "connection (PostgreSQL 15+; older servers always use pg_basebackup).")] = False,
     wal_timeout_seconds: Annotated[float, Field(ge=1, description="Wait for the backup's WAL in the store.")] = 300,
     keep_last: Annotated[int | None, Field(ge=1, description="Then expire all but the newest N base backups "
                                                              "(and WAL only they needed); empty: expire none.")] = None,
@@ -94,7 +97,7 @@ def pitr_base_backup(
     log.info("PITR base backup %s of %s into %s", set_id, postgres.describe(), store.describe())
     try:
         taken = take_base_backup(postgres, store, set_id, level=compression_level, threads=compression_threads,
-                                 manifest_checksums=manifest_checksums)
+                                 manifest_checksums=manifest_checksums, use_pg_basebackup=use_pg_basebackup)
         segments = wait_for_backup_wal(store, timeline=taken.timeline, start_lsn=taken.start_lsn,
                                        stop_lsn=taken.stop_lsn, segment_size=status.segment_size,
                                        timeout_seconds=wal_timeout_seconds)

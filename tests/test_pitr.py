@@ -120,22 +120,69 @@ def test_base_backup_is_complete_verified_and_consistent_with_the_archive(source
     assert any(n.endswith(".backup") for n in names)  # PostgreSQL's backup history file, archived too
 
 
-def test_verify_checks_file_contents_only_against_a_sha256_manifest(source):
+def test_pg_basebackup_and_the_replication_protocol_give_the_same_backup(source):
+    """The default reads BASE_BACKUP itself (its tar gets backup_manifest appended, as pg_basebackup's does);
+    with SHA256 checksums, verify compares every file's content with what the server hashed, and the tar's
+    files with the manifest's list."""
+    import io
+    import tarfile
+
     from tasks.manifest import BACKUP_MANIFEST, new_set_id
     from tasks.pitr import base_backups, take_base_backup, verify_base_backup
     from tasks.store import discard_incomplete_set
+    from tasks.stream import open_decompressed_reader
 
     [default] = [b for b in base_backups(source.archive.client) if b.set_id == source.set_id]
     tar_part, manifest_part = default.part("pgbase", "base.tar"), default.part("pgbase", BACKUP_MANIFEST)
-    assert "--manifest-checksums=CRC32C" in tar_part.tool
+    assert tar_part.tool == "BASE_BACKUP (replication protocol) --manifest-checksums=CRC32C"
     assert verify_base_backup.fn(source.store, tar_part, manifest_part).compared == "size"
-    set_id = new_set_id()  # parts only, never a manifest: discarded below
+    conn = PostgresConnection.from_url(source.pg.url)
+    set_ids = [new_set_id(), new_set_id()]  # parts only, never a manifest: discarded below
     try:
-        taken = take_base_backup.fn(PostgresConnection.from_url(source.pg.url), source.store, set_id,
-                                    manifest_checksums="SHA256")
-        assert verify_base_backup.fn(source.store, *taken.parts).compared == "size and sha256"
+        members = []
+        for set_id, use_pg_basebackup in zip(set_ids, (False, True), strict=True):
+            taken = take_base_backup.fn(conn, source.store, set_id, manifest_checksums="SHA256",
+                                        use_pg_basebackup=use_pg_basebackup)
+            assert taken.parts[0].tool.startswith("pg_basebackup" if use_pg_basebackup else "BASE_BACKUP")
+            assert verify_base_backup.fn(source.store, *taken.parts).compared == "size and sha256"
+            part = taken.parts[0]
+            with open_decompressed_reader(source.archive.client, part.key, sha256=part.sha256, size=part.size) as src:
+                names = [m.name for m in tarfile.open(fileobj=io.BytesIO(src.read()), mode="r:")]
+            members.append((names[0], names[-1]))
+        assert members == [("backup_label", BACKUP_MANIFEST)] * 2  # the server's order, the manifest last
     finally:
-        discard_incomplete_set.fn(source.store, set_id)
+        for set_id in set_ids:
+            discard_incomplete_set.fn(source.store, set_id)
+
+
+def test_a_base_backup_cut_off_or_with_tablespaces_stores_nothing(fresh_pg, faulty_proxy, tmp_path):
+    import threading
+
+    from blocks.store import BackupStore
+    from tasks.errors import BaseBackupFailed
+    from tasks.manifest import new_set_id
+    from tasks.pitr import take_base_backup
+
+    store = BackupStore.from_url(f"file://{tmp_path / 'store'}")
+    conn = PostgresConnection.from_url(fresh_pg.url)
+    proxy = faulty_proxy("127.0.0.1", fresh_pg.port)
+
+    def cut() -> None:  # the link drops 4 MiB into the ~25 MiB of an empty cluster
+        while proxy.bytes_down < 4 << 20:
+            time.sleep(0.001)
+        proxy.go_down()
+
+    threading.Thread(target=cut, daemon=True).start()
+    with pytest.raises(BaseBackupFailed, match="base backup of .* failed"):
+        take_base_backup.fn(conn.model_copy(update={"port": proxy.port}), store, new_set_id())
+    location = fresh_pg.base / "tablespace"  # postgres must reach it
+    location.mkdir()
+    shutil.chown(location, "postgres", "postgres")
+    sql(fresh_pg, f"CREATE TABLESPACE elsewhere LOCATION '{location}'")
+    for use_pg_basebackup in (False, True):
+        with pytest.raises(BaseBackupFailed, match="tablespace"):
+            take_base_backup.fn(conn, store, new_set_id(), use_pg_basebackup=use_pg_basebackup)
+    assert store.get_client().list() == [] and store.get_client().abort_incomplete_uploads() == 0
 
 
 def test_restore_to_latest_has_all_three_markers(source, restores):
