@@ -60,10 +60,12 @@ NOTES = """## Reading the numbers
   time is the daemon's upload of the segment (zstd, then one S3 PUT of a few MiB to SeaweedFS on the same
   two cores) plus a Python start, which the floor row prices. Uploads run ahead of PostgreSQL's requests
   when segments queue up, so the `.ready` backlog stays at 0-1 where one process per segment falls behind.
-- The base backup baseline writes an uncompressed tar into the page cache. The runbook compresses it
-  (zstd level 1, about 5:1 here) and SeaweedFS, on the same two cores, spends seconds of CPU taking it in;
-  with `--manifest-checksums=SHA256` PostgreSQL also hashes every file. The CPU column shows where the
-  time goes: on this machine the ratio is bound by CPU, not by the data path's design.
+- The base backup baseline writes an uncompressed tar into the page cache. The runbook reads the same
+  archive off the replication connection itself (no pg_basebackup process, no pipe), compresses it (zstd
+  level 1, about 5:1 here) and uploads it; SeaweedFS, on the same two cores, spends about 10 ms of CPU per
+  stored MiB taking it in. Both cores are busy the whole time: the ratio is bound by CPU, and the S3
+  server's share of it would run elsewhere in a real deployment. The two variant rows price the choices
+  the step makes (docs/pitr.md, "Base backup cost").
 """
 BULK_SQL = "INSERT INTO bulk (payload) SELECT md5(random()::text) || repeat('x', 400) FROM generate_series(1, 50);\n"
 
@@ -355,65 +357,67 @@ def run(args: argparse.Namespace) -> str:
         say(f"wal commands run as {OS_USER} with {python}")
         runbooks = f"{python} -m deployments.cli"
 
-        # 1. archive_command latency, the guide's cp next to wal-push, alternating, several rounds
-        local_archive = bench.postgres_dir("guide-archive")
-        variants = {
-            "guide: `test ! -f DIR/%f && cp %p DIR/%f` (local dir)":
-                f"sh -c 'test ! -f {local_archive}/\"$1\" && cp \"$2\" {local_archive}/\"$1\"' sh %f %p",
-            "`runbooks wal-push` -> SeaweedFS S3 (daemon, default)":
-                f"{runbooks} wal-push --config {{config}} %p",
-            "`runbooks wal-push` -> SeaweedFS S3, RUNBOOKS_WAL_ASYNC=off":
-                f"{runbooks} wal-push --config {{config}} %p",
-        }
-        profiles = {
-            "saturating": (None, f"pgbench `-c 4 -j 2 -T {args.seconds}`, as fast as it goes: TPC-B (weight 5) "
-                                 "plus a bulk insert script (weight 1, 50 rows of ~430 bytes), a segment about "
-                                 "every second, both cores busy"),
-            "rate-limited": (args.rate, f"pgbench `-c 2 -j 2 -R {args.rate} -T {args.seconds}`: TPC-B and the bulk "
-                                        "script at weight 1 each, a fixed rate (a busy server with CPU to spare)"),
-        }
-        lines += ["## archive_command latency per 16 MiB segment, under pgbench", "",
-                  "`synchronous_commit=off`, fsync on. Latency = wall time of the archive_command as the archiver "
-                  "runs it (a `date +%s%N` wrapper around it), for segments archived while pgbench ran; first = "
-                  "the first segment of a fresh cluster (the daemon starting). Median over rounds of each round's "
-                  "percentile, spread in brackets. The floor row times a bare start of the same interpreter once "
-                  "a second during the same runs: no Python command can be faster than that.", ""]
-        for profile, (rate, description) in profiles.items():
-            runs: dict[str, list[LatencyRun]] = {name: [] for name in variants}
-            for round_no in range(args.rounds):
-                for index, (name, template) in enumerate(variants.items()):
-                    if index == 2 and (round_no > 0 or rate is not None):
-                        continue  # the one-process-per-segment reference: one saturating round is enough
-                    prefix = f"latency-{profile}-{round_no}-{index}"
-                    extra = {"RUNBOOKS_WAL_ASYNC": "off"} if index == 2 else {}
-                    command = template.format(config=bench.wal_config(s3, prefix, **extra))
-                    shutil.rmtree(local_archive, ignore_errors=True)
-                    bench.postgres_dir("guide-archive")
-                    say(f"{profile} round {round_no + 1}: {name}, {args.seconds} s of pgbench")
-                    result = bench.latency_run(name, command, work / f"{prefix}.log",
-                                               python=python if index == 1 else None, rate=rate)
-                    runs[name].append(result)
-                    say(f"  {len(result.latencies_ms)} segments, p50 {percentile(result.latencies_ms, 50):.0f} ms, "
-                        f"p99 {percentile(result.latencies_ms, 99):.0f} ms, max backlog {result.max_backlog}, "
-                        f"load {result.load}")
-            lines += [f"### {profile}: {description}", "",
-                      "| archive_command | segments | p50 | p99 | max | first | max `.ready` backlog | failures |",
-                      "|---|---|---|---|---|---|---|---|"]
-            lines += _latency_rows(runs, variants)
+        if not args.only_base_backup:
+            # 1. archive_command latency, the guide's cp next to wal-push, alternating, several rounds
+            local_archive = bench.postgres_dir("guide-archive")
+            variants = {
+                "guide: `test ! -f DIR/%f && cp %p DIR/%f` (local dir)":
+                    f"sh -c 'test ! -f {local_archive}/\"$1\" && cp \"$2\" {local_archive}/\"$1\"' sh %f %p",
+                "`runbooks wal-push` -> SeaweedFS S3 (daemon, default)":
+                    f"{runbooks} wal-push --config {{config}} %p",
+                "`runbooks wal-push` -> SeaweedFS S3, RUNBOOKS_WAL_ASYNC=off":
+                    f"{runbooks} wal-push --config {{config}} %p",
+            }
+            profiles = {
+                "saturating": (None, f"pgbench `-c 4 -j 2 -T {args.seconds}`, as fast as it goes: TPC-B (weight 5) "
+                                     "plus a bulk insert script (weight 1, 50 rows of ~430 bytes), a segment about "
+                                     "every second, both cores busy"),
+                "rate-limited": (args.rate, f"pgbench `-c 2 -j 2 -R {args.rate} -T {args.seconds}`: TPC-B and the bulk "
+                                            "script at weight 1 each, a fixed rate (a busy server with CPU to spare)"),
+            }
+            lines += ["## archive_command latency per 16 MiB segment, under pgbench", "",
+                      "`synchronous_commit=off`, fsync on. Latency = wall time of the archive_command as the archiver "
+                      "runs it (a `date +%s%N` wrapper around it), for segments archived while pgbench ran; first = "
+                      "the first segment of a fresh cluster (the daemon starting). Median over rounds of each round's "
+                      "percentile, spread in brackets. The floor row times a bare start of the same interpreter once "
+                      "a second during the same runs: no Python command can be faster than that.", ""]
+            for profile, (rate, description) in profiles.items():
+                runs: dict[str, list[LatencyRun]] = {name: [] for name in variants}
+                for round_no in range(args.rounds):
+                    for index, (name, template) in enumerate(variants.items()):
+                        if index == 2 and (round_no > 0 or rate is not None):
+                            continue  # the one-process-per-segment reference: one saturating round is enough
+                        prefix = f"latency-{profile}-{round_no}-{index}"
+                        extra = {"RUNBOOKS_WAL_ASYNC": "off"} if index == 2 else {}
+                        command = template.format(config=bench.wal_config(s3, prefix, **extra))
+                        shutil.rmtree(local_archive, ignore_errors=True)
+                        bench.postgres_dir("guide-archive")
+                        say(f"{profile} round {round_no + 1}: {name}, {args.seconds} s of pgbench")
+                        result = bench.latency_run(name, command, work / f"{prefix}.log",
+                                                   python=python if index == 1 else None, rate=rate)
+                        runs[name].append(result)
+                        say(f"  {len(result.latencies_ms)} segments, p50 {percentile(result.latencies_ms, 50):.0f} ms, "
+                            f"p99 {percentile(result.latencies_ms, 99):.0f} ms, max backlog {result.max_backlog}, "
+                            f"load {result.load}")
+                lines += [f"### {profile}: {description}", "",
+                          "| archive_command | segments | p50 | p99 | max | first | max `.ready` backlog | failures |",
+                          "|---|---|---|---|---|---|---|---|"]
+                lines += _latency_rows(runs, variants)
+                lines.append("")
+            lines += ["Targets: wal-push p50 <= 100 ms, p99 <= 300 ms.", ""]
+            say("start-up of the commands, without pgbench")
+            startup = bench.startup(python, bench.wal_config(s3, "startup"), s3)
+            lines += ["### Start-up of the WAL commands (no pgbench running)", "",
+                      "Each run as `runuser -u postgres -- ...` (runuser itself adds a few ms), in a data "
+                      "directory.", "",
+                      "| what | runs | p50 | max |", "|---|---|---|---|"]
+            for key, title in (("bare", "`python -c pass` (the interpreter alone)"),
+                               ("warm", "`runbooks wal-fetch` of a missing file, daemon running (the fast path: "
+                                        "no Prefect, no boto3 imported)"),
+                               ("cold", "the same with RUNBOOKS_WAL_ASYNC=off (boto3 and an S3 client per call)")):
+                values = startup[key]
+                lines.append(f"| {title} | {len(values)} | {percentile(values, 50):.0f} ms | {max(values):.0f} ms |")
             lines.append("")
-        lines += ["Targets: wal-push p50 <= 100 ms, p99 <= 300 ms.", ""]
-        say("start-up of the commands, without pgbench")
-        startup = bench.startup(python, bench.wal_config(s3, "startup"), s3)
-        lines += ["### Start-up of the WAL commands (no pgbench running)", "",
-                  "Each run as `runuser -u postgres -- ...` (runuser itself adds a few ms), in a data directory.", "",
-                  "| what | runs | p50 | max |", "|---|---|---|---|"]
-        for key, title in (("bare", "`python -c pass` (the interpreter alone)"),
-                           ("warm", "`runbooks wal-fetch` of a missing file, daemon running (the fast path: "
-                                    "no Prefect, no boto3 imported)"),
-                           ("cold", "the same with RUNBOOKS_WAL_ASYNC=off (boto3 and an S3 client per call)")):
-            values = startup[key]
-            lines.append(f"| {title} | {len(values)} | {percentile(values, 50):.0f} ms | {max(values):.0f} ms |")
-        lines.append("")
 
         # 2. base backup of the bench dataset, and 3. restore
         archive_prefix = "dataset"
@@ -436,8 +440,12 @@ def run(args: argparse.Namespace) -> str:
         from tasks.manifest import new_set_id
         from tasks.pitr import take_base_backup
 
-        baseline, step, flow_plain, flow_verify = (Timed("baseline"), Timed("step"), Timed("flow"), Timed("verify"))
-        cpu: dict[str, list[dict[str, float]]] = {"baseline": [], "step": []}
+        baseline, flow_plain, flow_verify = Timed("baseline"), Timed("flow"), Timed("verify")
+        # The step as the flow runs it, then the choices it makes against (docs/pitr.md, "Base backup cost").
+        steps = {"step": {}, "pg_basebackup": {"use_pg_basebackup": True}, "sha256": {"manifest_checksums": "SHA256"}}
+        step_times = {name: Timed(name) for name in steps}
+        stored_sizes: dict[str, int] = {}
+        cpu: dict[str, list[dict[str, float]]] = {"baseline": [], **{name: [] for name in steps}}
         postmaster, weed = pg.postmaster_pid() or 0, s3._proc.pid if s3._proc else 0
 
         def with_cpu(key: str, fn):  # noqa: ANN001, ANN202
@@ -447,18 +455,20 @@ def run(args: argparse.Namespace) -> str:
             cpu[key].append({k: after[k] - before[k] for k in after})
             return result
 
-        stored_size = 0
         for round_no in range(args.rounds):
             say(f"round {round_no + 1}: pg_basebackup -Ft to a local directory")
             baseline.seconds.append(with_cpu("baseline", lambda: bench.baseline_basebackup(pg)))
             say(f"  {baseline.seconds[-1]:.1f} s, {human_size(bench.local_size)}; load {load_average()}")
-            say(f"round {round_no + 1}: base backup step (pg_basebackup | zstd -> S3)")
-            started = time.monotonic()
-            taken = with_cpu("step", lambda: take_base_backup.fn(conn, store, new_set_id()))
-            step.seconds.append(time.monotonic() - started)
-            stored_size = taken.parts[0].size
-            say(f"  {step.seconds[-1]:.1f} s, {human_size(stored_size)} stored; load {load_average()}")
-        for round_no in range(args.rounds):
+            for name, options in steps.items():
+                say(f"round {round_no + 1}: base backup step ({name}) -> zstd -> S3")
+                started = time.monotonic()
+                taken = with_cpu(name, lambda options=options: take_base_backup.fn(conn, store, new_set_id(),
+                                                                                    **options))
+                step_times[name].seconds.append(time.monotonic() - started)
+                stored_sizes[name] = taken.parts[0].size
+                say(f"  {step_times[name].seconds[-1]:.1f} s, {human_size(stored_sizes[name])} stored; "
+                    f"load {load_average()}")
+        for round_no in range(0 if args.only_base_backup else args.rounds):
             say(f"round {round_no + 1}: pitr-base-backup flow, verify=false and verify=true")
             started = time.monotonic()
             pitr_base_backup(postgres=conn, store=store, verify=False)
@@ -468,13 +478,15 @@ def run(args: argparse.Namespace) -> str:
             flow_verify.seconds.append(time.monotonic() - started)
             say(f"  {flow_plain.seconds[-1]:.1f} s / {flow_verify.seconds[-1]:.1f} s")
 
-        say(f"pgbench for {args.restore_wal_seconds} s after the last base backup (WAL to replay)")
-        bench.pgbench(pg, "-c", "2", "-T", str(args.restore_wal_seconds), "-n", database=spec.database)
-        bench.wait_archived(pg, timeout=600)
-        wal_after = int(bench.sql(
-            pg, f"SELECT pg_current_wal_lsn() - '{last_backup.stop_lsn}'::pg_lsn")[0][0])
         restore, extract, replay = Timed("restore"), Timed("extract"), Timed("replay")
-        for round_no in range(args.rounds):
+        wal_after = 0
+        if not args.only_base_backup:
+            say(f"pgbench for {args.restore_wal_seconds} s after the last base backup (WAL to replay)")
+            bench.pgbench(pg, "-c", "2", "-T", str(args.restore_wal_seconds), "-n", database=spec.database)
+            bench.wait_archived(pg, timeout=600)
+            wal_after = int(bench.sql(
+                pg, f"SELECT pg_current_wal_lsn() - '{last_backup.stop_lsn}'::pg_lsn")[0][0])
+        for round_no in range(0 if args.only_base_backup else args.rounds):
             target_dir = work / f"restore-{round_no}"
             port = free_port()
             say(f"round {round_no + 1}: pitr-restore (latest) into {target_dir}")
@@ -487,22 +499,33 @@ def run(args: argparse.Namespace) -> str:
             shutil.rmtree(target_dir, ignore_errors=True)
             say(f"  {restore.seconds[-1]:.1f} s (extract {result.extract_seconds:.1f} s); load {load_average()}")
         base = statistics.median(baseline.seconds)
+
+        def ratio(timed: Timed) -> str:
+            return f"{statistics.median(timed.seconds) / base:.2f}" if timed.seconds else "-"
+
+        step_rows = {
+            "step": "base backup step of `pitr-base-backup` (default): `BASE_BACKUP` read off a replication "
+                    "connection, CRC32C manifest -> zstd -> S3",
+            "pg_basebackup": "... with `use_pg_basebackup=true`: `pg_basebackup -Ft -D - -X none` stdout "
+                             "-> zstd -> S3",
+            "sha256": "... with `manifest_checksums=SHA256`",
+        }
         lines += [
             "## Base backup and restore of the bench dataset", "",
             f"Dataset: {spec.describe()}, {human_size(total)} in the cluster; base backup "
-            f"{human_size(bench.local_size)} as a local tar, {human_size(stored_size)} stored (zstd level 1).", "",
-            "CPU seconds (median): PostgreSQL / pg_basebackup / runbooks process (zstd, sha256, boto3) / "
+            f"{human_size(bench.local_size)} as a local tar, {human_size(stored_sizes['step'])} stored "
+            "(zstd level 1).", "",
+            "CPU seconds (median): PostgreSQL / pg_basebackup / runbooks process (libpq, zstd, sha256, boto3) / "
             "SeaweedFS / everything else the machine ran meanwhile.", "",
             "| what | wall time | vs `pg_basebackup -Ft` | CPU seconds |", "|---|---|---|---|",
             f"| `pg_basebackup -Ft -D DIR --checkpoint=fast` (local directory, WAL streamed, fsync) "
             f"| {baseline.cell()} | 1.00 | {cpu_cell(cpu['baseline'])} |",
-            f"| base backup step of `pitr-base-backup`: `pg_basebackup -Ft -D - -X none "
-            f"--manifest-checksums=SHA256` -> zstd -> S3 | {step.cell()} "
-            f"| {statistics.median(step.seconds) / base:.2f} | {cpu_cell(cpu['step'])} |",
+            *(f"| {title} | {step_times[name].cell()} | {ratio(step_times[name])} | {cpu_cell(cpu[name])} |"
+              for name, title in step_rows.items()),
             f"| `pitr-base-backup` flow, verify=false (preflight WAL switch, backup, WAL check, manifest) "
-            f"| {flow_plain.cell()} | {statistics.median(flow_plain.seconds) / base:.2f} | |",
+            f"| {flow_plain.cell()} | {ratio(flow_plain)} | |",
             f"| `pitr-base-backup` flow, verify=true (also re-reads every file from S3 against backup_manifest) "
-            f"| {flow_verify.cell()} | {statistics.median(flow_verify.seconds) / base:.2f} | |",
+            f"| {flow_verify.cell()} | {ratio(flow_verify)} | |",
             f"| `pitr-restore` to the end of the archive: download + extract + pg_verifybackup + replay of "
             f"{human_size(wal_after)} WAL | {restore.cell()} | | |",
             f"| ... of which download and extract | {extract.cell()} | | |",
@@ -532,6 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restore-wal-seconds", type=int, default=30, help="pgbench after the last base backup")
     parser.add_argument("--rate", type=int, default=300, help="transactions/s of the rate-limited latency load")
     parser.add_argument("--quick", action="store_true", help="tiny dataset, short runs, one round, no report")
+    parser.add_argument("--only-base-backup", action="store_true",
+                        help="only the base backup rows (baseline and the step's variants), no report")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks-pitr.md"))
     parser.add_argument("--no-report", action="store_true", help="print the results only")
     parser.add_argument("--work", default=str(ROOT / ".bench" / "pitr"), help="scratch directory (gitignored)")
@@ -539,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     args.command = " ".join(["python", "bench/pitr.py", *(argv if argv is not None else sys.argv[1:])])
     if args.quick:
         args.rounds, args.seconds, args.scale, args.rows, args.restore_wal_seconds = 1, 15, 2, 100_000, 5
+        args.no_report = True
+    if args.only_base_backup:
         args.no_report = True
     if os.geteuid() != 0:
         print("bench/pitr.py runs clusters as the postgres OS user: run it as root", file=sys.stderr)
