@@ -438,7 +438,7 @@ def run(args: argparse.Namespace) -> str:
         stack.enter_context(_quiet_prefect())
         from flows.pitr import pitr_base_backup, pitr_restore
         from tasks.manifest import new_set_id
-        from tasks.pitr import take_base_backup
+        from tasks.pitr import take_base_backup, wait_for_backup_wal
 
         baseline, flow_plain, flow_verify = Timed("baseline"), Timed("flow"), Timed("verify")
         # The step as the flow runs it, then the choices it makes against (docs/pitr.md, "Base backup cost").
@@ -446,6 +446,15 @@ def run(args: argparse.Namespace) -> str:
         step_times = {name: Timed(name) for name in steps}
         stored_sizes: dict[str, int] = {}
         cpu: dict[str, list[dict[str, float]]] = {"baseline": [], **{name: [] for name in steps}}
+        segment_size = int(bench.sql(pg, "SELECT pg_size_bytes(current_setting('wal_segment_size'))")[0][0])
+
+        def backup_step(**options: object):  # noqa: ANN202
+            """The backup and its WAL in the store: a restorable backup, as the baseline's -X stream gives."""
+            taken = take_base_backup.fn(conn, store, new_set_id(), **options)
+            wait_for_backup_wal.fn(store, timeline=taken.timeline, start_lsn=taken.start_lsn,
+                                   stop_lsn=taken.stop_lsn, segment_size=segment_size)
+            return taken
+
         postmaster, weed = pg.postmaster_pid() or 0, s3._proc.pid if s3._proc else 0
 
         def with_cpu(key: str, fn):  # noqa: ANN001, ANN202
@@ -462,8 +471,7 @@ def run(args: argparse.Namespace) -> str:
             for name, options in steps.items():
                 say(f"round {round_no + 1}: base backup step ({name}) -> zstd -> S3")
                 started = time.monotonic()
-                taken = with_cpu(name, lambda options=options: take_base_backup.fn(conn, store, new_set_id(),
-                                                                                    **options))
+                taken = with_cpu(name, lambda options=options: backup_step(**options))
                 step_times[name].seconds.append(time.monotonic() - started)
                 stored_sizes[name] = taken.parts[0].size
                 say(f"  {step_times[name].seconds[-1]:.1f} s, {human_size(stored_sizes[name])} stored; "
@@ -504,10 +512,10 @@ def run(args: argparse.Namespace) -> str:
             return f"{statistics.median(timed.seconds) / base:.2f}" if timed.seconds else "-"
 
         step_rows = {
-            "step": "base backup step of `pitr-base-backup` (default): `BASE_BACKUP` read off a replication "
-                    "connection, CRC32C manifest -> zstd -> S3",
+            "step": "base backup steps of `pitr-base-backup` (default): `BASE_BACKUP` read off a replication "
+                    "connection, CRC32C manifest -> zstd -> S3, until its last WAL segment is in S3 too",
             "pg_basebackup": "... with `use_pg_basebackup=true`: `pg_basebackup -Ft -D - -X none` stdout "
-                             "-> zstd -> S3",
+                             "-> zstd -> S3 (the server waits for the WAL, checking once a second)",
             "sha256": "... with `manifest_checksums=SHA256`",
         }
         lines += [
