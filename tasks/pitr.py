@@ -463,7 +463,8 @@ def take_base_backup(
             command = (f"BASE_BACKUP (LABEL '{label.replace(chr(39), chr(39) * 2)}', CHECKPOINT 'fast', "
                        f"MANIFEST 'yes', MANIFEST_CHECKSUMS '{manifest_checksums}', WAIT false)")
             chunks: Iterator[bytes | memoryview] = _ReplicationBaseBackup(conn, pg.describe(), command).chunks()
-            tool, version = "BASE_BACKUP (replication protocol)", f"PostgreSQL {conn.info.server_version}"
+            tool = "BASE_BACKUP (replication protocol)"
+            version = f"PostgreSQL {conn.info.parameter_status('server_version')}"
         else:  # older servers speak another BASE_BACKUP protocol: pg_basebackup knows them all
             stack.close()
             executable = pg_tool("pg_basebackup")
