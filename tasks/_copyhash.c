@@ -174,8 +174,6 @@ static void scan_rows(Scanner *s, const uint8_t *p, size_t len)
                 end_line(s);
                 s->line_len = 0;
                 if (s->copy_done) return;
-            } else if (piece == 0) {
-                /* empty piece without newline cannot happen: p < end */
             }
         }
         p += piece + (nl ? 1 : 0);

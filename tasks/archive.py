@@ -13,7 +13,6 @@ Checksums of this kind are written ``xxh64sum:<16 hex>``; the older ``h64sum:`` 
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 from tasks._copyhash import Scanner
@@ -51,7 +50,6 @@ class _Reader:
         self.data = memoryview(data)
         self.pos = 0
         self.int_size = 4
-        self.version = (1, 0, 0)
 
     def take(self, count: int) -> memoryview:
         if self.pos + count > len(self.data):
@@ -190,7 +188,3 @@ class ArchiveDigest:
             ))
         return sorted(tables, key=lambda t: (t.schema_name, t.table))
 
-
-def pack_int(value: int, int_size: int = 4) -> bytes:
-    """An archive int (sign byte, then little-endian magnitude): for tests that build archives by hand."""
-    return struct.pack("B", 1 if value < 0 else 0) + abs(value).to_bytes(int_size, "little")
