@@ -1,12 +1,19 @@
 """Blocks: built from URLs, described without secrets, refusing bad input."""
 
+import hashlib
+import os
+import time
+
 import pytest
+from pydantic import SecretStr
 
 from blocks.backends import StoreURL, parse_store_url
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
 from tasks.errors import ConfigurationError, ConnectionFailed
+
+MIB = 1024 * 1024
 
 
 def test_postgres_from_url_keeps_password_out_of_description_and_repr():
@@ -67,3 +74,25 @@ def test_parse_store_url_is_shared_by_the_block_and_the_wal_commands():
     with pytest.raises(ConfigurationError, match="in AWS_\\* variables, not in the URL") as err:
         parse_store_url("s3://key:secret@bucket/p", credentials_hint="AWS_* variables")
     assert "secret" not in str(err.value)
+
+
+@pytest.mark.parametrize("sizes", [
+    [3 * MIB, 7 * MIB + 1, 1, 6 * MIB + 2],   # parts filled across chunk boundaries, a short last part
+    [5 * MIB, 5 * MIB],                        # exact multiples: no empty part at the end
+    [1, 2 * MIB],                              # under one part: a single put_object
+])
+def test_s3_writer_stores_exactly_the_bytes_written(s3, sizes):
+    store = BackupStore(backend="s3", bucket=s3.bucket, prefix=f"writer-{time.time_ns()}",
+                        endpoint_url=s3.endpoint_url, region=s3.region, access_key_id=SecretStr(s3.access_key),
+                        secret_access_key=SecretStr(s3.secret_key), part_size_mib=5, max_concurrency=2)
+    client = store.get_client()
+    chunks = [os.urandom(n) for n in sizes]
+    with client.open_write("obj") as out:
+        for chunk in chunks:
+            out.write(memoryview(chunk))
+    whole = b"".join(chunks)
+    with client.open_read("obj") as stored:
+        assert hashlib.sha256(stored.read()).hexdigest() == hashlib.sha256(whole).hexdigest()
+    etag = client.client.head_object(Bucket=s3.bucket, Key=f"{store.prefix}/obj")["ETag"].strip('"')
+    parts = int(etag.split("-")[1]) if "-" in etag else 0  # a multipart object's ETag ends in -<parts>
+    assert parts == (-(-len(whole) // (5 * MIB)) if len(whole) > 5 * MIB else 0)
