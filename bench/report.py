@@ -79,6 +79,22 @@ def _fmt_seconds(values: list[float]) -> str:
     return f"{mid:.2f} s ({min(values):.2f}-{max(values):.2f})"
 
 
+def paired_ratios(variant: Variant, base: Variant) -> list[float]:
+    """Each round's wall time over the same round's (a): pairs runs made minutes apart, so a machine that
+    speeds up or slows down over the run moves both sides. Rounds where either run was disturbed are left
+    out; empty when the variant did not run once per round."""
+    if len(variant.samples) != len(base.samples):
+        return []
+    return [v.seconds / b.seconds for v, b in zip(variant.samples, base.samples, strict=True)
+            if not (v.disturbed or b.disturbed)]
+
+
+def ratio_to_base(variant: Variant, base: Variant) -> float:
+    """The median of the per-round ratios; the ratio of the medians where rounds cannot be paired."""
+    pairs = paired_ratios(variant, base)
+    return median(pairs) if pairs else variant.seconds / base.seconds
+
+
 def cpu_of_bench(variant: Variant) -> float:
     """CPU seconds of everything the bench ran for this variant (all parties but "other")."""
     return sum(variant.cpu(key) for key, _label in CPU_PARTIES if key != "other")
@@ -97,7 +113,7 @@ def verdicts(variants: dict[str, Variant], cores: int) -> list[Verdict]:
         if variant.error or not variant.samples:
             found.append(Verdict(f"{variant.title} <= {variant.limit:.2f} x (a)", "failed to run", False))
             continue
-        ratio = variant.seconds / limit
+        ratio = ratio_to_base(variant, base)
         over = (ratio / variant.limit - 1) * 100
         note = "" if ratio <= variant.limit else f", {over:.0f} % over the target"
         floor = cpu_of_bench(variant) / cores / limit
@@ -134,16 +150,18 @@ def verdicts(variants: dict[str, Variant], cores: int) -> list[Verdict]:
 
 def results_table(variants: dict[str, Variant]) -> list[str]:
     base = variants.get("a")
-    limit = base.seconds if base and base.samples else math.nan
     lines = [
-        "| variant | wall time, median (min-max) | runs | ratio to (a) | target | compressed size | peak RSS (ours) |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | wall time, median (min-max) | runs | ratio to (a): median of rounds | each round's ratio | "
+        "target | compressed size | peak RSS (ours) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for v in variants.values():
         if v.error:
-            lines.append(f"| {v.title} | failed: {v.error} | | | | | |")
+            lines.append(f"| {v.title} | failed: {v.error} | | | | | | |")
             continue
-        ratio = v.seconds / limit if v.samples else math.nan
+        usable = bool(v.samples and base and base.samples)
+        ratio = ratio_to_base(v, base) if usable else math.nan  # type: ignore[arg-type]
+        rounds = ", ".join(f"{r:.2f}" for r in paired_ratios(v, base)) if usable else ""  # type: ignore[arg-type]
         target = f"<= {v.limit:.2f}" if v.limit else ""
         if v.limit:
             target += " ok" if ratio <= v.limit else " **missed**"
@@ -152,7 +170,7 @@ def results_table(variants: dict[str, Variant]) -> list[str]:
         clean = sum(1 for s in v.samples if not s.disturbed)
         runs = f"{len(v.samples)}" if clean == len(v.samples) else f"{clean} of {len(v.samples)} undisturbed"
         lines.append(f"| {v.title} | {_fmt_seconds([s.seconds for s in v.timed])} | {runs} | {ratio:.2f} | "
-                     f"{target} | {size} | {rss} |")
+                     f"{rounds or '-'} | {target} | {size} | {rss} |")
     return lines
 
 

@@ -297,7 +297,7 @@ def raise_priority() -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="measured runs of each variant (median reported)")
+    parser.add_argument("--rounds", type=int, default=5, help="measured runs of each variant (median reported)")
     parser.add_argument("--scale", type=int, default=50, help="pgbench scale of the full dataset")
     parser.add_argument("--rows", type=int, default=3_000_000, help="rows of bench_items in the full dataset")
     parser.add_argument("--quick", action="store_true",
@@ -437,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{QUIET_CORES} cores, and a run during which other work took over {DISTURBED_SHARE:.0%} of the "
         "machine's CPU counts as disturbed: medians use the undisturbed runs when there are any. This run "
         f"waited {bench.waited:.0f} s.",
+        "Ratio to (a): each round's run over the same round's (a), then the median over rounds (undisturbed "
+        "rounds). This virtual machine's speed drifts within minutes ((a) took 4.51-6.09 s in one earlier run); "
+        "pairing runs of "
+        "the same round cancels most of that, where a ratio of two separate medians does not. The targets "
+        "are judged on this ratio.",
     ]
     text = render(meta, bench.variants, cores, method)
     print()
