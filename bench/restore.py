@@ -78,7 +78,7 @@ def gunzip_psql(gz: Path, pg: PostgresConnection, database: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--scale", type=int, default=50)
     parser.add_argument("--rows", type=int, default=3_000_000)
     args = parser.parse_args(argv)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"round {round_no}: disaster-recovery {times['disaster-recovery (S3)'][-1]:.1f} s "
                 f"{recovered.rto_seconds}")
 
-    base = statistics.median(times["pg_restore -j2 (local file)"])
+    base_runs = times["pg_restore -j2 (local file)"]
     lines = [
         "# Restore benchmark",
         "",
@@ -152,13 +152,16 @@ def main(argv: list[str] | None = None) -> int:
         f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; machine: {os.cpu_count()} cores; dataset: {spec.describe()},"
         f" {human_size(dataset.bytes_on_disk)} on disk; stored set {human_size(result.size)} (zstd) on SeaweedFS.",
         "",
-        "| restore | wall time (median) | all rounds | ratio to pg_restore -j2 |",
-        "|---|---|---|---|",
+        "| restore | wall time (median) | all rounds | ratio to pg_restore -j2: median of rounds | each round's"
+        " ratio |",
+        "|---|---|---|---|---|",
     ]
     for name, values in times.items():
-        med = statistics.median(values)
-        lines.append(f"| {name} | {med:.1f} s | {', '.join(f'{v:.1f}' for v in values)} | {med / base:.2f} |")
-    lines += ["", "Target: disaster-recovery ≤ 1.2 × pg_restore -j2.", "",
+        pairs = [v / b for v, b in zip(values, base_runs, strict=True)]
+        lines.append(f"| {name} | {statistics.median(values):.1f} s | {', '.join(f'{v:.1f}' for v in values)} | "
+                     f"{statistics.median(pairs):.2f} | {', '.join(f'{r:.2f}' for r in pairs)} |")
+    lines += ["", "Target: disaster-recovery ≤ 1.2 × pg_restore -j2 (judged on the median of each round's ratio:"
+              " the machine's speed drifts between rounds, and the variants of one round run minutes apart).", "",
               "RTO per component of disaster-recovery (seconds, each round):", "",
               "| round | " + " | ".join(rto[0]) + " |", "|---|" + "---|" * len(rto[0])]
     for i, r in enumerate(rto, 1):
