@@ -138,11 +138,16 @@ class Stack:
         self.home = home
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def start(self, name: str, argv: list[str], env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    def start(self, name: str, argv: list[str], env: Mapping[str, str], *, nice: int = 0) -> subprocess.Popen[bytes]:
+        def prepare() -> None:
+            _set_parent_death_signal()
+            if nice:
+                os.nice(nice)
+
         logfile = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
         proc = subprocess.Popen(argv, env=dict(env), stdout=logfile, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_set_parent_death_signal)  # noqa: PLW1509
+                                preexec_fn=prepare)  # noqa: PLW1509
         logfile.close()
         self.children.append((name, proc))
         log.info("started %s (pid %d), log %s", name, proc.pid, self.home / f"{name}.log")
@@ -224,8 +229,10 @@ def up_main(args: argparse.Namespace) -> int:
     stack = Stack(home)
     started = time.monotonic()
     try:
+        # The server yields the CPU to the bridge (and the flows) when they compete on one machine: a burst of
+        # alerts makes it create runs in the background, and the bridge's answers must not wait for that.
         server = stack.start("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host",
-                                                args.host, "--port", str(args.port)], env)
+                                                args.host, "--port", str(args.port)], env, nice=args.server_nice)
         wait_for_api(api_url, server, SERVER_START_TIMEOUT)
         log.info("Prefect server and UI on http://%s:%d (%.1f s)", args.host, args.port, time.monotonic() - started)
         serve_argv = [*runbooks, "serve", "--poll", str(args.poll)]
@@ -279,6 +286,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--webhook-port", type=int, default=9095)
         parser.add_argument("--routes", help="routes file for the bridge (default: the example routes)")
         parser.add_argument("--token-file", help="bearer token for the bridge (default: generated in --home)")
+        parser.add_argument("--server-nice", type=int, default=5, choices=range(0, 20), metavar="0-19",
+                            help="nice value of the Prefect server, so the bridge answers first when they share "
+                                 "the CPU (default 5; 0: same priority)")
     return parser
 
 

@@ -304,6 +304,21 @@ def test_approval_route_waits_for_the_form_with_a_runner_polling(stack: Stack) -
     assert len(store_sets(stack.store, "approved")) == 1
 
 
+def test_the_prefect_server_yields_the_cpu_to_the_bridge(stack: Stack) -> None:
+    def nice_of(pid: int) -> int:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[16])  # field 19 of proc(5), counted after the command name
+
+    def cmdline(pid: int) -> str:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+
+    children = {pid: cmdline(pid) for pid in _children(stack.proc.pid)}
+    [server] = [pid for pid, cmd in children.items() if "prefect server start" in cmd]
+    [bridge] = [pid for pid, cmd in children.items() if "deployments.cli webhook" in cmd]
+    assert nice_of(server) == nice_of(stack.proc.pid) + 5
+    assert nice_of(bridge) == nice_of(stack.proc.pid)
+
+
 def test_ctrl_c_stops_the_whole_stack(stack: Stack) -> None:
     descendants = _descendants(stack.proc.pid)
     assert len(descendants) >= 3  # server, serve, webhook (and their own children)
