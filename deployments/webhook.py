@@ -479,7 +479,9 @@ class Bridge:
             task = asyncio.ensure_future(self._create_until_done(trigger))
             self._in_flight[key] = task
             task.add_done_callback(lambda done: self._finished(key, trigger, done))
-        done, _ = await asyncio.wait([task], timeout=self.config.respond_within)
+        # Only the notification that started the creation waits for it (to name the run in its answer); a repeat
+        # is answered at once, so repeats never queue behind a slow Prefect API.
+        done, _ = await asyncio.wait([task], timeout=self.config.respond_within if first else 0)
         if not done:
             self._promised.add(key)  # a 202 without the run: from here on, failures are the bridge's to retry
             if not first:
