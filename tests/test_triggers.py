@@ -150,7 +150,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, prefect_database: str | None
     proc = subprocess.Popen(
         [sys.executable, "-m", "deployments.cli", "up", "--home", str(home / "state"), "--port", str(port),
          "--webhook-port", str(webhook_port), "--routes", str(routes_file), "--token-file", str(token_file),
-         "--poll", "1"], env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+         "--poll", "1", "--server-nice", "5"], env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         cwd=str(home), start_new_session=True)
     log.close()
     stack = Stack(proc, home, f"http://127.0.0.1:{port}/api", f"http://127.0.0.1:{webhook_port}", token, store,
