@@ -230,7 +230,8 @@ def up_main(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         # --server-nice > 0: the server yields the CPU to the bridge when a burst of alerts makes it create runs.
-        # Not the default: measured with 5, alert -> Running p95 went from 4.6-4.8 s to 5.3-9.8 s.
+        # Not the default: with 5, alert -> Running p95 measured 5.3 and 9.8 s (4.6, 4.8, 5.6 s without), and the
+        # bridge's p99 showed no clear gain over the noise of a 2-core machine.
         server = stack.start("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host",
                                                 args.host, "--port", str(args.port)], env, nice=args.server_nice)
         wait_for_api(api_url, server, SERVER_START_TIMEOUT)
