@@ -234,6 +234,27 @@ def test_served_deployments_have_their_schedules(stack: Stack) -> None:
     assert set(nightly.tags) >= {"runbooks", "backup"}
 
 
+def test_the_scheduler_creates_the_nightly_runs(stack: Stack) -> None:
+    """A schedule is only as good as the runs it produces: the server's scheduler service must create them
+    (with SQLAlchemy 2.1, Prefect 3.8.8's scheduler failed on every loop and no cron run was ever created)."""
+    from zoneinfo import ZoneInfo
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    def scheduled() -> list[Any]:
+        with stack.client() as client:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["nightly"])), limit=50)
+        return [run for run in runs if run.auto_scheduled]  # not the runs the alerts start
+
+    runs = wait_for("the scheduler to create the nightly backup's runs", scheduled, timeout=120, every=2)
+    for run in runs:
+        local = run.expected_start_time.astimezone(ZoneInfo(TIMEZONE))
+        assert (local.hour, local.minute) == (2, 0) and run.state.is_scheduled(), (local, run.state)
+    server_log = (stack.home / "state" / "prefect-server.log").read_text().splitlines()
+    assert not [line for line in server_log if "ERROR" in line and "schedule" in line]
+
+
 def test_alert_fires_one_run_that_completes_and_resolution_follows_on(stack: Stack,
                                                                      alerting: tuple[MonitoringDaemon, ...]) -> None:
     from flows.backup import backup
