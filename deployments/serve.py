@@ -70,33 +70,58 @@ def usable_parameters(parameters: Mapping[str, Any], blocks: set[str], deploymen
     return kept
 
 
-def build_deployments(found: Sequence[Discovered], timezone: str, blocks: set[str]) -> list[Any]:
-    """RunnerDeployments for discovered runbooks (importable by module path, so any cwd works)."""
+def deployment_options(item: Discovered, timezone: str, blocks: set[str]) -> dict[str, Any]:
+    """How a discovered runbook is deployed: name, schedules in ``timezone``, defaults, tags, concurrency."""
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
-    deployments = []
-    for item in found:
-        rb = item.runbook
-        deployments.append(item.flow.to_deployment(
-            name=rb.deployment,
-            description=rb.description,
-            tags=rb.all_tags,
-            parameters=usable_parameters(rb.parameters, blocks, rb.name),
-            schedules=[Cron(cron, timezone=timezone, parameters=dict(rb.schedule_parameters) or None)
-                       for cron in rb.schedules],
-            concurrency_limit=rb.concurrency_limit,
-            entrypoint_type=EntrypointType.MODULE_PATH,
-            # Prefect 3.8's server-side check rejects every {"$ref": ...} Block parameter of our Blocks (all
-            # their fields have defaults, so the reference also matches the Block's own schema and the oneOf
-            # fails). The flow validates its parameters when the run starts, Block references included.
-            enforce_parameter_schema=False,
-        ))
-    return deployments
+    rb = item.runbook
+    return {
+        "name": rb.deployment,
+        "description": rb.description,
+        "tags": rb.all_tags,
+        "parameters": usable_parameters(rb.parameters, blocks, rb.name),
+        "schedules": [Cron(cron, timezone=timezone, parameters=dict(rb.schedule_parameters) or None)
+                      for cron in rb.schedules],
+        "concurrency_limit": rb.concurrency_limit,
+        "entrypoint_type": EntrypointType.MODULE_PATH,  # importable by module path, so any cwd works
+        # Prefect 3.8's server-side check rejects every {"$ref": ...} Block parameter of our Blocks (all
+        # their fields have defaults, so the reference also matches the Block's own schema and the oneOf
+        # fails). The flow validates its parameters when the run starts, Block references included.
+        "enforce_parameter_schema": False,
+    }
+
+
+def serve_flows(flows: Sequence[tuple[Any, dict[str, Any]]], *, poll: float, limit: int | None,
+                start_method: str = "forkserver") -> None:
+    """Serve each ``(flow, deployment options)`` with one runner until SIGINT/SIGTERM.
+
+    What ``prefect.serve()`` does, but the runner is handed the flow objects (``Runner.add_flow``, not
+    ``add_deployment``): a run then starts as a subprocess given the flow (a fork of the forkserver, see
+    deployments/forkserver.py), not as `python -m prefect.engine` importing Prefect and the flow again.
+    """
+    import asyncio
+
+    from prefect.exceptions import TerminationSignal
+    from prefect.runner import Runner
+
+    from deployments import forkserver
+
+    if not forkserver.pickle_flows_by_reference():
+        log.warning("served flows are pickled by value (not checked for this Prefect): a flow whose parameter "
+                    "annotations need its module's globals may fail to validate its parameters")
+    if start_method == "forkserver" and not forkserver.install(sorted({flow.fn.__module__ for flow, _ in flows})):
+        log.warning("flow runs start with Prefect's spawn (forkserver start not checked for this Prefect)")
+    runner = Runner(query_seconds=poll, limit=limit)
+    for flow, options in flows:
+        runner.add_flow(flow, **options)
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal) as exc:
+        log.info("received %s, shutting down", type(exc).__name__)
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    from prefect import serve
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
@@ -113,10 +138,11 @@ def serve_main(args: argparse.Namespace) -> int:
         print("runbooks serve: no runbook to serve", file=sys.stderr)
         return 2
     slugs = {s for item in found for v in item.runbook.parameters.values() if (s := block_slug(v))}
-    deployments = build_deployments(found, timezone, existing_block_slugs(slugs))
-    log.info("serving %d runbooks (schedules in %s, poll every %.1f s): %s", len(deployments), timezone, args.poll,
-             ", ".join(d.runbook.name for d in found))
-    serve(*deployments, query_seconds=args.poll, limit=args.limit, print_starting_message=False)
+    blocks = existing_block_slugs(slugs)
+    log.info("serving %d runbooks (schedules in %s, poll every %.1f s, runs start by %s): %s", len(found), timezone,
+             args.poll, args.start_method, ", ".join(item.runbook.name for item in found))
+    serve_flows([(item.flow, deployment_options(item, timezone, blocks)) for item in found], poll=args.poll,
+                limit=args.limit, start_method=args.start_method)
     return 0
 
 
@@ -236,7 +262,7 @@ def up_main(args: argparse.Namespace) -> int:
                                                 args.host, "--port", str(args.port)], env, nice=args.server_nice)
         wait_for_api(api_url, server, SERVER_START_TIMEOUT)
         log.info("Prefect server and UI on http://%s:%d (%.1f s)", args.host, args.port, time.monotonic() - started)
-        serve_argv = [*runbooks, "serve", "--poll", str(args.poll)]
+        serve_argv = [*runbooks, "serve", "--poll", str(args.poll), "--start-method", args.start_method]
         for name in args.only or []:
             serve_argv += ["--only", name]
         stack.start("serve", serve_argv, env)
@@ -275,6 +301,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--poll", type=float, default=DEFAULT_POLL_SECONDS,
                         help="seconds between the runner's checks for runs to start (default 1)")
     parser.add_argument("--only", action="append", help="serve only this runbook (flow or flow/deployment)")
+    parser.add_argument("--start-method", choices=("forkserver", "spawn"), default="forkserver",
+                        help="how a flow run's process starts: forked from a process with Prefect and the flows "
+                             "imported (default; a run is Running about 2 s sooner), or Prefect's spawn")
     if command == "serve":
         parser.add_argument("--limit", type=int, default=None, help="most flow runs at once (default: no limit)")
         parser.add_argument("--strict", action="store_true", help="fail if a registry runbook is missing")

@@ -340,6 +340,17 @@ def test_the_prefect_server_yields_the_cpu_to_the_bridge(stack: Stack) -> None:
     assert nice_of(bridge) == nice_of(stack.proc.pid)
 
 
+def test_served_runs_start_from_a_forkserver(stack: Stack) -> None:
+    """`runbooks serve` starts runs as forks of a helper that imported Prefect and the runbooks once
+    (deployments/forkserver.py); tests/test_forkserver.py checks a run's lineage, this that up uses it."""
+    def cmdline(pid: int) -> str:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+
+    [serve] = [pid for pid in _children(stack.proc.pid) if "deployments.cli serve" in cmdline(pid)]
+    assert "--start-method forkserver" in cmdline(serve)
+    assert [pid for pid in _children(serve) if "multiprocessing.forkserver" in cmdline(pid)]
+
+
 def test_ctrl_c_stops_the_whole_stack(stack: Stack) -> None:
     descendants = _descendants(stack.proc.pid)
     assert len(descendants) >= 3  # server, serve, webhook (and their own children)
