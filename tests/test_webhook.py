@@ -59,6 +59,39 @@ def offline() -> Iterator[TestClient]:
 # -- authentication, limits, validation (no Prefect API needed) ---------------------------------------------
 
 
+def test_the_bridge_process_freezes_its_startup_objects_once_warmed_up() -> None:
+    """The bridge's own process (freeze_heap, as `runbooks webhook` runs it): after the warm-up the objects
+    Prefect's client and the routes left behind are out of the collector's generations, so a full collection
+    no longer walks them while requests wait. In a subprocess: freezing pytest's own heap would outlive the test."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import gc, json, time
+        from starlette.testclient import TestClient
+        from deployments.routes import compile_routes
+        from deployments.webhook import BridgeConfig, PrefectRunStarter, create_app
+        from pydantic import SecretStr
+        routes = compile_routes({{"routes": {OFFLINE_ROUTES!r}}}, lambda _n: False)
+        config = BridgeConfig(routes=routes, tokens=[SecretStr("t" * 20)])
+        app = create_app(config, PrefectRunStarter({CLOSED_API!r}), freeze_heap=True)
+        before = len(gc.get_objects())
+        with TestClient(app) as client:
+            deadline = time.monotonic() + 30
+            while not gc.get_freeze_count() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            answer = client.get("/healthz").status_code
+        print(json.dumps({{"before": before, "frozen": gc.get_freeze_count(), "tracked": len(gc.get_objects()),
+                          "healthz": answer}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["healthz"] == 200
+    assert seen["frozen"] > seen["before"] / 2 and seen["tracked"] < seen["frozen"] / 4, seen
+
+
+
 def test_authorization_header_checks() -> None:
     cfg = config(OFFLINE_ROUTES)
     basic = base64.b64encode(b"alertmanager:basic-pass-0123456789").decode()
@@ -386,12 +419,14 @@ class FaultyApi:
     """The real HTTP transport to the harness API, with faults on ``create_flow_run`` (at the HTTP boundary, so
     the real Prefect client and the bridge's error mapping run): the first ``failures`` POSTs of each alert
     wait ``delay`` s and answer 500, either before the server saw them or after it created the run (the answer
-    lost on the way back, for the keys in ``lose_answer``)."""
+    lost on the way back, for the keys in ``lose_answer``). ``latency``: every creation takes that much longer
+    (a busy API; it can be changed while the bridge runs)."""
 
-    def __init__(self, failures: float, delay: float, lose_answer: frozenset[str] = frozenset()) -> None:
+    def __init__(self, failures: float, delay: float, lose_answer: frozenset[str] = frozenset(),
+                 latency: float = 0.0) -> None:
         import collections
 
-        self.failures, self.delay, self.lose_answer = failures, delay, lose_answer
+        self.failures, self.delay, self.lose_answer, self.latency = failures, delay, lose_answer, latency
         self.attempts: collections.Counter[str] = collections.Counter()
 
     def starter(self) -> PrefectRunStarter:
@@ -409,6 +444,7 @@ class FaultyApi:
                 if request.method == "POST" and request.url.path.endswith("/create_flow_run"):
                     key = json.loads(await request.aread())["idempotency_key"]
                     faults.attempts[key] += 1
+                    await asyncio.sleep(faults.latency)
                     if faults.attempts[key] <= faults.failures:
                         await asyncio.sleep(faults.delay)
                         if key in faults.lose_answer:
@@ -534,3 +570,56 @@ def test_a_creation_cut_short_by_shutdown_is_reported(target_deployment: str) ->
     metrics = app.state.metrics.render().decode()
     assert 'runbooks_bridge_creations_failed_total{reason="shutdown"} 1.0' in metrics
     assert "runbooks_bridge_creations_in_flight 0.0" in metrics
+
+
+def test_first_copies_stop_waiting_while_creations_are_slower_than_the_window(target_deployment: str) -> None:
+    """An alert storm: while another creation is in flight, or once creations take longer than
+    --respond-within, a first copy is answered at once (pending, with its key) instead of waiting out the window
+    for nothing; when the API is calm again, answers name their runs again. Every alert gets exactly one run."""
+    import asyncio
+    import time
+
+    route = f"storm-{uuid.uuid4().hex[:8]}"
+    api = FaultyApi(failures=0, delay=0, latency=4.0)
+    app = create_app(config([{"name": route, "alertname": "Storm", "deployment": target_deployment}],
+                            respond_within=1.0), api.starter())
+    bridge = app.state.bridge
+
+    async def timed_post() -> tuple[float, dict[str, Any]]:
+        started = time.monotonic()
+        [answer] = await _post_all(app, [json.dumps(payload(alert("Storm", uuid.uuid4().hex))).encode()])
+        return time.monotonic() - started, answer
+
+    async def settle() -> None:
+        while bridge._in_flight:
+            await asyncio.sleep(0.05)
+
+    async def post_later(delay: float) -> tuple[float, dict[str, Any]]:
+        await asyncio.sleep(delay)
+        return await timed_post()
+
+    async def scenario() -> list[tuple[float, dict[str, Any]]]:
+        try:
+            # The first waits the whole window (creations were fast so far); the second, 0.1 s later, finds the
+            # first's creation in flight and is answered at once.
+            answers = list(await asyncio.gather(timed_post(), post_later(0.1)))
+            await settle()
+            answers.append(await timed_post())  # alone, but the last creations took 4 s: answered at once
+            await settle()
+            api.latency = 0.0
+            for _ in range(8):  # fast creations bring the average back under the window
+                answers.append(await timed_post())
+                await settle()
+                if answers[-1][1]["created"]:
+                    break
+            return answers
+        finally:
+            await bridge.starter.aclose()
+
+    answers = asyncio.run(scenario())
+    (first_s, first), (concurrent_s, concurrent), (after_s, after) = answers[:3]
+    assert first["pending"] and first_s >= 1.0
+    assert concurrent["pending"] and concurrent_s < 0.5
+    assert after["pending"] and after_s < 0.5
+    assert answers[-1][1]["created"], [a for _, a in answers]  # named its run again
+    assert len(_runs(f"route:{route}")) == len(answers)
