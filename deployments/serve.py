@@ -98,7 +98,8 @@ def serve_flows(flows: Sequence[tuple[Any, dict[str, Any]]], *, poll: float, lim
 
     What ``prefect.serve()`` does, but the runner is handed the flow objects (``Runner.add_flow``, not
     ``add_deployment``): a run then starts as a subprocess given the flow (a fork of the forkserver, see
-    deployments/forkserver.py), not as `python -m prefect.engine` importing Prefect and the flow again.
+    deployments/forkserver.py), not as `python -m prefect.engine` importing Prefect and the flow again. On a
+    Prefect version this was not checked against, Prefect's own path.
     """
     import asyncio
 
@@ -107,14 +108,18 @@ def serve_flows(flows: Sequence[tuple[Any, dict[str, Any]]], *, poll: float, lim
 
     from deployments import forkserver
 
-    if not forkserver.pickle_flows_by_reference():
-        log.warning("served flows are pickled by value (not checked for this Prefect): a flow whose parameter "
-                    "annotations need its module's globals may fail to validate its parameters")
-    if start_method == "forkserver" and not forkserver.install(sorted({flow.fn.__module__ for flow, _ in flows})):
-        log.warning("flow runs start with Prefect's spawn (forkserver start not checked for this Prefect)")
     runner = Runner(query_seconds=poll, limit=limit)
-    for flow, options in flows:
-        runner.add_flow(flow, **options)
+    if not forkserver.pickle_flows_by_reference():
+        # Pickled by value, a runbook's Annotated parameters would not validate: Prefect's own serve() path.
+        log.warning("runs start as `python -m prefect.engine` (handing flows to the runner is not checked for this "
+                    "Prefect version)")
+        for flow, options in flows:
+            runner.add_deployment(flow.to_deployment(**options))
+    else:
+        if start_method == "forkserver" and not forkserver.install(sorted({f.fn.__module__ for f, _ in flows})):
+            log.warning("flow runs start with Prefect's spawn (forkserver start not checked for this Prefect)")
+        for flow, options in flows:
+            runner.add_flow(flow, **options)
     try:
         asyncio.run(runner.start())
     except (KeyboardInterrupt, TerminationSignal) as exc:
