@@ -271,8 +271,7 @@ def latency_runs(up: Up, count: int, media: Path) -> list[dict[str, float]]:
     samples = []
     with SyncPrefectClient(up.api_url) as client:
         for i in range(count):
-            body = notification("BenchLatency", secrets.token_hex(8), {"n": str(i)})
-            posted, result = post_alert(up, body)
+            posted, result = post_alert(up, notification("BenchLatency", secrets.token_hex(8), {"n": str(i)}))
             if result["created"]:
                 run_id = result["created"][0]["flow_run_id"]
             else:  # answered as pending: the run is found by the idempotency key the bridge gave it
@@ -315,14 +314,15 @@ def create_unserved_deployment(up: Up) -> None:
                              enforce_parameter_schema=False).apply()
 
 
+def spread_row(title: str, values: list[float]) -> str:
+    """A markdown row: min, p50, p95 and max of ``values`` (seconds)."""
+    return (f"| {title} | {min(values):.2f} | {statistics.median(values):.2f} | {pct(values, 95):.2f} | "
+            f"{max(values):.2f} |")
+
+
 def render(burst: list[dict[str, Any]], latency: list[dict[str, float]], startup: float, args: argparse.Namespace,
            ) -> str:
     cores = os.cpu_count()
-    made_p = [s["created_s"] for s in latency]
-    pick_p = [s["pending_s"] for s in latency]
-    start_p = [s["running_s"] - s["pending_s"] for s in latency]
-    run_p = [s["running_s"] for s in latency]
-    done_p = [s["completed_s"] for s in latency]
     p99s = [r["p99_ms"] for r in burst if r["mode"].endswith("req/s")]
     lines = [
         "# Triggers benchmark",
@@ -385,16 +385,12 @@ def render(burst: list[dict[str, Any]], latency: list[dict[str, float]], startup
         "",
         "| | min | p50 | p95 | max |",
         "|---|---|---|---|---|",
-        f"| POST -> the run exists (s) | {min(made_p):.2f} | {statistics.median(made_p):.2f} | "
-        f"{pct(made_p, 95):.2f} | {max(made_p):.2f} |",
-        f"| POST -> Pending: the runner took the run (s) | {min(pick_p):.2f} | {statistics.median(pick_p):.2f} | "
-        f"{pct(pick_p, 95):.2f} | {max(pick_p):.2f} |",
-        f"| Pending -> Running: the run's process started (s) | {min(start_p):.2f} | "
-        f"{statistics.median(start_p):.2f} | {pct(start_p, 95):.2f} | {max(start_p):.2f} |",
-        f"| POST -> Running (s) | {min(run_p):.2f} | {statistics.median(run_p):.2f} | {pct(run_p, 95):.2f} | "
-        f"{max(run_p):.2f} |",
-        f"| POST -> Completed (s) | {min(done_p):.2f} | {statistics.median(done_p):.2f} | {pct(done_p, 95):.2f} | "
-        f"{max(done_p):.2f} |",
+        spread_row("POST -> the run exists (s)", [x["created_s"] for x in latency]),
+        spread_row("POST -> Pending: the runner took the run (s)", [x["pending_s"] for x in latency]),
+        spread_row("Pending -> Running: the run's process started (s)",
+                   [x["running_s"] - x["pending_s"] for x in latency]),
+        spread_row("POST -> Running (s)", [x["running_s"] for x in latency]),
+        spread_row("POST -> Completed (s)", [x["completed_s"] for x in latency]),
         "",
         "Where the time goes: the run exists a few ms after the POST, or about 2 s later when the bridge's "
         "Prefect client waits out its first retry back-off (2 s, for a 503 or 429 from the server); the runner "

@@ -98,7 +98,7 @@ def _module_flow(module: str, name: str) -> Any:
 
 def _attribute_name(flow: Any) -> str | None:
     """The name under which ``flow`` itself is an attribute of its function's module, if it is one."""
-    module = sys.modules.get(getattr(getattr(flow, "fn", None), "__module__", "") or "")
+    module = sys.modules.get(flow.fn.__module__)
     if module is None or module.__name__ == "__main__":
         return None
     return next((name for name, value in vars(module).items() if value is flow), None)
