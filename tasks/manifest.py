@@ -132,6 +132,30 @@ class FilesSummary(BaseModel):
     digest: str
 
 
+class RoleSettings(BaseModel):
+    """``ALTER DATABASE ... SET`` (``role`` None) or ``ALTER ROLE role IN DATABASE ... SET``: ``name=value``
+    entries as ``pg_db_role_setting.setconfig`` stores them."""
+
+    role: str | None = None
+    settings: list[str]
+
+
+class DatabaseProperties(BaseModel):
+    """What a database is beyond its contents, read from the catalogs at dump time, so a restore under
+    another name can be made the same: ``pg_restore`` without ``--create`` restores none of it."""
+
+    encoding: str
+    collate: str
+    ctype: str
+    locale_provider: Literal["libc", "icu"] = "libc"
+    icu_locale: str | None = None
+    owner: str
+    acl: list[str] | None = Field(default=None, description="aclitems; None: the default privileges.")
+    connection_limit: int = -1
+    comment: str | None = None
+    settings: list[RoleSettings] = Field(default_factory=list)
+
+
 class Part(BaseModel):
     """One stored object of a set and what it holds."""
 
@@ -150,6 +174,8 @@ class Part(BaseModel):
     tables: list[TableChecksum] = Field(default_factory=list)
     redis: RedisSummary | None = None
     files: FilesSummary | None = None
+    database: DatabaseProperties | None = Field(default=None, description="PostgreSQL parts: the database's "
+                                                "properties (sets made before they were recorded lack them).")
 
 
 class Manifest(BaseModel):

@@ -18,9 +18,17 @@ from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
 from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError
 from tasks.archive import METHOD as ARCHIVE_METHOD
+from tasks.databases import (
+    amcheck_pattern,
+    apply_statements,
+    compare_properties,
+    create_statement,
+    missing_roles,
+    read_properties,
+)
 from tasks.errors import ConfigurationError, DumpFailed, RestoreFailed, RunbookError, VerificationFailed
 from tasks.log import run_logger
-from tasks.manifest import Part, TableChecksum, part_key
+from tasks.manifest import DatabaseProperties, Part, TableChecksum, part_key
 from tasks.process import Child, describe_exit, pg_tool, run, spawn, tool_version
 from tasks.progress import Progress
 from tasks.retry import retry_transient
@@ -259,6 +267,7 @@ def dump_database(
         server_version = str(snap_conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
         snap_conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         snapshot = str(snap_conn.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
+        properties = read_properties(snap_conn, database)
         relations = _relations(snap_conn) if table_checksums else []
         sequences = [_checksum_relation(snap_conn, *rel, None) for rel in relations if rel[2] == "S"]
         log.info("dumping %s into %s", pg.describe(database), key)
@@ -286,7 +295,7 @@ def dump_database(
         kind="postgres", name=database, key=key, size=stored.size, raw_size=stored.raw_size,
         sha256=stored.sha256, compression_level=level, tool="pg_dump -Fc -Z0",
         tool_version=tool_version(pg_dump), server_version=server_version,
-        seconds=round(time.monotonic() - started, 3), tables=checksums,
+        seconds=round(time.monotonic() - started, 3), tables=checksums, database=properties,
     )
     log.info("dumped %s: %d bytes -> %d stored, %d tables checksummed",
              pg.describe(database), part.raw_size, part.size, len(checksums))
@@ -350,19 +359,6 @@ def dump_globals(
 # ------------------------------------------------------------------------------------------ restore
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
-def check_databases_absent(pg: PostgresConnection, databases: list[str]) -> None:
-    """Refuse, before anything is restored, if any target database already exists."""
-    with pg.connect() as conn:
-        present = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
-    clash = sorted(set(databases) & present)
-    if clash:
-        raise ConfigurationError(
-            f"database(s) {clash} already exist on {pg.describe()}: restore-set only creates new databases "
-            "(choose `databases`, a `database_suffix`, or another server); nothing was changed"
-        )
-
-
 @dataclass(frozen=True)
 class RestoredDatabase:
     database: str
@@ -386,22 +382,37 @@ def restore_database(
     verify: bool = True,
     staged_file: str | None = None,
     jobs: int = 1,
+    properties: bool = True,
 ) -> RestoredDatabase:
     """Create ``database`` (it must not exist) and restore the dump into it, then compare checksums.
 
-    From the store the dump streams into one ``pg_restore``; from a ``staged_file`` (see ``stage_part``,
-    checksum already verified) ``pg_restore -j jobs`` runs in parallel. On any failure the database
-    this step created is dropped again; nothing else is touched.
+    The database is created with the source's encoding and locale; with ``properties`` it also gets the
+    source's owner, privileges, settings, connection limit and comment (their roles must exist: restore the
+    globals first), and ``verify`` compares them too. From the store the dump streams into one
+    ``pg_restore``; from a ``staged_file`` (see ``stage_part``, checksum already verified) ``pg_restore -j
+    jobs`` runs in parallel. On any failure the database this step created is dropped again; nothing else
+    is touched.
     """
     log = run_logger()
     started = time.monotonic()
+    recorded: DatabaseProperties | None = part.database
     with pg.connect(autocommit=True) as admin:
         exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
         if exists:
             raise ConfigurationError(
                 f"database {database!r} already exists on {pg.describe()}; restore into a new name"
             )
-        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(database)))
+        if properties and recorded is not None:
+            missing = missing_roles(admin, recorded)
+            if missing:
+                raise ConfigurationError(
+                    f"roles {missing} named by database {part.name!r}'s owner, privileges or settings do not exist "
+                    f"on {pg.describe()}: restore the set's globals first; nothing was changed")
+        try:
+            admin.execute(create_statement(database, recorded))
+        except psycopg.Error as exc:
+            raise RestoreFailed(f"cannot create {pg.describe(database)} like the backed-up database "
+                                f"({exc.diag.message_primary or exc}); nothing was changed") from None
     log.info("restoring %s into %s", part.key, pg.describe(database))
     try:
         argv = [pg_tool("pg_restore"), "--exit-on-error", "--no-password",
@@ -413,6 +424,14 @@ def restore_database(
                                     f"{err.strip()[-2000:]}")
         else:
             _restore_streamed(part, store, pg, database, argv)
+        if properties and recorded is not None:
+            with pg.connect(autocommit=True) as admin:
+                for statement in apply_statements(database, recorded):
+                    admin.execute(statement)
+                problems = compare_properties(recorded, read_properties(admin, database)) if verify else []
+            if problems:
+                raise VerificationFailed(f"restored {pg.describe(database)} differs from the backup: "
+                                         + "; ".join(problems))
         tables = 0
         if verify and part.tables:
             problems = compare_checksums(part.tables, checksums_like(pg, database, part.tables, workers=jobs))
@@ -503,104 +522,7 @@ def restore_globals(part: Part, store: BackupStore, pg: PostgresConnection) -> R
     return RestoredGlobals(roles_kept=kept)
 
 
-# --------------------------------------------------------------------------------- recovery steps
-
-_MAX_IDENT = 63  # NAMEDATALEN - 1, in bytes
-
-
-def side_name(database: str, label: str) -> str:
-    """``<database>__<label>`` cut to PostgreSQL's 63-byte identifier limit (the label is kept whole)."""
-    suffix = f"__{label}"
-    room = _MAX_IDENT - len(suffix.encode())
-    if room < 1:
-        raise ConfigurationError(f"label {label!r} is too long for a database name")
-    head = database.encode()[:room].decode(errors="ignore")
-    return head + suffix
-
-
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
-def existing_databases(pg: PostgresConnection, names: list[str]) -> list[str]:
-    """Which of ``names`` exist on the server."""
-    with pg.connect() as conn:
-        present = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
-    return [n for n in names if n in present]
-
-
-@dataclass(frozen=True)
-class SwapResult:
-    live: str
-    previous_kept_as: str | None
-    terminated_sessions: int
-
-
-@task(cache_policy=NO_CACHE, task_run_name="swap-database-{live}")
-def swap_in_database(
-    pg: PostgresConnection, live: str, restored: str, keep_as: str, *, attempts: int = 20
-) -> SwapResult:
-    """Put ``restored`` in place of ``live`` in one transaction; ``live`` is kept as ``keep_as``.
-
-    Connections to ``live`` are refused, then its sessions terminated, then both renames commit
-    together, so there is never a moment without a database of that name. Nothing is dropped.
-    """
-    log = run_logger()
-    terminated = 0
-    with pg.connect(autocommit=True) as admin:
-        live_exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (live,)).fetchone()
-        if live_exists and admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (keep_as,)).fetchone():
-            raise ConfigurationError(f"{keep_as!r} already exists on {pg.describe()}; nothing was changed")
-        if live_exists:
-            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(live)))
-        try:
-            for attempt in range(attempts):
-                terminated += admin.execute(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = ANY(%s) AND pid <> pg_backend_pid()", ([live, restored],)
-                ).fetchone()[0]  # type: ignore[index]
-                try:
-                    with admin.transaction():
-                        if live_exists:
-                            admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                                sql.Identifier(live), sql.Identifier(keep_as)))
-                        admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                            sql.Identifier(restored), sql.Identifier(live)))
-                    break
-                except psycopg.errors.ObjectInUse:
-                    if attempt == attempts - 1:
-                        raise RestoreFailed(
-                            f"sessions kept reconnecting to {live!r} on {pg.describe()}; the restored copy "
-                            f"is ready as {restored!r}, the live database is unchanged"
-                        ) from None
-                    time.sleep(0.25)
-        finally:
-            if live_exists:
-                admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(
-                    sql.Identifier(keep_as if _exists(admin, keep_as) else live)))
-    log.info("swapped restored copy into %s; previous database kept as %s (%d sessions ended)",
-             pg.describe(live), keep_as if live_exists else "-", terminated)
-    return SwapResult(live=live, previous_kept_as=keep_as if live_exists else None, terminated_sessions=terminated)
-
-
-def _exists(conn: psycopg.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
-
-
-@task(cache_policy=NO_CACHE, task_run_name="set-aside-database-{database}")
-def set_aside_database(pg: PostgresConnection, database: str, keep_as: str | None) -> str | None:
-    """In-place mode: rename ``database`` to ``keep_as`` (or drop it when ``keep_as`` is None)."""
-    with pg.connect(autocommit=True) as admin:
-        if not _exists(admin, database):
-            return None
-        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(database)))
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
-        if keep_as is None:
-            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(database)))
-            run_logger().warning("dropped %s (in-place restore without a safety copy)", pg.describe(database))
-            return None
-        admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(database),
-                                                                       sql.Identifier(keep_as)))
-        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(keep_as)))
-    run_logger().info("set %s aside as %s", pg.describe(database), keep_as)
-    return keep_as
+# ------------------------------------------------------------------------------------------- checks
 
 
 @dataclass(frozen=True)
@@ -615,7 +537,7 @@ class AmcheckResult:
 def run_amcheck(pg: PostgresConnection, database: str, *, heapallindexed: bool = False) -> AmcheckResult:
     """``pg_amcheck`` (installing the amcheck extension if missing) on every table and B-tree index."""
     started = time.monotonic()
-    argv = [pg_tool("pg_amcheck"), "--install-missing", "--no-password", f"--database={database}"]
+    argv = [pg_tool("pg_amcheck"), "--install-missing", "--no-password", f"--database={amcheck_pattern(database)}"]
     if heapallindexed:
         argv.append("--heapallindexed")
     code, out, err = run(argv, env=pg.libpq_env(database))
@@ -627,9 +549,14 @@ def run_amcheck(pg: PostgresConnection, database: str, *, heapallindexed: bool =
 
 
 @task(cache_policy=NO_CACHE, task_run_name="compare-tables-{database}")
-def compare_with_manifest(pg: PostgresConnection, database: str, part: Part) -> list[str]:
-    """Differences between a restored database and what the manifest recorded at dump time."""
-    return compare_checksums(part.tables, checksums_like(pg, database, part.tables))
+def compare_with_manifest(pg: PostgresConnection, database: str, part: Part, *, properties: bool = True) -> list[str]:
+    """Differences between a restored database and what the manifest recorded at dump time: every table's
+    rows and checksum and, with ``properties``, the database's own properties."""
+    problems = compare_checksums(part.tables, checksums_like(pg, database, part.tables))
+    if properties and part.database is not None:
+        with pg.connect() as conn:
+            problems += compare_properties(part.database, read_properties(conn, database))
+    return problems
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
