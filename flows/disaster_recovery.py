@@ -147,8 +147,6 @@ def disaster_recovery(
              mode, lock_targets)
     rto: dict[str, float] = {}
 
-    _refuse_after_a_dead_recovery(store, _new_journal(manifest, parts, postgres, redis, files_targets,
-                                                      datetime.now(UTC)))
     with ExitStack() as stack:
         locks = [lock_name("disaster-recovery", t) for t in lock_targets]
         for name in locks:
@@ -158,7 +156,9 @@ def disaster_recovery(
         rto["wait for lock"] = round(time.monotonic() - t0, 2)
         now = datetime.now(UTC)  # taken under the lock: unique per target
         journal = _new_journal(manifest, parts, postgres, redis, files_targets, now)
-        _refuse_after_a_dead_recovery(store, journal)  # one may have died while this run waited for the lock
+        # A live recovery of these targets holds the lock: an unfinished journal now is one whose process died
+        # (its lock lease then ran out).
+        _refuse_after_a_dead_recovery(store, journal)
         staging = stack.enter_context(tempfile.TemporaryDirectory(prefix="runbooks-dr-", dir=staging_dir))
         stack.callback(_report, journal, manifest, mode, rto)  # written however the run ends
         write_journal(store, journal)
