@@ -371,3 +371,73 @@ def test_a_recovery_killed_mid_commit_is_found_reported_and_undone(production, p
         del os.environ["RUNBOOKS_POSTGRES_URL"], os.environ["RUNBOOKS_REDIS_URL"]
     assert fingerprint(s) == before
     assert read_journal(client, journal.recovery_id).phase == "rolled back"
+
+
+def test_the_drill_of_a_default_set_restores_every_database_beside_and_passes(production, prefect_harness):
+    """`postgres` exists in every drill cluster: it is restored beside, compared, amchecked (names quoted as
+    pg_amcheck patterns), with the database properties compared too."""
+    from flows.verify import verify_backup
+    from tasks.store import read_verification
+
+    s = production
+    set_id = _backup(s)
+    result = verify_backup(store=s["store"], backup_id=set_id)
+    assert result.ok and result.problems == []
+    assert set(result.seconds) >= {"postgres:postgres", "postgres:shop", f"postgres:{ODD}", "redis"}
+    assert read_verification(s["store"].get_client(), set_id).ok
+
+
+def test_restore_set_keeps_database_properties_and_restores_existing_names_beside(production, prefect_harness,
+                                                                                    tmp_path):
+    from tasks.scratch import ScratchPostgres, ScratchRedis
+
+    s = production
+    good = fingerprint(s)
+    set_id = _backup(s)
+    with ScratchPostgres(fast=True) as other, ScratchRedis() as other_redis:
+        target = PostgresConnection.from_url(other.url)
+        result = restore_set(store=s["store"], backup_id=set_id, postgres=target,
+                             redis=RedisConnection.from_url(other_redis.url), files_root=str(tmp_path / "restored"))
+        by_name = {p.name: p.target.rsplit("/", 1)[-1] for p in result.parts if p.kind == "postgres"}
+        assert by_name["shop"] == "shop" and by_name["postgres"].startswith("postgres__restored_")
+        restored = {name: _database_fingerprint(target, name) for name in ("shop", ODD)}
+        restored["postgres"] = _database_fingerprint(target, f"postgres__restored_{set_id[-6:]}")
+    assert restored == good["databases"]  # tables, large objects, owner, ACL, settings, comment, encoding
+
+
+@pytest.mark.parametrize("name", ["with space", 'with "quote"', "with.dot", "star*", "ünïcode ß", "a*b.c \"d\""])
+def test_amcheck_checks_exactly_the_database_named(name, production):
+    from tasks.postgres import run_amcheck
+
+    s = production
+    quoted = name.replace('"', '""')
+    with s["pg"].connect(autocommit=True) as c:
+        c.execute(f'CREATE DATABASE "{quoted}"')
+    with s["pg"].connect(name, autocommit=True) as c:
+        c.execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 50)")
+    result = run_amcheck.fn(s["pg"], name)
+    assert result.ok, result.problems
+    with s["pg"].connect(name) as c:  # it ran there: --install-missing created the extension in that database
+        assert c.execute("SELECT count(*) FROM pg_extension WHERE extname = 'amcheck'").fetchone()[0] == 1
+    with s["pg"].connect("shop") as c:
+        assert c.execute("SELECT count(*) FROM pg_extension WHERE extname = 'amcheck'").fetchone()[0] == 0
+
+
+def test_in_place_without_a_safety_copy_drops_the_old_databases_only_after_success(production, prefect_harness):
+    s = production
+    good = fingerprint(s)
+    set_id = _backup(s)
+    _damage(s)
+    client = s["redis"].get_client()  # first: a run that fails in its commit phase must keep everything
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) + 600_000)
+    state = _recover(s, set_id, mode="in-place", keep_safety_copy=False, health_timeout_seconds=3)
+    assert state.is_failed()
+    s["redis"].get_client().config_set("maxmemory", 0)
+    assert [d for d in _databases(s["pg"]) if "__restore_" in d]  # the verified copies, kept beside
+    damaged_names = [d for d in _databases(s["pg"]) if not any(m in d for m in SIDE_MARKS)]
+    assert set(damaged_names) == {"postgres", "shop", ODD}
+
+    state = _recover(s, set_id, mode="in-place", keep_safety_copy=False)
+    assert state.is_completed(), state
+    assert fingerprint(s) == good
+    assert not [d for d in _databases(s["pg"]) if "__pre_restore_" in d]  # dropped, after success only
