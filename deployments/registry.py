@@ -109,7 +109,7 @@ RUNBOOKS: tuple[Runbook, ...] = (
     ),
     Runbook(
         flow="disaster-recovery", deployment="disaster-recovery", module="flows/disaster_recovery.py",
-        description="Restore a chosen backup set over production, all or nothing: prepared beside, then swapped with undo.",
+        description="Restore a backup set over production, all or nothing: prepared beside, swapped in with undo.",
         parameters={"store": _STORE},
         tags=("restore",), destructive=True, concurrency_limit=1,
     ),
