@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -195,24 +196,116 @@ def digest_database(pg: PostgresConnection, database: str, *, workers: int = 2) 
     with pg.connect(database) as conn:
         relations = _relations(conn)
         sequences = [_checksum_relation(conn, *rel, None) for rel in relations if rel[2] == "S"]
-    tables = sorted([rel for rel in relations if rel[2] == "r"], key=lambda rel: -rel[3])
-    groups: list[list[str]] = [[] for _ in range(max(1, min(workers, len(tables))))]
+    tables = [(schema, name, size) for schema, name, kind, size in relations if kind == "r"]
+    found = _digest_tables(pg, database, tables, workers, whole=True)
+    return sorted([*found, *sequences], key=lambda t: (t.schema_name, t.table))
+
+
+def _digest_tables(pg: PostgresConnection, database: str, tables: list[tuple[str, str, int]], workers: int,
+                   *, whole: bool) -> list[TableChecksum]:
+    """``tables`` read in ``workers`` groups of about equal size; ``whole``: the tables are all the database's,
+    so one group may be read as one whole-database dump (no argv of unbounded length)."""
+    if not tables:
+        return []
+    ordered = sorted(tables, key=lambda t: -t[2])
+    groups: list[list[str]] = [[] for _ in range(max(1, min(workers, len(ordered))))]
     sizes = [0] * len(groups)
-    for schema, name, _kind, size in tables:
+    for schema, name, size in ordered:
         smallest = sizes.index(min(sizes))
         groups[smallest].append(_table_pattern(schema, name))
         sizes[smallest] += size
-    if len(groups) == 1 or sum(len(p) for g in groups for p in g) > 64 * 1024:
-        found = _digest_dump(pg, database, None)  # one dump of everything: no argv of unbounded length
-    else:
-        results: list[list[TableChecksum]] = [[] for _ in groups]
+    if whole and (len(groups) == 1 or sum(len(p) for g in groups for p in g) > 64 * 1024):
+        return _digest_dump(pg, database, None)
+    groups = [chunk for group in groups for chunk in _bounded(group)]
+    results: list[list[TableChecksum]] = [[] for _ in groups]
 
-        def work(index: int, _failed: threading.Event) -> None:
-            results[index] = _digest_dump(pg, database, groups[index])
+    def work(index: int, _failed: threading.Event) -> None:
+        results[index] = _digest_dump(pg, database, groups[index])
 
-        _in_threads(work, len(groups))
-        found = [t for group in results for t in group]
-    return sorted([*found, *sequences], key=lambda t: (t.schema_name, t.table))
+    _in_threads(work, len(groups))
+    return [t for group in results for t in group]
+
+
+def _bounded(patterns: list[str], limit: int = 32 * 1024) -> list[list[str]]:
+    """``patterns`` cut into lists whose argv stays under ``limit`` bytes."""
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for pattern in patterns:
+        if chunks[-1] and size + len(pattern) > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(pattern)
+        size += len(pattern) + 10
+    return chunks
+
+
+_TABLE_LOADED = re.compile(r"^pg_restore: finished item \d+ TABLE DATA (.+)$")
+
+
+class _ReadBack:
+    """Reads restored tables back as ``pg_restore --verbose`` reports each one loaded (its COPY committed),
+    beside the restore, with the backup's own scanner; the rest once the restore has ended.
+
+    pg_restore names a loaded table without its schema: a name found in several schemas waits for the end.
+    """
+
+    def __init__(self, pg: PostgresConnection, database: str) -> None:
+        self.pg, self.database = pg, database
+        with pg.connect(database) as conn:
+            relations = _relations(conn)
+        self.tables = [(schema, name, size) for schema, name, kind, size in relations if kind == "r"]
+        self.sequences = [rel for rel in relations if rel[2] == "S"]
+        counts = Counter(name for _schema, name, _size in self.tables)
+        self.by_name = {name: (schema, name) for schema, name, _size in self.tables if counts[name] == 1}
+        self.ready: list[tuple[str, str]] = []
+        self.read: set[tuple[str, str]] = set()
+        self.found: list[TableChecksum] = []
+        self.error: BaseException | None = None
+        self.closed = False
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def loaded(self, line: str) -> None:
+        """pg_restore's stderr, line by line."""
+        match = _TABLE_LOADED.match(line)
+        if match and match.group(1) in self.by_name:
+            with self.cond:
+                self.ready.append(self.by_name[match.group(1)])
+                self.cond.notify()
+
+    def _work(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    while not self.ready and not self.closed:
+                        self.cond.wait()
+                    if self.closed:
+                        return
+                    batch, self.ready = self.ready, []
+                for chunk in _bounded([_table_pattern(*table) for table in batch]):
+                    self.found += _digest_dump(self.pg, self.database, chunk)
+                self.read.update(batch)
+        except BaseException as exc:  # noqa: BLE001 - raised in finish(), in the caller's thread
+            self.error = exc
+
+    def abandon(self) -> None:
+        """The restore failed: stop reading (a read under way ends when its database is dropped)."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+
+    def finish(self, workers: int) -> list[TableChecksum]:
+        """Once the restore has ended: read what is left, and the sequences; the whole database's checksums."""
+        self.abandon()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        rest = [t for t in self.tables if (t[0], t[1]) not in self.read]
+        found = self.found + _digest_tables(self.pg, self.database, rest, workers, whole=not self.read)
+        with self.pg.connect(self.database) as conn:
+            sequences = [_checksum_relation(conn, *rel, None) for rel in self.sequences]
+        return sorted([*found, *sequences], key=lambda t: (t.schema_name, t.table))
 
 
 def checksums_like(
@@ -414,14 +507,21 @@ def restore_database(
             raise RestoreFailed(f"cannot create {pg.describe(database)} like the backed-up database "
                                 f"({exc.diag.message_primary or exc}); nothing was changed") from None
     log.info("restoring %s into %s", part.key, pg.describe(database))
+    readback: _ReadBack | None = None
     try:
         argv = [pg_tool("pg_restore"), "--exit-on-error", "--no-password",
                 f"--dbname={_conninfo_dbname(database)}"]
-        if staged_file is not None:
-            code, _out, err = run([*argv, f"--jobs={max(jobs, 1)}", staged_file], env=pg.libpq_env(database))
-            if code != 0:
-                raise RestoreFailed(f"pg_restore into {pg.describe(database)} failed ({describe_exit(code)}): "
-                                    f"{err.strip()[-2000:]}")
+        read_beside = (staged_file is not None and verify and jobs > 1
+                       and any((t.checksum or "").startswith(f"{ARCHIVE_METHOD}:") for t in part.tables))
+        if staged_file is not None and read_beside:
+            # Schema first, so the tables are known; then data and indexes in parallel, each table read
+            # back as soon as its data is in, on the core the restore leaves idle.
+            _run_restore(pg, database, [*argv, "--section=pre-data", staged_file])
+            readback = _ReadBack(pg, database)
+            _run_restore(pg, database, [*argv, f"--jobs={jobs}", "--section=data", "--section=post-data",
+                                        "--verbose", staged_file], on_stderr=readback.loaded)
+        elif staged_file is not None:
+            _run_restore(pg, database, [*argv, f"--jobs={max(jobs, 1)}", staged_file])
         else:
             _restore_streamed(part, store, pg, database, argv)
         if properties and recorded is not None:
@@ -434,18 +534,32 @@ def restore_database(
                                          + "; ".join(problems))
         tables = 0
         if verify and part.tables:
-            problems = compare_checksums(part.tables, checksums_like(pg, database, part.tables, workers=jobs))
+            actual = (readback.finish(jobs) if readback is not None
+                      else checksums_like(pg, database, part.tables, workers=jobs))
+            problems = compare_checksums(part.tables, actual)
             if problems:
                 raise VerificationFailed(
                     f"restored {pg.describe(database)} differs from the backup: " + "; ".join(problems[:10])
                 )
             tables = len([t for t in part.tables if not (t.checksum or "").startswith("seq:")])
     except (RunbookError, OSError, psycopg.Error):
+        if readback is not None:
+            readback.abandon()
         _drop_quietly(pg, database)
         raise
     seconds = round(time.monotonic() - started, 3)
     log.info("restored %s in %.1f s (%d tables verified)", pg.describe(database), seconds, tables)
     return RestoredDatabase(database=database, tables=tables, seconds=seconds)
+
+
+def _run_restore(pg: PostgresConnection, database: str, argv: list[str],
+                 on_stderr: Callable[[str], None] | None = None) -> None:
+    with spawn(argv, env=pg.libpq_env(database), stdout=False, on_stderr=on_stderr) as child:
+        code = child.wait()
+    if code != 0:
+        errors = [line for line in child.stderr_lines if ": error:" in line or "ERROR" in line]
+        detail = "\n".join(errors[-10:]) if errors else child.stderr_tail()
+        raise RestoreFailed(f"pg_restore into {pg.describe(database)} failed ({describe_exit(code)}): {detail[-2000:]}")
 
 
 def _restore_streamed(part: Part, store: BackupStore, pg: PostgresConnection, database: str, argv: list[str]) -> None:
