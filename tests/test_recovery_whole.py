@@ -441,3 +441,56 @@ def test_in_place_without_a_safety_copy_drops_the_old_databases_only_after_succe
     assert state.is_completed(), state
     assert fingerprint(s) == good
     assert not [d for d in _databases(s["pg"]) if "__pre_restore_" in d]  # dropped, after success only
+
+
+def test_tables_are_read_back_while_the_restore_runs_and_a_difference_still_fails(fresh_pg, tmp_path, monkeypatch):
+    """The parallel restore reads each table back as pg_restore reports it loaded; names pg_restore gives
+    without a schema that exist in two schemas are read at the end. A checksum that differs fails either way."""
+    import tasks.postgres as postgres_tasks
+    from tasks.errors import VerificationFailed
+    from tasks.postgres import dump_database, restore_database
+    from tasks.store import stage_part
+
+    pg = PostgresConnection.from_url(fresh_pg.url)
+    with pg.connect(autocommit=True) as c:
+        c.execute("CREATE DATABASE src")
+    with pg.connect("src", autocommit=True) as c:
+        c.execute("""
+            CREATE SCHEMA other;
+            CREATE TABLE public.twin AS SELECT g FROM generate_series(1, 3000) g;
+            CREATE TABLE other.twin AS SELECT g * 2 AS g FROM generate_series(1, 3000) g;
+            CREATE TABLE "with space" AS SELECT g, md5(g::text) FROM generate_series(1, 200000) g;
+            CREATE TABLE small AS SELECT 1 AS one;
+            ALTER TABLE "with space" ADD PRIMARY KEY (g);
+        """)
+    store = BackupStore.from_url(f"file://{tmp_path}/store")
+    part = dump_database.fn(pg, "src", store, "20261201T000000Z-abcdef")
+    staged = stage_part.fn(part, store, str(tmp_path / "staging"))
+    reads: list[tuple[bool, list[str] | None]] = []  # (after the restore ended, patterns)
+    restore_ended: list[bool] = []
+    real_dump, real_finish = postgres_tasks._digest_dump, postgres_tasks._ReadBack.finish
+
+    def recording(conn: Any, database: str, patterns: list[str] | None) -> Any:
+        reads.append((bool(restore_ended), patterns))
+        return real_dump(conn, database, patterns)
+
+    def finishing(self: Any, workers: int) -> Any:
+        restore_ended.append(True)
+        return real_finish(self, workers)
+
+    monkeypatch.setattr(postgres_tasks, "_digest_dump", recording)
+    monkeypatch.setattr(postgres_tasks._ReadBack, "finish", finishing)
+    restored = restore_database.fn(part, store, pg, "copy", staged_file=staged.path, jobs=2)
+    assert restored.tables == 4
+    beside = [p for ended, batch in reads if not ended for p in batch or []]
+    assert '"public"."with space"' in beside or '"public"."small"' in beside
+    assert all("twin" not in p for p in beside)  # ambiguous without a schema: read at the end
+    assert sorted(p for _ended, batch in reads for p in batch or []) == sorted(
+        ['"other"."twin"', '"public"."twin"', '"public"."with space"', '"public"."small"'])
+
+    bad = part.model_copy(deep=True)
+    table = next(t for t in bad.tables if t.table == "with space")
+    table.checksum = "xxh64sum:" + format(int(table.checksum.split(":")[1], 16) ^ 1, "016x")
+    with pytest.raises(VerificationFailed, match="public.with space: content checksum differs"):
+        restore_database.fn(bad, store, pg, "copy2", staged_file=staged.path, jobs=2)
+    assert "copy2" not in _databases(pg)
