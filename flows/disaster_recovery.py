@@ -25,6 +25,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import Flow, FlowRun
 from prefect.concurrency.sync import concurrency
 from prefect.flow_runs import pause_flow_run
+from prefect.futures import PrefectFuture
 from prefect.input import RunInput
 from prefect.runtime import flow_run as current_run
 from prefect.states import Cancelled, State
@@ -280,15 +281,40 @@ def _refuse_after_a_dead_recovery(store: BackupStore, journal: Journal) -> None:
 def _prepare(journal: Journal, parts: list[Part], prepared: _Prepared, store: BackupStore, staging: str,
              postgres: PostgresConnection | None, redis: RedisConnection | None, jobs: int,
              rto: dict[str, float]) -> None:
-    """Everything that can fail before production changes: download, restore beside, verify, pre-flight."""
-    t0 = time.monotonic()
-    journal.step = "downloading and checking every part"
-    for part in parts:
-        prepared.staged[part.key] = stage_part(part, store, staging)
-    rto["download + verify"] = round(time.monotonic() - t0, 2)
+    """Everything that can fail before production changes: download, restore beside, verify, pre-flight.
+
+    Parts are downloaded and checked one after another in the background, in the order they are used, so a
+    database is restored beside while the next parts are still downloading.
+    """
+    order = {"globals": 0, "postgres": 1, "redis": 2, "files": 3}
+    futures: dict[str, PrefectFuture[StagedPart]] = {}
+    previous: list[PrefectFuture[StagedPart]] = []
+    started = time.monotonic()
+    for part in sorted(parts, key=lambda p: order[p.kind]):
+        futures[part.key] = stage_part.submit(part, store, staging, wait_for=previous)
+        previous = [futures[part.key]]
+    try:
+        _prepare_parts(journal, parts, prepared, futures, started, store, postgres, redis, jobs, rto)
+    except BaseException:
+        for future in futures.values():  # none may still write into staging once it is removed
+            future.wait()
+        raise
+
+
+def _prepare_parts(journal: Journal, parts: list[Part], prepared: _Prepared,
+                   futures: dict[str, PrefectFuture[StagedPart]], started: float, store: BackupStore,
+                   postgres: PostgresConnection | None, redis: RedisConnection | None, jobs: int,
+                   rto: dict[str, float]) -> None:
+    def staged(part: Part) -> StagedPart:
+        if part.key not in prepared.staged:
+            journal.step = f"downloading and checking {part.kind} part {part.name!r}"
+            prepared.staged[part.key] = futures[part.key].result()
+            rto["download + verify"] = round(time.monotonic() - started, 2)  # until the last part is in
+        return prepared.staged[part.key]
 
     globals_part = next((p for p in parts if p.kind == "globals"), None)
     if globals_part is not None and postgres is not None:
+        staged(globals_part)  # every part is checked before anything is made from it
         journal.step = "creating the roles the server lacks (existing roles are left as they are)"
         t0 = time.monotonic()
         restore_globals(globals_part, store, postgres)
@@ -302,8 +328,7 @@ def _prepare(journal: Journal, parts: list[Part], prepared: _Prepared, store: Ba
         journal.step = f"restoring database {part.name!r} beside as {target.beside!r}"
         t0 = time.monotonic()
         prepared.side_databases.append(target.beside)
-        restore_database(part, store, postgres, target.beside, staged_file=prepared.staged[part.key].path,
-                         jobs=jobs)
+        restore_database(part, store, postgres, target.beside, staged_file=staged(part).path, jobs=jobs)
         target.state = "prepared"
         swaps.append(Swap(live=part.name, restored=target.beside, kept=target.kept))
         rto[f"postgres:{part.name}"] = round(time.monotonic() - t0, 2)
@@ -316,7 +341,7 @@ def _prepare(journal: Journal, parts: list[Part], prepared: _Prepared, store: Ba
         assert redis is not None
         journal.step = "loading the Redis snapshot into a scratch server and pre-flight of the target"
         t0 = time.monotonic()
-        preflight_redis_restore(part, redis, staged_rdb=prepared.staged[part.key].path)
+        preflight_redis_restore(part, redis, staged_rdb=staged(part).path)
         prepared.redis_part = part
         journal.mark("prepared", "redis")
         rto["redis pre-flight"] = round(time.monotonic() - t0, 2)
@@ -326,7 +351,7 @@ def _prepare(journal: Journal, parts: list[Part], prepared: _Prepared, store: Ba
         journal.step = f"extracting {part.name} beside its target as {target.beside}"
         t0 = time.monotonic()
         prepared.directories.append((target.beside, target.live, target.kept))
-        extract_archive(part, store, target.beside, staged_tar=prepared.staged[part.key].path)
+        extract_archive(part, store, target.beside, staged_tar=staged(part).path)
         preflight_directory_swap(target.beside, target.live, target.kept)
         target.state = "prepared"
         rto[f"files:{part.name}"] = round(time.monotonic() - t0, 2)
