@@ -20,7 +20,7 @@ from blocks.store import BackupStore
 from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError
 from tasks.archive import METHOD as ARCHIVE_METHOD
 from tasks.databases import (
-    amcheck_pattern,
+    exact_pattern,
     apply_statements,
     compare_properties,
     create_statement,
@@ -169,8 +169,8 @@ def _in_threads(work: Callable[[int, threading.Event], None], count: int) -> Non
 
 
 def _table_pattern(schema: str, name: str) -> str:
-    """A pg_dump ``--table`` pattern that matches exactly this table: inside double quotes nothing is special."""
-    return '"{}"."{}"'.format(schema.replace('"', '""'), name.replace('"', '""'))
+    """A pg_dump ``--table`` pattern that matches exactly this table."""
+    return f"{exact_pattern(schema)}.{exact_pattern(name)}"
 
 
 def _digest_dump(pg: PostgresConnection, database: str, patterns: list[str] | None) -> list[TableChecksum]:
@@ -651,7 +651,7 @@ class AmcheckResult:
 def run_amcheck(pg: PostgresConnection, database: str, *, heapallindexed: bool = False) -> AmcheckResult:
     """``pg_amcheck`` (installing the amcheck extension if missing) on every table and B-tree index."""
     started = time.monotonic()
-    argv = [pg_tool("pg_amcheck"), "--install-missing", "--no-password", f"--database={amcheck_pattern(database)}"]
+    argv = [pg_tool("pg_amcheck"), "--install-missing", "--no-password", f"--database={exact_pattern(database)}"]
     if heapallindexed:
         argv.append("--heapallindexed")
     code, out, err = run(argv, env=pg.libpq_env(database))
