@@ -20,10 +20,10 @@ from blocks.store import BackupStore
 from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError
 from tasks.archive import METHOD as ARCHIVE_METHOD
 from tasks.databases import (
-    exact_pattern,
     apply_statements,
     compare_properties,
     create_statement,
+    exact_pattern,
     missing_roles,
     read_properties,
 )
