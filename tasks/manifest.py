@@ -10,7 +10,7 @@ import json
 import re
 import secrets
 from datetime import UTC, datetime
-from typing import Literal
+from typing import ClassVar, Literal, Self
 from urllib.parse import quote, unquote
 
 from pydantic import BaseModel, Field, ValidationError
@@ -221,8 +221,26 @@ class Manifest(BaseModel):
         return manifest
 
 
-class Verification(BaseModel):
+class JsonRecord(BaseModel):
+    """A record kept as one JSON object in the store; a bad one is a StoreError naming where it is."""
+
+    _what: ClassVar[str] = "record"
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), indent=2).encode() + b"\n"
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, where: str = "") -> Self:
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise StoreError(f"{cls._what} {where} is not valid: {exc.errors()[0]['msg']}") from None
+
+
+class Verification(JsonRecord):
     """Result of one restore drill of a set (``verification.json``); the newest drill wins."""
+
+    _what: ClassVar[str] = "verification record"
 
     set_id: str
     verified_at: datetime
@@ -230,16 +248,6 @@ class Verification(BaseModel):
     problems: list[str] = Field(default_factory=list)
     seconds: dict[str, float] = Field(default_factory=dict, description="Per component restore/check time.")
     flow_run_id: str | None = None
-
-    def to_bytes(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), indent=2).encode() + b"\n"
-
-    @classmethod
-    def from_bytes(cls, data: bytes, *, where: str = "") -> Verification:
-        try:
-            return cls.model_validate_json(data)
-        except ValidationError as exc:
-            raise StoreError(f"verification record {where} is not valid: {exc.errors()[0]['msg']}") from None
 
 
 def build_manifest(

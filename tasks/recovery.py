@@ -7,17 +7,16 @@ Retention only looks under ``backups/``, so it never removes either.
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
-from typing import Literal
+from typing import ClassVar, Literal
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from blocks.store import BackupStore, StoreClient
-from tasks.errors import ConfigurationError, StoreError
-from tasks.manifest import Part
+from tasks.errors import ConfigurationError
+from tasks.manifest import JsonRecord, Part
 from tasks.retry import retry_transient
 
 RECOVERIES_PREFIX = "recoveries/"
@@ -47,7 +46,9 @@ class Target(BaseModel):
     state: TargetState = "untouched"
 
 
-class Journal(BaseModel):
+class Journal(JsonRecord):
+    _what: ClassVar[str] = "recovery journal"
+
     recovery_id: str
     set_id: str
     flow_run_id: str | None = None
@@ -73,16 +74,6 @@ class Journal(BaseModel):
         for target in self.targets:
             if target.kind in kinds:
                 target.state = state
-
-    def to_bytes(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), indent=2).encode() + b"\n"
-
-    @classmethod
-    def from_bytes(cls, data: bytes, *, where: str = "") -> Journal:
-        try:
-            return cls.model_validate_json(data)
-        except ValidationError as exc:
-            raise StoreError(f"recovery journal {where} is not valid: {exc.errors()[0]['msg']}") from None
 
 
 @task(retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
