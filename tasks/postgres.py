@@ -60,8 +60,9 @@ def inspect_server(pg: PostgresConnection, databases: list[str] | None = None) -
     with pg.connect() as conn:
         version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
         rows = conn.execute(
-            "SELECT datname, pg_database_size(datname) FROM pg_database "
-            "WHERE NOT datistemplate AND datallowconn ORDER BY datname"
+            # pg_database_size needs CONNECT: a user allowed into some databases only can back those up.
+            "SELECT datname, CASE WHEN has_database_privilege(datname, 'CONNECT') THEN pg_database_size(datname) "
+            "ELSE 0 END FROM pg_database WHERE NOT datistemplate AND datallowconn ORDER BY datname"
         ).fetchall()
     sizes = {name: size for name, size in rows}
     if databases:

@@ -494,3 +494,30 @@ def test_tables_are_read_back_while_the_restore_runs_and_a_difference_still_fail
     with pytest.raises(VerificationFailed, match="public.with space: content checksum differs"):
         restore_database.fn(bad, store, pg, "copy2", staged_file=staged.path, jobs=2)
     assert "copy2" not in _databases(pg)
+
+
+def test_a_database_preflight_refusal_fails_before_any_change(production, prefect_harness):
+    """A user that may restore beside (CREATEDB, owner of the database) but not end other sessions: the
+    rename pre-flight refuses in phase 1, the prepared copy is removed, production and maintenance untouched."""
+    s = production
+    with s["pg"].connect(autocommit=True) as c:
+        c.execute("CREATE ROLE operator LOGIN PASSWORD 'op-pw' CREATEDB")
+        c.execute("CREATE DATABASE plain OWNER operator")
+    operator = s["pg"].model_copy(update={"user": "operator", "password": SecretStr("op-pw")})
+    with operator.connect("plain", autocommit=True) as c:
+        c.execute("CREATE TABLE t AS SELECT generate_series(1, 1000) AS g")
+    set_id = backup(store=s["store"], postgres=operator, databases=["plain"], include_globals=False,
+                    retries=0).set_id
+    with operator.connect("plain", autocommit=True) as c:
+        c.execute("DELETE FROM t WHERE g > 10")
+    before = fingerprint(s)
+
+    state = disaster_recovery(store=s["store"], backup_id=set_id, postgres=operator, app=s["endpoint"],
+                              confirm=True, return_state=True)
+
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "pre-flight" in message and "pg_signal_backend" in message and "nothing was changed" in message
+    assert fingerprint(s) == before
+    assert not [d for d in _databases(s["pg"]) if any(m in d for m in SIDE_MARKS)]
+    assert s["app"].events == []
