@@ -351,23 +351,6 @@ def test_served_runs_start_from_a_forkserver(stack: Stack) -> None:
     assert [pid for pid in _children(serve) if "multiprocessing.forkserver" in cmdline(pid)]
 
 
-def test_ctrl_c_stops_the_whole_stack(stack: Stack) -> None:
-    descendants = _descendants(stack.proc.pid)
-    assert len(descendants) >= 3  # server, serve, webhook (and their own children)
-    stack.proc.send_signal(signal.SIGINT)
-    assert stack.proc.wait(90) == 0
-    wait_for("every child to exit", lambda: not [p for p in descendants if _process_alive(p)], 30)
-
-
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        for child in _children(todo.pop()):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def shipped_parameters(deployment: str) -> dict[str, Any]:
     """A deployment's default parameters as prefect.yaml ships them (YAML anchors resolved)."""
     [entry] = [d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"] if d["name"] == deployment]
@@ -410,3 +393,20 @@ def test_the_shipped_nightly_backup_and_its_drill_pass_with_their_defaults(stack
                                                           ("globals", "globals"), ("redis", "redis")}
     record = read_verification(store.get_client(), manifest.set_id)
     assert record is not None and record.ok and record.problems == []
+
+
+def test_ctrl_c_stops_the_whole_stack(stack: Stack) -> None:
+    descendants = _descendants(stack.proc.pid)
+    assert len(descendants) >= 3  # server, serve, webhook (and their own children)
+    stack.proc.send_signal(signal.SIGINT)
+    assert stack.proc.wait(90) == 0
+    wait_for("every child to exit", lambda: not [p for p in descendants if _process_alive(p)], 30)
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found
