@@ -54,7 +54,14 @@ from tasks.locks import ensure_lock, lock_name
 from tasks.log import run_logger
 from tasks.metrics import findings_exposition, push_exposition, push_flow_run_metrics
 from tasks.notify import send_notification
-from tasks.remediation import indexes_to_reindex, recovery_options, reindex_index, terminate_sessions, vacuum_table
+from tasks.remediation import (
+    indexes_to_reindex,
+    recovery_options,
+    reindex_index,
+    tables_to_vacuum,
+    terminate_sessions,
+    vacuum_table,
+)
 
 RUNBOOK = "db-integrity-check"
 IDLE_IN_TRANSACTION = ["idle in transaction", "idle in transaction (aborted)"]
@@ -172,7 +179,10 @@ def db_integrity_check(
                 ended = {r.object for r in done_sessions if r.after == "session ended"}
                 resolved += [f for f in targets if f.object in ended]
         if vacuum_stale_tables:
-            for finding in [f for f in findings if f.check == Check.vacuum and f.kind == "stale"]:
+            stale, damaged = tables_to_vacuum(findings)
+            for finding in damaged:
+                log.warning("not vacuuming %s: its heap is damaged", finding.object)
+            for finding in stale:
                 done = vacuum_table(postgres, finding)
                 remediations.append(done)
                 if done.ok:

@@ -241,6 +241,23 @@ def recovery_options(store: BackupStore | None, heap_findings: list[Finding]) ->
     return "\n".join(lines)
 
 
+def _damaged_tables(findings: list[Finding]) -> set[tuple[str, str]]:
+    return {(f.database, qualified(f.schema_name, f.relation)) for f in findings
+            if f.check == "amcheck" and f.kind == "heap" and f.schema_name and f.relation}
+
+
+def tables_to_vacuum(findings: list[Finding]) -> tuple[list[Finding], list[Finding]]:
+    """(stale-table findings to VACUUM, those skipped because the table's heap is damaged). Pure.
+
+    VACUUM prunes and freezes by the very tuple headers that damage garbles: it could remove rows a restore
+    still needs to compare against.
+    """
+    damaged = _damaged_tables(findings)
+    stale = [f for f in findings if f.check == "vacuum" and f.kind == "stale" and f.schema_name and f.relation]
+    return ([f for f in stale if (f.database, f.object) not in damaged],
+            [f for f in stale if (f.database, f.object) in damaged])
+
+
 def indexes_to_reindex(findings: list[Finding]) -> tuple[list[Finding], list[Finding]]:
     """(index findings to reindex, index findings skipped because their table's heap is damaged). Pure.
 
@@ -248,8 +265,7 @@ def indexes_to_reindex(findings: list[Finding]) -> tuple[list[Finding], list[Fin
     dropped, not rebuilt), and neither does any index of a table with heap corruption: its rebuild would
     read the damaged rows.
     """
-    damaged_tables = {(f.database, qualified(f.schema_name, f.relation)) for f in findings
-                      if f.check == "amcheck" and f.kind == "heap" and f.schema_name and f.relation}
+    damaged_tables = _damaged_tables(findings)
     chosen: dict[tuple[str, str, str], Finding] = {}
     skipped = []
     for f in findings:

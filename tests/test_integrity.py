@@ -7,6 +7,7 @@ import hashlib
 import secrets
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,9 @@ def corrupted(request: pytest.FixtureRequest) -> Iterator[tuple[ScratchPostgres,
     with ScratchPostgres(fast=True, data_checksums=request.param) as server:
         create_database(server, "idx")
         create_database(server, "heap")
+        with connect(server, "heap") as conn:  # u is stale too: many dead rows, far from the damaged block
+            conn.execute("ALTER TABLE u SET (autovacuum_enabled = false)")
+            conn.execute("DELETE FROM u WHERE id > 15000")
         corrupt(server, [("idx", "t_pkey", INDEX_BLOCK, GARBAGE_INDEX), ("heap", "u", HEAP_BLOCK, GARBAGE_HEAP)])
         yield server, request.param
 
@@ -195,6 +199,9 @@ def test_heap_corruption_is_critical_and_never_fixed(prefect_harness: None, corr
                                                      tmp_path_factory: pytest.TempPathFactory) -> None:
     from blocks.store import BackupStore
     from flows.backup import backup
+    from tasks.manifest import Verification
+    from tasks.remediation import recovery_options
+    from tasks.store import record_verification
 
     server, _checksums = corrupted
     pg = block(server)
@@ -203,14 +210,20 @@ def test_heap_corruption_is_critical_and_never_fixed(prefect_harness: None, corr
     heap_file = relation_file(server, "heap", "u")
     damaged = file_digest(heap_file)
 
+    stale = Thresholds(stale_min_dead_tuples=1000, stale_days=0)
     state, report = _run(postgres=pg, databases=["heap"], install_amcheck=True, reindex=True,
-                         vacuum_stale_tables=True, store=store)
+                         vacuum_stale_tables=True, store=store, thresholds=stale)
     assert state.is_failed() and "critical" in state.message
     [heap] = [f for f in report.findings if f.check == Check.amcheck]
     assert (heap.severity, heap.kind, heap.object) == (Severity.critical, "heap", "public.u")
     assert "do NOT reindex" in heap.action
+    assert [f.object for f in report.findings if f.check == Check.vacuum] == ["public.u"]
     assert report.remediations == []  # nothing was "fixed": no reindex of u_pkey, no vacuum of u
     assert made.set_id in report.recovery and "NOT verified" in report.recovery
+    assert "no base backup" in report.recovery
+    record_verification.fn(store, Verification(set_id=made.set_id, verified_at=datetime.now(UTC), ok=True))
+    assert f"`{made.set_id}`" in recovery_options.fn(store, [heap])
+    assert "verified by a restore drill at" in recovery_options.fn(store, [heap])
     assert file_digest(heap_file) == damaged
     with connect(server, "heap") as conn:
         assert conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = 'u_pkey'::regclass").fetchone() \

@@ -29,7 +29,7 @@ from tasks.integrity import (
     settle_checksum_failures,
 )
 from tasks.metrics import findings_exposition
-from tasks.remediation import indexes_to_reindex
+from tasks.remediation import indexes_to_reindex, tables_to_vacuum
 
 
 @pytest.mark.parametrize(("name", "pattern"), [
@@ -197,3 +197,14 @@ def test_summary_markdown_says_verdict_changes_and_recovery() -> None:
     clean = summary_markdown([_finding(Severity.info)], [], databases=["app"], checks=[Check.sessions],
                              fail_on=Severity.warning, recovery=None)
     assert clean.startswith("# db-integrity-check: PASSED") and "## Findings" not in clean
+
+
+def test_tables_to_vacuum_skips_damaged_tables() -> None:
+    heap = _finding(Severity.critical, Check.amcheck, kind="heap", schema_name="public", relation="u")
+    damaged = _finding(Severity.warning, Check.vacuum, kind="stale", schema_name="public", relation="u",
+                       object="public.u")
+    fine = _finding(Severity.warning, Check.vacuum, kind="stale", schema_name="public", relation="t",
+                    object="public.t")
+    elsewhere = _finding(Severity.warning, Check.vacuum, kind="stale", schema_name="public", relation="u",
+                         object="public.u", database="other")
+    assert tables_to_vacuum([heap, damaged, fine, elsewhere]) == ([fine, elsewhere], [damaged])
