@@ -44,6 +44,7 @@ bench: install
 	$(PY) bench/restore.py
 	$(PY) bench/pitr.py
 	$(PY) bench/webhook.py
+	$(PY) bench/integrity.py
 
 clean:
 	rm -rf $(VENV) .demo .bench
