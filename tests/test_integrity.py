@@ -29,6 +29,7 @@ from tasks.integrity import (
     check_wraparound,
     list_databases,
 )
+from tasks.remediation import terminate_sessions, vacuum_table
 from tasks.scratch import ScratchPostgres
 
 INDEX_BLOCK, HEAP_BLOCK = 2, 3
@@ -277,6 +278,8 @@ def test_idle_in_transaction_is_reported_and_terminated_only_with_the_switch(pre
             conn = connect(server, "app", application_name=app, autocommit=False)
             conn.execute("SELECT * FROM t LIMIT 1")  # a transaction left open
             sessions[app] = conn
+        late = connect(server, "app", application_name="late", autocommit=False)
+        late.execute("SELECT 1")  # idle in transaction when checked, committed before the termination
         idle = connect(server, "app", application_name="pool")
         walsender = connect(server, "app", application_name="replica", replication="database")
         walsender_pid = walsender.info.backend_pid
@@ -288,7 +291,12 @@ def test_idle_in_transaction_is_reported_and_terminated_only_with_the_switch(pre
             found = check_sessions.fn(pg, ["app"], t)
             assert sorted((f.kind, f.pid) for f in found) == sorted([
                 ("idle in transaction", pids["webapp"]), ("idle in transaction", pids["batch"]),
-                ("idle", idle.info.backend_pid)])
+                ("idle in transaction", late.info.backend_pid), ("idle", idle.info.backend_pid)])
+            late.commit()  # now merely idle (and younger than the threshold): the termination re-checks
+            [left] = terminate_sessions.fn(pg, [f for f in found if f.pid == late.info.backend_pid],
+                                           states=["idle in transaction"], min_seconds=0.6, exclude_applications=[])
+            assert left.ok and left.after.startswith("left alone") and _alive(server, late.info.backend_pid)
+            late.close()
             state, report = _run(postgres=pg, databases=["app"], checks=["sessions"], thresholds=t)
             assert state.is_completed() and report.remediations == []
             assert all(_alive(server, pid) for pid in [*pids.values(), idle.info.backend_pid])
@@ -305,7 +313,7 @@ def test_idle_in_transaction_is_reported_and_terminated_only_with_the_switch(pre
                 sessions["webapp"].execute("SELECT 1")
             assert [f.pid for f in report.findings if f.check == Check.sessions] == [pids["batch"]]
         finally:
-            for conn in [*sessions.values(), idle, walsender]:
+            for conn in [*sessions.values(), late, idle, walsender]:
                 conn.close()
 
 
@@ -382,6 +390,9 @@ def test_stale_table_is_reported_and_vacuumed_with_the_switch(prefect_harness: N
         [done] = report.remediations
         assert done.ok and done.before.startswith("15000 dead") and done.after.startswith("0 dead"), done
         assert report.findings == [] and state.is_completed()
+        gone = stale.model_copy(update={"relation": "dropped_meanwhile", "object": "public.dropped_meanwhile"})
+        failed = vacuum_table.fn(pg, gone)
+        assert not failed.ok and failed.before == "absent" and "does not exist" in failed.error
 
 
 # ------------------------------------------------------------------------------------ a healthy cluster
