@@ -251,6 +251,9 @@ def test_invalid_index_from_a_failed_concurrent_unique_build(prefect_harness: No
             names = [r[0] for r in conn.execute("SELECT relname FROM pg_class WHERE relname LIKE 'u_v_key%'")]
         assert names == ["u_v_key"]
         assert [f.object for f in report.findings if f.check == Check.invalid_indexes] == ["public.u_v_key"]
+        assert state.is_completed()  # a warning stays open; the default fail_on is critical
+        state, _report = _run(postgres=pg, databases=["app"], checks=["invalid_indexes"], fail_on="warning")
+        assert state.is_failed() and "public.u_v_key" in state.message
 
         with connect(server, "app") as conn:
             conn.execute("DELETE FROM u WHERE id = 1002")
