@@ -9,6 +9,7 @@ long and idle transactions, replication slots and WAL archiving, and tables auto
 
 from __future__ import annotations
 
+import io
 import re
 import time
 from collections.abc import Iterable
@@ -32,7 +33,7 @@ from tasks.findings import (
     sequence_used_fraction,
 )
 from tasks.log import run_logger
-from tasks.process import describe_exit, pg_tool, run
+from tasks.process import describe_exit, pg_tool, spawn
 from tasks.retry import retry_transient
 
 # The application_name every runbook connection carries (blocks/postgres.py): the runbook's own sessions.
@@ -104,7 +105,13 @@ class AmcheckProblem:
 
 
 def parse_amcheck_output(text: str, databases: list[str]) -> list[AmcheckProblem]:
-    """pg_amcheck's report, one entry per relation, in the order first seen.
+    """:func:`parse_amcheck_lines` of a whole report."""
+    return parse_amcheck_lines(text.splitlines(), databases)
+
+
+def parse_amcheck_lines(lines: Iterable[str], databases: list[str]) -> list[AmcheckProblem]:
+    """pg_amcheck's report, one entry per relation, in the order first seen; memory bounded by the number of
+    damaged relations, whatever the number of lines (a badly damaged table prints one per tuple).
 
     Each complaint is a header line (``heap table "db.schema.rel", block B, offset O:`` or
     ``btree index "db.schema.idx":``) followed by indented message lines. The database is the longest of
@@ -113,7 +120,8 @@ def parse_amcheck_output(text: str, databases: list[str]) -> list[AmcheckProblem
     problems: dict[tuple[str, str, str], AmcheckProblem] = {}
     current: AmcheckProblem | None = None
     by_length = sorted(databases, key=len, reverse=True)
-    for line in text.splitlines():
+    for raw in lines:
+        line = raw.rstrip("\n")
         match = _HEADER.match(line)
         if match:
             kind = "heap" if match.group(1) == "heap table" else "index"
@@ -200,11 +208,12 @@ def check_corruption(pg: PostgresConnection, databases: list[str], options: Amch
     if targets:
         argv = amcheck_argv(pg_tool("pg_amcheck"), targets, options, install_missing=install_amcheck)
         log.info("pg_amcheck on %s: %s", pg.describe(), targets)
-        code, out, err = run(argv, env=pg.libpq_env())
-        problems = parse_amcheck_output(out, targets)
+        with spawn(argv, env=pg.libpq_env()) as child:
+            problems = parse_amcheck_lines(io.TextIOWrapper(child.stdout, errors="replace"), targets)
+            code = child.wait()
         if code not in (0, 2) or (code == 2 and not problems):
             raise AmcheckFailed(f"pg_amcheck on {pg.describe()} failed ({describe_exit(code)}): "
-                                f"{(err or out).strip()[-1500:]}")
+                                f"{child.stderr_tail() or 'no message'}")
         findings += _amcheck_findings(pg, problems)
     seconds = round(time.monotonic() - started, 3)
     log.info("pg_amcheck on %s: %d corrupt relation(s) in %.1f s", pg.describe(),

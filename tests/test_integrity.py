@@ -16,6 +16,7 @@ import pytest
 from psycopg import sql
 
 from blocks.postgres import PostgresConnection
+from tasks.errors import AmcheckFailed, ConfigurationError
 from tasks.findings import Check, Finding, Severity
 from tasks.integrity import (
     AmcheckOptions,
@@ -134,6 +135,11 @@ def test_without_the_extension_and_without_permission_the_database_is_reported_n
         assert run.databases == [] and run.unchecked == ["app"]
         with connect(server, "app") as conn:
             assert conn.execute("SELECT count(*) FROM pg_extension WHERE extname = 'amcheck'").fetchone() == (0,)
+        with pytest.raises(AmcheckFailed, match='no connectable databases to check matching ""gone""') as failed:
+            check_corruption.fn(block(server), ["gone"], install_amcheck=True)  # cannot check is not "clean"
+        assert server.password not in str(failed.value)
+        with pytest.raises(ConfigurationError, match=r"\['gone'\] do not exist"):
+            list_databases.fn(block(server), ["app", "gone"])
 
 
 # ------------------------------------------------------------------------------- real corruption, the flow
