@@ -352,6 +352,14 @@ def test_wraparound_and_sequence_thresholds_trip() -> None:
         assert ("database transaction ID", Severity.warning) in kinds
         assert any(f.kind == "table transaction ID" and f.object == "public.t" for f in found)
         assert not any("multixact" in f.kind for f in found)
+        sharers = [connect(server, "app", autocommit=False) for _ in range(2)]
+        for conn in sharers:  # two lockers of one row: a multixact
+            conn.execute("SELECT * FROM t WHERE id = 1 FOR SHARE")
+        for conn in sharers:
+            conn.commit()
+            conn.close()
+        found = check_wraparound.fn(pg, ["app"], Thresholds(mxid_age_warning=1, mxid_age_critical=2**31))
+        assert ("database multixact", Severity.warning) in {(f.kind, f.severity) for f in found}
 
         seqs = {f.object: f for f in check_sequences.fn(pg, ["app"], Thresholds())}
         assert set(seqs) == {"public.small", "public.w_id_seq", "public.down"}
