@@ -140,7 +140,8 @@ RUNBOOKS: tuple[Runbook, ...] = (
         flow="db-integrity-check", deployment="weekly", module="flows/integrity.py",
         description="amcheck, checksum failures, invalid indexes, wraparound, sequences, long transactions.",
         schedules=("0 3 * * 6",),  # Saturdays 03:00
-        parameters={"postgres": _POSTGRES},
+        # The store names the newest verified backup when table data is damaged; amcheck is created where missing.
+        parameters={"postgres": _POSTGRES, "store": _STORE, "install_amcheck": True},
         tags=("postgres", "integrity"),
     ),
 )
