@@ -41,12 +41,6 @@ def side_name(database: str, label: str) -> str:
     return head + suffix
 
 
-def exact_pattern(name: str) -> str:
-    """A psql-style pattern (``pg_amcheck --database``, one part of ``pg_dump --table``) matching exactly ``name``:
-    inside double quotes no character is special, and a double quote is written twice."""
-    return '"{}"'.format(name.replace('"', '""'))
-
-
 # ------------------------------------------------------------------------------------------ properties
 
 

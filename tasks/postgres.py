@@ -23,11 +23,11 @@ from tasks.databases import (
     apply_statements,
     compare_properties,
     create_statement,
-    exact_pattern,
     missing_roles,
     read_properties,
 )
 from tasks.errors import ConfigurationError, DumpFailed, RestoreFailed, RunbookError, VerificationFailed
+from tasks.findings import pattern_literal
 from tasks.log import run_logger
 from tasks.manifest import DatabaseProperties, Part, TableChecksum, part_key
 from tasks.process import Child, describe_exit, pg_tool, run, spawn, tool_version
@@ -171,7 +171,7 @@ def _in_threads(work: Callable[[int, threading.Event], None], count: int) -> Non
 
 def _table_pattern(schema: str, name: str) -> str:
     """A pg_dump ``--table`` pattern that matches exactly this table."""
-    return f"{exact_pattern(schema)}.{exact_pattern(name)}"
+    return f"{pattern_literal(schema)}.{pattern_literal(name)}"
 
 
 def _digest_dump(pg: PostgresConnection, database: str, patterns: list[str] | None) -> list[TableChecksum]:
@@ -652,7 +652,7 @@ class AmcheckResult:
 def run_amcheck(pg: PostgresConnection, database: str, *, heapallindexed: bool = False) -> AmcheckResult:
     """``pg_amcheck`` (installing the amcheck extension if missing) on every table and B-tree index."""
     started = time.monotonic()
-    argv = [pg_tool("pg_amcheck"), "--install-missing", "--no-password", f"--database={exact_pattern(database)}"]
+    argv = [pg_tool("pg_amcheck"), "--install-missing", "--no-password", f"--database={pattern_literal(database)}"]
     if heapallindexed:
         argv.append("--heapallindexed")
     code, out, err = run(argv, env=pg.libpq_env(database))
