@@ -407,7 +407,10 @@ def _commit(journal: Journal, prepared: _Prepared, store: BackupStore, postgres:
                 journal.mark("replaced", "postgres")  # the transaction commits all or none: see the undo
                 step("renaming every restored database in (one transaction)")
                 t0 = time.monotonic()
-                swap_in_databases(postgres, plan)
+                kept = swap_in_databases(postgres, plan)
+                for target in journal.targets:
+                    if target.kind == "postgres" and target.kept not in kept:
+                        target.kept = ""  # there was no live database of that name: nothing is kept
                 rto["database swap"] = round(time.monotonic() - t0, 2)
             if prepared.redis_part is not None:
                 assert redis is not None and journal.redis_safety_copy is not None
@@ -420,12 +423,14 @@ def _commit(journal: Journal, prepared: _Prepared, store: BackupStore, postgres:
                 restore_redis(prepared.redis_part, store, redis, flush_first=True,
                               staged_rdb=prepared.staged[prepared.redis_part.key].path)
                 rto["redis"] = round(time.monotonic() - t0, 2)
-            for beside, live, kept in prepared.directories:
+            for beside, live, kept_as in prepared.directories:
                 undo.register(f"rename {live} back",
-                              lambda b=beside, li=live, k=kept: _undone_dir(journal, li, swap_out_directory(b, li, k)))
+                              lambda b=beside, li=live, k=kept_as: _undone_dir(journal, li,
+                                                                               swap_out_directory(b, li, k)))
                 _target_by_live(journal, "files", live).state = "replaced"
                 step(f"renaming {beside} in as {live}")
-                swap_in_directory(beside, live, kept)
+                if swap_in_directory(beside, live, kept_as).previous_kept_as is None:
+                    _target_by_live(journal, "files", live).kept = ""
             if app is not None:
                 step("health check of the recovered system")
                 t0 = time.monotonic()

@@ -279,9 +279,10 @@ def _rename_all(pg: PostgresConnection, maintenance_db: str, renames: list[tuple
 
 
 @task(cache_policy=NO_CACHE)
-def swap_in_databases(pg: PostgresConnection, plan: SwapPlan, *, attempts: int = 20) -> int:
+def swap_in_databases(pg: PostgresConnection, plan: SwapPlan, *, attempts: int = 20) -> list[str]:
     """Every restored copy takes its live name, every live database its kept name: one transaction, so
-    either all databases are the restored ones or none is. Nothing is dropped. Returns sessions ended."""
+    either all databases are the restored ones or none is. Nothing is dropped. Returns the kept names (a
+    live name that did not exist keeps nothing)."""
     with pg.connect(plan.maintenance_db) as conn:
         names = _names(conn)
     renames: list[tuple[str, str]] = []
@@ -291,9 +292,10 @@ def swap_in_databases(pg: PostgresConnection, plan: SwapPlan, *, attempts: int =
         renames.append((swap.restored, swap.live))
     refuse = [s.live for s in plan.swaps] + [s.restored for s in plan.swaps]
     ended = _rename_all(pg, plan.maintenance_db, renames, refuse, attempts=attempts, what="swapping databases")
+    kept = [s.kept for s in plan.swaps if s.live in names]
     run_logger().info("swapped %d restored database(s) in on %s in one transaction (kept: %s; %d sessions ended)",
-                      len(plan.swaps), pg.describe(), [s.kept for s in plan.swaps if s.live in names], ended)
-    return ended
+                      len(plan.swaps), pg.describe(), kept, ended)
+    return kept
 
 
 @task(cache_policy=NO_CACHE)
