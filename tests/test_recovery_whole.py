@@ -58,6 +58,8 @@ def _setup_cluster(conn: PostgresConnection) -> None:
         c.execute("ALTER DATABASE shop SET work_mem TO '8MB'")
         c.execute("ALTER ROLE bob IN DATABASE shop SET statement_timeout TO '5s'")
         c.execute(f'CREATE DATABASE "{ODD.replace(chr(34), chr(34) * 2)}"')
+        c.execute("CREATE DATABASE icu TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'de-DE' LC_COLLATE 'C' "
+                  "LC_CTYPE 'C'")
         c.execute("CREATE TABLE ops_notes (id serial PRIMARY KEY, note text)")
         c.execute("INSERT INTO ops_notes (note) SELECT 'note ' || g FROM generate_series(1, 500) g")
     with conn.connect("shop", autocommit=True) as c:
@@ -71,6 +73,9 @@ def _setup_cluster(conn: PostgresConnection) -> None:
             SELECT lo_from_bytea(0, convert_to(repeat('large object ', 500), 'LATIN1'));
             ALTER TABLE orders OWNER TO alice;
         """)
+    with conn.connect("icu", autocommit=True) as c:
+        c.execute("CREATE TABLE words AS SELECT w FROM unnest(ARRAY['Äpfel', 'Zebra', 'apfel']) w")
+        c.execute("CREATE INDEX ON words (w)")
     with conn.connect(ODD, autocommit=True) as c:
         c.execute('CREATE TABLE "we""ird" (k int)')
         c.execute('INSERT INTO "we""ird" SELECT generate_series(1, 100)')
@@ -169,6 +174,7 @@ def test_full_set_with_the_default_connection_is_restored_whole(production, pref
     s = production
     good = fingerprint(s)
     assert good["databases"]["shop"]["properties"]["encoding"] == "LATIN1"
+    assert good["databases"]["icu"]["properties"]["icu_locale"] == "de-DE"
     set_id = _backup(s)
     _damage(s)
     damaged = fingerprint(s)
@@ -180,8 +186,8 @@ def test_full_set_with_the_default_connection_is_restored_whole(production, pref
     result = state.result()
     after = fingerprint(s)
     assert after == good  # every table, sequence, large object, property, Redis key and file
-    assert set(after["databases"]) == {"postgres", "shop", ODD}
-    for name in ("postgres", "shop", ODD):  # the replaced databases are kept, unchanged, under their kept names
+    assert set(after["databases"]) == {"postgres", "shop", "icu", ODD}
+    for name in ("postgres", "shop", "icu", ODD):  # the replaced databases are kept, unchanged, under their kept names
         kept = result.kept[f"postgres:{name}"]
         assert _database_fingerprint(s["pg"], kept)["tables"] == damaged["databases"][name]["tables"]
     assert Path(result.kept[f"files:{s['media']}"]).is_dir()
@@ -237,7 +243,7 @@ def test_a_fault_in_the_commit_phase_leaves_production_as_before(fault, producti
         assert events == ["on", "off"] and "maintenance mode is OFF" in message
     # The verified copies stay beside, named in the report with the safety copy.
     beside = [d for d in _databases(s["pg"]) if "__restore_" in d]
-    assert len(beside) == 3
+    assert len(beside) == 4
     report = _artifact("recovery-report")
     assert "FAILED and undone" in report and all(f"`{d}`" in report for d in beside)
     assert journal.redis_safety_copy.key in report
@@ -383,7 +389,7 @@ def test_the_drill_of_a_default_set_restores_every_database_beside_and_passes(pr
     set_id = _backup(s)
     result = verify_backup(store=s["store"], backup_id=set_id)
     assert result.ok and result.problems == []
-    assert set(result.seconds) >= {"postgres:postgres", "postgres:shop", f"postgres:{ODD}", "redis"}
+    assert set(result.seconds) >= {"postgres:postgres", "postgres:shop", "postgres:icu", f"postgres:{ODD}", "redis"}
     assert read_verification(s["store"].get_client(), set_id).ok
 
 
@@ -400,7 +406,7 @@ def test_restore_set_keeps_database_properties_and_restores_existing_names_besid
                              redis=RedisConnection.from_url(other_redis.url), files_root=str(tmp_path / "restored"))
         by_name = {p.name: p.target.rsplit("/", 1)[-1] for p in result.parts if p.kind == "postgres"}
         assert by_name["shop"] == "shop" and by_name["postgres"].startswith("postgres__restored_")
-        restored = {name: _database_fingerprint(target, name) for name in ("shop", ODD)}
+        restored = {name: _database_fingerprint(target, name) for name in ("shop", "icu", ODD)}
         restored["postgres"] = _database_fingerprint(target, f"postgres__restored_{set_id[-6:]}")
     assert restored == good["databases"]  # tables, large objects, owner, ACL, settings, comment, encoding
 
@@ -435,7 +441,7 @@ def test_in_place_without_a_safety_copy_drops_the_old_databases_only_after_succe
     s["redis"].get_client().config_set("maxmemory", 0)
     assert [d for d in _databases(s["pg"]) if "__restore_" in d]  # the verified copies, kept beside
     damaged_names = [d for d in _databases(s["pg"]) if not any(m in d for m in SIDE_MARKS)]
-    assert set(damaged_names) == {"postgres", "shop", ODD}
+    assert set(damaged_names) == {"postgres", "shop", "icu", ODD}
 
     state = _recover(s, set_id, mode="in-place", keep_safety_copy=False)
     assert state.is_completed(), state
