@@ -314,9 +314,14 @@ def apply_pod_template(cluster: KubernetesCluster, namespace: str, name: str, te
 
 
 @task(cache_policy=NO_CACHE)
-def set_images(cluster: KubernetesCluster, namespace: str, name: str, images: dict[str, str]) -> int:
-    """Set container images by strategic merge patch (``kubectl set image``); returns the new generation."""
-    patch = {"spec": {"template": {"spec": {"containers": [{"name": c, "image": i} for c, i in images.items()]}}}}
+def set_images(cluster: KubernetesCluster, namespace: str, name: str, images: dict[str, str],
+               annotations: dict[str, str] | None = None) -> int:
+    """Set container images (and add ``annotations``) by strategic merge patch (``kubectl set image``);
+    returns the new generation."""
+    patch: dict[str, Any] = {
+        "spec": {"template": {"spec": {"containers": [{"name": c, "image": i} for c, i in images.items()]}}}}
+    if annotations:
+        patch["metadata"] = {"annotations": annotations}
     api = cluster.get_client()
     try:
         result = AppsV1Api(api).patch_namespaced_deployment(name, namespace, patch, _content_type=STRATEGIC)

@@ -1,0 +1,252 @@
+"""The `rollback` flow end to end: the real `kubernetes` client against the API double (tests/k8s_double.py),
+health through a real HTTP app, checks against the real Debian Prometheus scraping a real Pushgateway, the
+Prefect test harness for locks, logs and artifacts."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from blocks.app import AppEndpoint
+from blocks.prometheus import PrometheusAPI
+from tests.app_fixture import ProbeApp
+from tests.conftest import MonitoringDaemon, pushgateway_daemon
+from tests.k8s_double import KubeDouble
+from tests.k8s_scenarios import GOOD_V1, GOOD_V2, container, double_cluster, env_of, make_deployment, read
+
+pytestmark = pytest.mark.e2e
+
+V1_ENV = {"MODE": "one"}
+V2_ENV = {"MODE": "two", "DATABASE_PASSWORD": "s3cr3t-env-value-XYZ"}
+APP_TOKEN = "app-token-" + secrets.token_hex(8)
+PROM_PASSWORD = "prom-pass-" + secrets.token_hex(8)
+
+
+class Prometheus:
+    def __init__(self, prometheus: MonitoringDaemon, pushgateway: MonitoringDaemon) -> None:
+        self.daemon, self.pushgateway = prometheus, pushgateway
+
+    def block(self) -> PrometheusAPI:
+        return PrometheusAPI(url=self.daemon.url, username="runbooks", password=SecretStr(PROM_PASSWORD))
+
+    def push(self, value: float, deployment: str = "api") -> None:
+        """Set app_error_ratio{deployment=...} and wait until Prometheus has scraped that value."""
+        body = f'app_error_ratio{{deployment="{deployment}"}} {value}\n'.encode()
+        urllib.request.urlopen(urllib.request.Request(f"{self.pushgateway.url}/metrics/job/app", data=body,
+                                                      method="PUT"), timeout=5)
+        block = self.block()
+        from tasks.prometheus import query_instant
+
+        deadline = time.monotonic() + 20
+        with block.get_client() as client:
+            while query_instant(client, block, f'app_error_ratio{{deployment="{deployment}"}}') != [value]:
+                assert time.monotonic() < deadline, "Prometheus did not scrape the pushed value"
+                time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    """Debian's Prometheus behind basic auth (web config, bcrypt), scraping a Pushgateway every second."""
+    import base64
+
+    import bcrypt
+    import yaml
+
+    work = tmp_path_factory.mktemp("prometheus")
+    pushgateway = pushgateway_daemon().start()
+    hashed = bcrypt.hashpw(PROM_PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    (work / "web.yml").write_text(yaml.safe_dump({"basic_auth_users": {"runbooks": hashed}}))
+    (work / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "pushgateway", "honor_labels": True,
+                            "static_configs": [{"targets": [f"127.0.0.1:{pushgateway.port}"]}]}]}))
+    auth = "Basic " + base64.b64encode(f"runbooks:{PROM_PASSWORD}".encode()).decode()
+    daemon = MonitoringDaemon("prometheus", lambda port, d: [
+        f"--config.file={work / 'prometheus.yml'}", f"--web.config.file={work / 'web.yml'}",
+        f"--storage.tsdb.path={d}/data", f"--web.listen-address=127.0.0.1:{port}"],
+        ready_headers={"Authorization": auth}).start()
+    try:
+        yield Prometheus(daemon, pushgateway)
+    finally:
+        daemon.stop()
+        pushgateway.stop()
+
+
+@pytest.fixture
+def kube() -> Iterator[tuple[Any, KubeDouble, ProbeApp]]:
+    """The double with `api` at revision 2 (v2), and an app healthy unless a pod of `api` runs an
+    image tagged `unhealthy`."""
+    with double_cluster() as (cluster, double):
+        def healthy() -> bool:
+            with double.lock:
+                return not any(c["image"].endswith(":unhealthy") for p in double.pods.values()
+                               for c in p["spec"]["containers"] if p["metadata"]["labels"].get("app") == "api")
+
+        with ProbeApp(healthy, token=APP_TOKEN) as app:
+            make_deployment(cluster, "api", [(GOOD_V1, V1_ENV), (GOOD_V2, V2_ENV)])
+            yield cluster, double, app
+
+
+def endpoint(app: ProbeApp) -> AppEndpoint:
+    return AppEndpoint(base_url=app.base_url, auth_value=SecretStr(f"Bearer {APP_TOKEN}"))
+
+
+FAST = {"confirm": True, "poll_seconds": 0.05, "rollout_timeout_seconds": 20, "health_timeout_seconds": 3,
+        "check_interval_seconds": 0.5, "lock_timeout_seconds": 30}
+
+
+def run_record(state: Any) -> tuple[list[Any], dict[str, Any], Any]:
+    """(logs, {artifact key: data}, flow run) of a finished run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[run_id])))
+        run = client.read_flow_run(run_id)
+    return logs, {a.key: a.data for a in artifacts}, run
+
+
+def assert_no_secrets(state: Any, double: KubeDouble, caplog: pytest.LogCaptureFixture) -> None:
+    logs, artifacts, run = run_record(state)
+    assert logs
+    everything = "\n".join([*(log.message for log in logs), json.dumps(artifacts, default=str),
+                            json.dumps(run.parameters, default=str), state.message or "",
+                            str(state.result(raise_on_failure=False)), caplog.text])
+    for secret in (double.token, APP_TOKEN, PROM_PASSWORD, V2_ENV["DATABASE_PASSWORD"]):
+        assert secret not in everything
+
+
+def test_previous_rolls_back_template_and_env_and_reports_before_after(kube, prefect_harness, caplog) -> None:
+    from flows.rollback import rollback
+
+    cluster, double, app = kube
+    state = rollback(cluster=cluster, deployment="api", app=endpoint(app), return_state=True, **FAST)
+    assert state.is_completed(), state.message
+    result = state.result()
+    after = read(cluster, "api")
+    assert container(after)["image"] == GOOD_V1 and env_of(after) == V1_ENV
+    assert after["status"]["availableReplicas"] == 3 == after["status"]["updatedReplicas"]
+    assert result.changed == ["shop/api"] and result.before[0]["revision"] == 2 and result.after[0]["revision"] == 3
+    assert app.health_calls() >= 1 and all(authorized for _m, _p, authorized in app.calls)
+    _logs, artifacts, _run = run_record(state)
+    [row] = artifacts["rollback-after"] if isinstance(artifacts["rollback-after"], list) else \
+        json.loads(artifacts["rollback-after"])
+    assert (row["images before"], row["images after"]) == (f"api={GOOD_V2}", f"api={GOOD_V1}")
+    assert (row["revision before"], row["revision after"]) == (2, 3)
+    assert "rolled back and verified" in artifacts["rollback-report"]
+    assert_no_secrets(state, double, caplog)
+    # the JSON patch kubectl rollout undo sends, template + annotations, exactly once
+    [(path, content_type, body)] = double.patches("deployments")[2:]  # after the setup's create + patch
+    assert path.endswith("/deployments/api") and content_type == "application/json-patch+json"
+    assert [op["path"] for op in body] == ["/spec/template", "/metadata/annotations"]
+
+
+def test_a_second_previous_is_refused_instead_of_flapping(kube, prefect_harness) -> None:
+    from flows.rollback import rollback
+    from tasks.errors import ConfigurationError
+
+    cluster, double, app = kube
+    assert rollback(cluster=cluster, deployment="api", return_state=True, **FAST).is_completed()
+    patches = len(double.patches("deployments"))
+    state = rollback(cluster=cluster, deployment="api", return_state=True, **FAST)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ConfigurationError) and "flap" in str(error) and "revision 2" in str(error)
+    assert len(double.patches("deployments")) == patches  # nothing changed
+    assert container(read(cluster, "api"))["image"] == GOOD_V1
+
+
+def test_broken_image_fails_names_the_deployment_and_puts_the_template_back(kube, prefect_harness, caplog) -> None:
+    from flows.rollback import rollback
+    from tasks.kubernetes import RolloutFailed
+
+    cluster, double, app = kube
+    before = read(cluster, "api")
+    state = rollback(cluster=cluster, deployment="api", images=["api=registry.k8s.io/pause:broken"],
+                     app=endpoint(app), return_state=True, **FAST)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, RolloutFailed)
+    assert "ProgressDeadlineExceeded" in str(error) and '"shop/api"' in str(error) and "broken" in str(error)
+    after = read(cluster, "api")
+    assert after["spec"]["template"] == before["spec"]["template"]  # the recorded template is back
+    assert after["status"]["availableReplicas"] == 3 and after["status"]["updatedReplicas"] == 3
+    _logs, artifacts, _run = run_record(state)
+    report = artifacts["rollback-report"]
+    assert "FAILED" in report and "the recorded state was put back" in report and "ProgressDeadlineExceeded" in report
+    assert f"rev 2: api={GOOD_V2}" in report
+    assert app.health_calls() == 0  # never reached the health check
+    assert_no_secrets(state, double, caplog)
+
+
+def test_unhealthy_after_rollout_puts_the_recorded_state_back_once(kube, prefect_harness) -> None:
+    from flows.rollback import rollback
+    from tasks.app import AppUnhealthy
+
+    cluster, double, app = kube
+    state = rollback(cluster=cluster, deployment="api", images=["api=registry.example/app:unhealthy"],
+                     app=endpoint(app), return_state=True, **FAST)
+    assert state.is_failed() and isinstance(state.result(raise_on_failure=False), AppUnhealthy)
+    after = read(cluster, "api")
+    assert container(after)["image"] == GOOD_V2 and env_of(after) == V2_ENV
+    # one change, one undo: exactly two patches after the setup (no flapping)
+    assert len(double.patches("deployments")) == 2 + 2
+    _logs, artifacts, _run = run_record(state)
+    assert "put shop/api back to revision 2" in artifacts["rollback-report"]
+
+
+def test_prometheus_check_above_threshold_fails_with_the_values(kube, prometheus, prefect_harness, caplog) -> None:
+    from flows.rollback import rollback
+    from tasks.prometheus import MetricCheck, MetricCheckFailed
+
+    cluster, double, app = kube
+    prometheus.push(0.05)
+    check = MetricCheck(query='max(app_error_ratio{deployment="api"})', max=0.01, for_seconds=2)
+    state = rollback(cluster=cluster, deployment="api", app=endpoint(app), prometheus=prometheus.block(),
+                     checks=[check], return_state=True, **FAST)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, MetricCheckFailed) and "0.05 > 0.01" in str(error) and "[0.05]" in str(error)
+    assert container(read(cluster, "api"))["image"] == GOOD_V2  # put back
+    _logs, artifacts, _run = run_record(state)
+    assert "FAIL: 0.05 > 0.01" in artifacts["rollback-report"]
+    assert_no_secrets(state, double, caplog)
+
+
+def test_prometheus_check_below_threshold_passes(kube, prometheus, prefect_harness) -> None:
+    from flows.rollback import rollback
+    from tasks.prometheus import MetricCheck
+
+    cluster, double, app = kube
+    prometheus.push(0.002)
+    check = MetricCheck(query='max(app_error_ratio{deployment="api"})', max=0.01, for_seconds=2)
+    state = rollback(cluster=cluster, deployment="api", app=endpoint(app), prometheus=prometheus.block(),
+                     checks=[check], return_state=True, **FAST)
+    assert state.is_completed(), state.message
+    [result] = state.result().checks
+    assert result["passed"] and result["evaluations"] >= 2 and set(result["values"]) == {0.002}
+    assert container(read(cluster, "api"))["image"] == GOOD_V1
+
+
+def test_bad_input_changes_nothing(kube, prefect_harness) -> None:
+    from flows.rollback import rollback
+    from tasks.errors import ConfigurationError
+
+    cluster, double, app = kube
+    for kwargs in ({"deployment": "api", "to": "yesterday"}, {"deployment": "api", "images": ["web=x:1"]},
+                   {"deployment": "nope"}, {"deployment": "api", "to": "7"}, {}):
+        state = rollback(cluster=cluster, return_state=True, **kwargs, **FAST)
+        assert state.is_failed() and isinstance(state.result(raise_on_failure=False), ConfigurationError), kwargs
+    assert len(double.patches("deployments")) == 2
