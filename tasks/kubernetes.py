@@ -493,12 +493,12 @@ def check_service_health(cluster: KubernetesCluster, namespace: str, service: st
     try:
         for attempt in range(1, attempts + 1):
             try:
-                response = core.connect_get_namespaced_service_proxy_with_path_with_http_info(
-                    target, namespace, path.lstrip("/"), _preload_content=False)
-                status = int(response.status_code)
-                detail = response.raw_data.decode(errors="replace")[:200] if response.raw_data else ""
+                response = core.connect_get_namespaced_service_proxy_with_path(
+                    target, namespace, path.lstrip("/"), _preload_content=False)  # the raw urllib3 response
+                status = int(response.status)
+                detail = bytes(response.data or b"")[:200].decode(errors="replace")
             except ApiException as exc:
-                status, detail = int(exc.status or 0), (exc.body or b"")[:200] if isinstance(exc.body, str) else ""
+                status, detail = int(exc.status or 0), str(exc.reason or "")
             if 200 <= status < 300:
                 run_logger().info("service %s/%s%s healthy (HTTP %d) through the API proxy", namespace, service,
                                   path, status)

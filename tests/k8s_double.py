@@ -29,7 +29,7 @@ import uuid
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
@@ -183,6 +183,7 @@ class KubeDouble:
                     double.unauthorized += 1
                     return self._send(401, _status(401, "Unauthorized", "Unauthorized"))
                 url = urlsplit(self.path)
+                url = url._replace(path=unquote(url.path))
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
                 content_type = (self.headers.get("Content-Type") or "").split(";")[0]
                 try:

@@ -250,3 +250,120 @@ def test_bad_input_changes_nothing(kube, prefect_harness) -> None:
         state = rollback(cluster=cluster, return_state=True, **kwargs, **FAST)
         assert state.is_failed() and isinstance(state.result(raise_on_failure=False), ConfigurationError), kwargs
     assert len(double.patches("deployments")) == 2
+
+
+# -- blue-green on Kubernetes ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def colours() -> Iterator[tuple[Any, KubeDouble, dict[str, Any]]]:
+    """`api` Service selecting version=blue; api-blue and api-green Deployments (3 replicas each) with their own
+    Services, whose API-proxy backends are real HTTP apps (green's health is switchable)."""
+    from kubernetes.client import CoreV1Api
+
+    with double_cluster() as (cluster, double):
+        state = {"green_healthy": True}
+        with ProbeApp(lambda: True) as blue_app, ProbeApp(lambda: state["green_healthy"]) as green_app:
+            def public_healthy() -> bool:
+                colour = double.services[("shop", "api")]["spec"]["selector"]["version"]
+                return colour == "blue" or state["green_healthy"]
+
+            with ProbeApp(public_healthy, token=APP_TOKEN) as public:
+                for colour, image in (("blue", GOOD_V2), ("green", GOOD_V1)):
+                    make_deployment(cluster, f"api-{colour}", [(image, V1_ENV)],
+                                    labels={"app": "api", "version": colour})
+                core = CoreV1Api(cluster.get_client())
+                for name, selector in (("api", {"app": "api", "version": "blue"}),
+                                       ("api-blue", {"app": "api", "version": "blue"}),
+                                       ("api-green", {"app": "api", "version": "green"})):
+                    core.create_namespaced_service("shop", {"metadata": {"name": name}, "spec": {
+                        "selector": selector, "ports": [{"port": 80, "targetPort": 8080}]}})
+                double.backends[("shop", "api-blue")] = blue_app.base_url
+                double.backends[("shop", "api-green")] = green_app.base_url
+                yield cluster, double, {"state": state, "green": green_app, "public": public}
+
+
+def selector_of(double: KubeDouble, name: str = "api") -> dict[str, str]:
+    with double.lock:
+        return dict(double.services[("shop", name)]["spec"]["selector"])
+
+
+def test_blue_green_switches_when_the_other_colour_is_available_and_healthy(colours, prefect_harness, caplog) -> None:
+    from flows.rollback import rollback
+
+    cluster, double, apps = colours
+    state = rollback(target="blue-green-kubernetes", cluster=cluster, service="api", app=endpoint(apps["public"]),
+                     return_state=True, **FAST)
+    assert state.is_completed(), state.message
+    assert selector_of(double) == {"app": "api", "version": "green"}
+    assert [p for _m, p, _a in apps["green"].calls] == ["/health"]  # checked through the API server's proxy
+    assert apps["public"].health_calls() >= 1
+    [(path, content_type, body)] = double.patches("services")[3:]  # after the three creates
+    assert content_type == "application/strategic-merge-patch+json" and body == {
+        "spec": {"selector": {"app": "api", "version": "green"}}}
+    _logs, artifacts, _run = run_record(state)
+    assert "switched blue -> green and verified" in artifacts["rollback-report"]
+    assert_no_secrets(state, double, caplog)
+
+
+def test_blue_green_refuses_a_colour_scaled_to_zero_changing_nothing(colours, prefect_harness) -> None:
+    from kubernetes.client import AppsV1Api
+
+    from flows.rollback import rollback
+    from tasks.kubernetes import ServiceSwitchRefused
+    from tests.k8s_scenarios import settle
+
+    cluster, double, apps = colours
+    AppsV1Api(cluster.get_client()).patch_namespaced_deployment_scale(
+        "api-green", "shop", {"spec": {"replicas": 0}}, _content_type="application/merge-patch+json")
+    settle(cluster, "api-green")
+    state = rollback(target="blue-green-kubernetes", cluster=cluster, service="api", return_state=True, **FAST)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ServiceSwitchRefused) and "scaled to zero" in str(error)
+    assert "nothing was switched" in str(error)
+    assert selector_of(double) == {"app": "api", "version": "blue"} and len(double.patches("services")) == 3
+    _logs, artifacts, _run = run_record(state)
+    assert "REFUSED" in artifacts["rollback-report"]
+
+
+def test_blue_green_refuses_an_unhealthy_colour_changing_nothing(colours, prefect_harness) -> None:
+    from flows.rollback import rollback
+    from tasks.kubernetes import ServiceSwitchRefused
+
+    cluster, double, apps = colours
+    apps["state"]["green_healthy"] = False
+    state = rollback(target="blue-green-kubernetes", cluster=cluster, service="api", return_state=True, **FAST)
+    assert state.is_failed()
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ServiceSwitchRefused) and "unhealthy" in str(error) and "HTTP 503" in str(error)
+    assert selector_of(double) == {"app": "api", "version": "blue"} and len(double.patches("services")) == 3
+    assert apps["green"].health_calls() == 3
+
+
+def test_blue_green_refuses_a_missing_colour(colours, prefect_harness) -> None:
+    from flows.rollback import rollback
+    from tasks.kubernetes import ServiceSwitchRefused
+
+    cluster, double, apps = colours
+    with double.lock:
+        double.deployments.pop(("shop", "api-green"))
+    state = rollback(target="blue-green-kubernetes", cluster=cluster, service="api", return_state=True, **FAST)
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, ServiceSwitchRefused) and "no deployment" in str(error)
+    assert selector_of(double) == {"app": "api", "version": "blue"}
+
+
+def test_blue_green_switches_back_when_the_app_is_unhealthy_after_the_switch(colours, prefect_harness) -> None:
+    from flows.rollback import rollback
+    from tasks.app import AppUnhealthy
+
+    cluster, double, apps = colours
+    # green answers its own health check, but the public app is unhealthy once traffic is on green
+    apps["public"].healthy = lambda: selector_of(double)["version"] == "blue"
+    state = rollback(target="blue-green-kubernetes", cluster=cluster, service="api", app=endpoint(apps["public"]),
+                     return_state=True, **FAST)
+    assert state.is_failed() and isinstance(state.result(raise_on_failure=False), AppUnhealthy)
+    assert selector_of(double) == {"app": "api", "version": "blue"}
+    bodies = [b for _p, _ct, b in double.patches("services")[3:]]
+    assert [b["spec"]["selector"]["version"] for b in bodies] == ["green", "blue"]  # one switch, one switch back
