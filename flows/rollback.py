@@ -5,6 +5,11 @@ Targets:
   restores: the previous ReplicaSet's whole pod template), a revision number, or explicit images.
 - ``blue-green-kubernetes``: switch a Service's colour selector to the other colour, only when that
   colour's Deployment exists, is fully available and healthy through its own Service (API server proxy).
+- ``compose-ssh``: pin a compose service's version variables in the project's env file (written
+  atomically) on a host over SSH, then ``docker compose pull`` + ``up -d --no-deps SERVICE``.
+- ``blue-green-compose``: start the other colour's compose project (``app-blue``/``app-green``), and once it
+  is healthy switch nginx's upstream file (written atomically, ``nginx -t``, ``nginx -s reload``) and the
+  current-colour file; the old project keeps running.
 
 Order: record the current state (artifact) and plan, checking everything that can be checked without a
 change -> approval (unless confirm=True) -> the per-target lock -> each change with its undo registered
@@ -34,7 +39,20 @@ from pydantic import BaseModel, Field
 from blocks.app import AppEndpoint
 from blocks.kubernetes import KubernetesCluster
 from blocks.prometheus import PrometheusAPI
+from blocks.ssh import SSHHost
 from tasks.app import wait_until_healthy
+from tasks.compose import (
+    ComposeProject,
+    ContainerState,
+    check_variables,
+    compose_ps,
+    env_values,
+    pull_and_up,
+    reload_nginx,
+    set_env_lines,
+    stop_project,
+    wait_compose_healthy,
+)
 from tasks.errors import ConfigurationError, RunbookError
 from tasks.kubernetes import (
     DeploymentState,
@@ -58,9 +76,10 @@ from tasks.log import run_logger
 from tasks.metrics import push_flow_run_metrics
 from tasks.notify import send_notification
 from tasks.prometheus import CheckResult, MetricCheck, MetricCheckFailed, check_metric, query_instant
+from tasks.ssh import read_remote_file, write_remote_file
 from tasks.undo import UndoStack
 
-Target = Literal["kubernetes", "blue-green-kubernetes"]
+Target = Literal["kubernetes", "blue-green-kubernetes", "compose-ssh", "blue-green-compose"]
 ROLLED_BACK_FROM = "runbooks.prefect.io/rolled-back-from-revision"
 ROLLED_BACK_BY = "runbooks.prefect.io/rolled-back-by"
 
@@ -118,6 +137,23 @@ def rollback(
                                                      "server proxy before the switch; {service} and {colour} "
                                                      "are filled in.")] = "{service}-{colour}",
     colour_health_path: str = "/health",
+    ssh: Annotated[SSHHost | None, Field(description="compose targets: the host (known_hosts checked).")] = None,
+    compose_dir: Annotated[str, Field(description="compose targets: the project directory on the host.")] = "",
+    compose_project: Annotated[str, Field(description="compose-ssh: the project name (-p); blue-green-compose: "
+                                                      "a pattern with {colour}.")] = "app-{colour}",
+    compose_env_file: Annotated[str, Field(description="The env file compose reads, relative to compose_dir.")]
+    = ".env",
+    compose_service: Annotated[str, Field(description="compose-ssh: the service to recreate.")] = "",
+    variables: Annotated[dict[str, str] | None, Field(description="compose-ssh: version variables to pin in the "
+                                                                  "env file, e.g. {API_VERSION: v1.1.0}.")] = None,
+    colour_file: Annotated[str, Field(description="blue-green-compose: the file that names the live colour "
+                                                  "(the guides' current_env).")] = "",
+    upstream_file: Annotated[str, Field(description="blue-green-compose: the nginx file that points at a "
+                                                    "colour.")] = "",
+    upstream_configs: Annotated[dict[str, str] | None, Field(description="blue-green-compose: the upstream "
+                                                                         "file's content for each colour.")] = None,
+    nginx: Annotated[list[str], Field(description="How nginx is called on the host (argv); -t and -s reload "
+                                                  "are appended.")] = ["nginx"],  # noqa: B006
     app: Annotated[AppEndpoint | None, Field(description="Health check of the application after the change.")]
     = None,
     prometheus: PrometheusAPI | None = None,
@@ -138,11 +174,24 @@ def rollback(
     """Roll a deployment back to a known version, verified by its rollout, its health and its metrics."""
     if checks and prometheus is None:
         raise ConfigurationError("checks need the prometheus Block; nothing was changed")
+    options = _Options(app, prometheus, checks or [], confirm, reason, rollout_timeout_seconds, poll_seconds,
+                       health_timeout_seconds, check_interval_seconds, approval_timeout_seconds, lock_timeout_seconds)
+    if target in ("compose-ssh", "blue-green-compose"):
+        if ssh is None or not compose_dir:
+            raise ConfigurationError(f"target {target} needs the ssh Block and compose_dir; nothing was changed")
+        if target == "compose-ssh":
+            if not compose_service or not variables:
+                raise ConfigurationError("compose-ssh needs compose_service and variables; nothing was changed")
+            project = ComposeProject(compose_dir, compose_project, compose_env_file)
+            return _pin_compose(ssh, project, compose_service, variables, options)
+        if not colour_file or not upstream_file or not upstream_configs or set(upstream_configs) != set(colours):
+            raise ConfigurationError(f"blue-green-compose needs colour_file, upstream_file and upstream_configs for "
+                                     f"each of {colours}; nothing was changed")
+        return _switch_compose(ssh, compose_dir, compose_project, compose_env_file, colours, colour_file,
+                               upstream_file, upstream_configs, nginx, options)
     if cluster is None:
         raise ConfigurationError(f"target {target} needs the cluster Block; nothing was changed")
     ns = namespace or cluster.namespace
-    options = _Options(app, prometheus, checks or [], confirm, reason, rollout_timeout_seconds, poll_seconds,
-                       health_timeout_seconds, check_interval_seconds, approval_timeout_seconds, lock_timeout_seconds)
     if target == "kubernetes":
         names = [n for n in [deployment, *(deployments or [])] if n]
         return _rollback_deployments(cluster, ns, names, selector, to, images, options)
@@ -345,6 +394,166 @@ def _switch_colour(cluster: KubernetesCluster, ns: str, service: str, label: str
                           before=[{"service": service, "selector": svc.selector}],
                           after=[{"service": service, "selector": final.selector}],
                           checks=[asdict(r) for r in results])
+
+
+# -- docker compose over SSH -------------------------------------------------------------------------------------
+
+
+def _pin_compose(host: SSHHost, project: ComposeProject, service: str, variables: dict[str, str],
+                 opts: _Options) -> RollbackResult | State:
+    check_variables(variables)
+    original = read_remote_file(host, project.env_path)
+    if original is None:
+        raise ConfigurationError(f"{host.describe()}: {project.env_path} does not exist; nothing was changed")
+    names = list(variables)
+    before_values = env_values(original, names)
+    before_ps = compose_ps(host, project, [service])
+    evidence = [f"host `{host.describe()}`, project `{project.name}` in `{project.directory}`",
+                *[f"`{k}`: `{before_values[k]}` -> `{v}`" for k, v in variables.items()],
+                "running: " + (_ps_line(before_ps) or "no container")]
+    if all(before_values[k] == v for k, v in variables.items()) and before_ps and all(c.ready for c in before_ps):
+        _report("compose-ssh", "nothing to do: already at the requested version", [], [], [], None, [], evidence)
+        return RollbackResult(target="compose-ssh", outcome="unchanged", changed=[],
+                              before=[{"variables": before_values}], after=[{"variables": before_values}])
+    if not opts.confirm:
+        answer = _ask_approval(f"## Roll back `{service}` of `{project.name}` on `{host.describe()}`?",
+                               [f"- {e}" for e in evidence], opts)
+        if answer is not None:
+            return answer
+    lock = lock_name("rollback", f"{host.host}:{host.port}/{project.directory}/{project.name}/{service}")
+    ensure_lock(lock)
+    results: list[CheckResult] = []
+    failure: BaseException | None = None
+    undo = UndoStack()
+
+    def put_back() -> None:
+        write_remote_file(host, project.env_path, original)
+        pull_and_up(host, project, [service])
+        wait_compose_healthy(host, project, [service], timeout_seconds=opts.rollout_timeout,
+                             interval_seconds=opts.poll)
+
+    with concurrency(lock, occupy=1, timeout_seconds=opts.lock_timeout, strict=True):
+        try:
+            with undo:
+                undo.register(f"put {project.env_path} back and recreate {service}", put_back)
+                write_remote_file(host, project.env_path, set_env_lines(original, variables))
+                pull_and_up(host, project, [service])
+                wait_compose_healthy(host, project, [service], timeout_seconds=opts.rollout_timeout,
+                                     interval_seconds=opts.poll)
+                _prove_healthy(opts, results)
+        except BaseException as exc:  # noqa: BLE001 - reported below, then re-raised
+            failure = exc
+        after_ps = _safe_ps(host, project, [service])
+    after_text = _safe_read(host, project.env_path)
+    after_values = env_values(after_text, names) if after_text is not None else {}
+    evidence.append("after: " + ", ".join(f"`{k}`=`{after_values.get(k)}`" for k in names)
+                    + "; running: " + (_ps_line(after_ps) or "no container"))
+    outcome = ("pinned and verified" if failure is None else
+               f"FAILED ({failure}); " + ("the env file and service were put back" if undo.whole
+                                          else "putting the env file back FAILED: act now"))
+    _compose_table(names, before_values, after_values, before_ps, after_ps)
+    _report("compose-ssh", outcome, [], [], results, undo, [], evidence)
+    if failure is not None:
+        raise failure
+    return RollbackResult(target="compose-ssh", outcome="pinned", changed=[f"{project.name}/{service}"],
+                          before=[{"variables": before_values, "containers": [asdict(c) for c in before_ps]}],
+                          after=[{"variables": after_values, "containers": [asdict(c) for c in after_ps]}],
+                          checks=[asdict(r) for r in results])
+
+
+def _switch_compose(host: SSHHost, directory: str, pattern: str, env_file: str, colours: list[str],
+                    colour_file: str, upstream_file: str, upstream_configs: dict[str, str], nginx: list[str],
+                    opts: _Options) -> RollbackResult | State:
+    if "{colour}" not in pattern:
+        raise ConfigurationError(f"compose_project {pattern!r} must contain {{colour}} for blue-green-compose")
+    text = read_remote_file(host, colour_file)
+    current = (text or "").strip()
+    if current not in colours:
+        raise ConfigurationError(f"{host.describe()}: {colour_file} says {current!r}, not one of {colours}; "
+                                 "nothing was changed")
+    other = colours[1] if current == colours[0] else colours[0]
+    old_upstream = read_remote_file(host, upstream_file)
+    if old_upstream is None:
+        raise ConfigurationError(f"{host.describe()}: {upstream_file} does not exist; nothing was changed")
+    live, standby = (ComposeProject(directory, pattern.format(colour=c), env_file) for c in (current, other))
+    live_ps = compose_ps(host, live)
+    standby_ps = compose_ps(host, standby)
+    evidence = [f"host `{host.describe()}`: `{colour_file}` says {current}",
+                f"{current} (`{live.name}`): {_ps_line(live_ps) or 'no containers'}",
+                f"{other} (`{standby.name}`): {_ps_line(standby_ps) or 'no containers'}"]
+    if not opts.confirm:
+        answer = _ask_approval(f"## Switch nginx on `{host.describe()}` from {current} to {other}?",
+                               [f"- {e}" for e in evidence], opts)
+        if answer is not None:
+            return answer
+    lock = lock_name("rollback", f"{host.host}:{host.port}/{upstream_file}")
+    ensure_lock(lock)
+    results: list[CheckResult] = []
+    failure: BaseException | None = None
+    undo = UndoStack()
+    was_running = bool(standby_ps) and all(c.state == "running" for c in standby_ps)
+    with concurrency(lock, occupy=1, timeout_seconds=opts.lock_timeout, strict=True):
+        try:
+            with undo:
+                if not was_running:
+                    undo.register(f"stop {standby.name} again", lambda: stop_project(host, standby))
+                pull_and_up(host, standby)
+                wait_compose_healthy(host, standby, timeout_seconds=opts.rollout_timeout, interval_seconds=opts.poll)
+                evidence.append(f"{other} healthy: {_ps_line(compose_ps(host, standby))}")
+                undo.register(f"put {upstream_file} back and reload nginx", lambda: (
+                    write_remote_file(host, upstream_file, old_upstream), reload_nginx(host, nginx)))
+                write_remote_file(host, upstream_file, upstream_configs[other])
+                reload_nginx(host, nginx)
+                undo.register(f"put {colour_file} back ({current})",
+                              lambda: write_remote_file(host, colour_file, text or ""))
+                write_remote_file(host, colour_file, f"{other}\n")
+                evidence.append(f"nginx switched to {other}; {live.name} left running")
+                _prove_healthy(opts, results)
+        except BaseException as exc:  # noqa: BLE001 - reported below, then re-raised
+            failure = exc
+    outcome = (f"switched {current} -> {other} and verified" if failure is None else
+               f"FAILED ({failure}); " + (f"nginx and {colour_file} put back to {current}" if undo.whole
+                                          else "putting the switch back FAILED: act now"))
+    final = _safe_read(host, colour_file)
+    evidence.append(f"`{colour_file}` now says {(final or '?').strip()}")
+    create_table_artifact([{"what": colour_file, "before": current, "after": (final or "?").strip()},
+                           {"what": live.name, "before": _ps_line(live_ps), "after": _ps_line(_safe_ps(host, live))},
+                           {"what": standby.name, "before": _ps_line(standby_ps),
+                            "after": _ps_line(_safe_ps(host, standby))}],
+                          key="rollback-after", description="Colours before and after the switch")
+    _report("blue-green-compose", outcome, [], [], results, undo, [], evidence)
+    if failure is not None:
+        raise failure
+    return RollbackResult(target="blue-green-compose", outcome=f"switched to {other}", changed=[upstream_file],
+                          before=[{"colour": current}], after=[{"colour": other}],
+                          checks=[asdict(r) for r in results])
+
+
+def _ps_line(states: list[ContainerState]) -> str:
+    return ", ".join(f"{c.service}={c.image} ({c.state}{'/' + c.health if c.health else ''})" for c in states)
+
+
+def _safe_ps(host: SSHHost, project: ComposeProject, services: list[str] | None = None) -> list[ContainerState]:
+    try:
+        return compose_ps(host, project, services)
+    except Exception as exc:  # noqa: BLE001 - the report is written even when the host is gone
+        run_logger().error("could not read the containers of %s after the run: %s", project.name, exc)
+        return []
+
+
+def _safe_read(host: SSHHost, path: str) -> str | None:
+    try:
+        return read_remote_file(host, path)
+    except Exception as exc:  # noqa: BLE001 - the report is written even when the host is gone
+        run_logger().error("could not read %s after the run: %s", path, exc)
+        return None
+
+
+def _compose_table(names: list[str], before: dict[str, str | None], after: dict[str, str | None],
+                   before_ps: list[ContainerState], after_ps: list[ContainerState]) -> None:
+    rows = [{"what": k, "before": before.get(k), "after": after.get(k)} for k in names]
+    rows.append({"what": "containers", "before": _ps_line(before_ps), "after": _ps_line(after_ps)})
+    create_table_artifact(rows, key="rollback-after", description="Compose service before and after the rollback")
 
 
 # -- shared steps -----------------------------------------------------------------------------------------------
