@@ -23,6 +23,11 @@ GOOD_V2 = os.environ.get("RUNBOOKS_KIND_IMAGE_V2", "registry.k8s.io/pause:3.10")
 BROKEN = "registry.k8s.io/pause:broken"
 
 
+def on_double(cluster: KubernetesCluster) -> bool:
+    """The HTTP double serves plain http on loopback; a real cluster (kind included) speaks https."""
+    return cluster.describe().startswith("http://127.0.0.1:")
+
+
 def deployment_body(name: str, image: str, env: dict[str, str], replicas: int = 3, labels: dict[str, str] | None = None,
                     deadline: int = 2) -> dict[str, Any]:
     pod_labels = {"app": name, **(labels or {})}
@@ -50,7 +55,7 @@ def settle(cluster: KubernetesCluster, name: str, timeout: float = 120) -> dict[
                 return raw
             if time.monotonic() > deadline:
                 raise AssertionError(f"setup: {name} did not settle: {what}")
-            time.sleep(0.02 if "127.0.0.1" in cluster.describe() else 1)
+            time.sleep(0.02 if on_double(cluster) else 1)
     finally:
         api.close()
 
@@ -61,7 +66,7 @@ def make_deployment(cluster: KubernetesCluster, name: str, history: list[tuple[s
     api = cluster.get_client()
     apps = AppsV1Api(api)
     image, env = history[0]
-    deadline = 2 if "127.0.0.1" in cluster.describe() else 20
+    deadline = 2 if on_double(cluster) else 20
     apps.create_namespaced_deployment(cluster.namespace,
                                       deployment_body(name, image, env, deadline=deadline, **kwargs))
     settle(cluster, name)
