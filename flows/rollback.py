@@ -21,7 +21,7 @@ never flaps), and the before/after table and the report are written whatever hap
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -98,10 +98,6 @@ class RollbackResult(BaseModel):
     before: list[dict[str, Any]]
     after: list[dict[str, Any]]
     checks: list[dict[str, Any]] = Field(default_factory=list)
-
-
-class RollbackUnhealthy(RunbookError):
-    """The rolled-back version did not prove healthy; the recorded state was put back (see the report)."""
 
 
 def _notify(outcome: str):  # noqa: ANN202 - a Prefect state hook
@@ -200,13 +196,21 @@ def rollback(
     return _switch_colour(cluster, ns, service, colour_label, colours, colour_service, colour_health_path, options)
 
 
+@dataclass(frozen=True)
 class _Options:
-    def __init__(self, app: AppEndpoint | None, prometheus: PrometheusAPI | None, checks: list[MetricCheck],
-                 confirm: bool, reason: str, rollout_timeout: float, poll: float, health_timeout: float,
-                 check_interval: float, approval_timeout: int, lock_timeout: float) -> None:
-        self.app, self.prometheus, self.checks, self.confirm, self.reason = app, prometheus, checks, confirm, reason
-        self.rollout_timeout, self.poll, self.health_timeout = rollout_timeout, poll, health_timeout
-        self.check_interval, self.approval_timeout, self.lock_timeout = check_interval, approval_timeout, lock_timeout
+    """What every target shares: proof, approval, lock, timings."""
+
+    app: AppEndpoint | None
+    prometheus: PrometheusAPI | None
+    checks: list[MetricCheck]
+    confirm: bool
+    reason: str
+    rollout_timeout: float
+    poll: float
+    health_timeout: float
+    check_interval: float
+    approval_timeout: int
+    lock_timeout: float
 
 
 # -- kubernetes ------------------------------------------------------------------------------------------------
@@ -360,7 +364,8 @@ def _switch_colour(cluster: KubernetesCluster, ns: str, service: str, label: str
                                        f"{health_path}: HTTP {health.status} after {health.attempts} checks; "
                                        f"service {ns}/{service} still selects {current}, nothing was switched")
     except RunbookError as exc:
-        _report("blue-green-kubernetes", f"REFUSED: {exc}", active, active, [], None, [], evidence)
+        _selector_table(ns, service, svc.selector, svc.selector, active, [])
+        _report("blue-green-kubernetes", f"REFUSED: {exc}", [], [], [], None, [], evidence)
         raise
     if not opts.confirm:
         lines = [f"- {line}" for line in evidence]
@@ -387,13 +392,24 @@ def _switch_colour(cluster: KubernetesCluster, ns: str, service: str, label: str
     outcome = (f"switched {current} -> {other} and verified" if failure is None else
                f"FAILED ({failure}); " + (f"switched back to {current}" if undo.whole
                                           else "switching back FAILED: act now"))
-    _report("blue-green-kubernetes", outcome, [*active, standby], [*active, standby], results, undo, [], evidence)
+    _selector_table(ns, service, svc.selector, final.selector, active, [standby])
+    _report("blue-green-kubernetes", outcome, [], [], results, undo, [], evidence)
     if failure is not None:
         raise failure
     return RollbackResult(target="blue-green-kubernetes", outcome=f"switched to {other}", changed=[f"{ns}/{service}"],
                           before=[{"service": service, "selector": svc.selector}],
                           after=[{"service": service, "selector": final.selector}],
                           checks=[asdict(r) for r in results])
+
+
+def _selector_table(ns: str, service: str, before: dict[str, str], after: dict[str, str],
+                    active: list[DeploymentState], standby: list[DeploymentState]) -> None:
+    rows: list[dict[str, Any]] = [{"what": f"service {ns}/{service} selector", "before": str(before),
+                                   "after": str(after)}]
+    rows += [{"what": f"deployment {s.target}", "before": f"{s.image_list()} ({s.available}/{s.replicas})",
+              "after": "serving" if all((s.template.get("metadata", {}).get("labels") or {}).get(k) == v
+                                        for k, v in after.items()) else "standby"} for s in [*active, *standby]]
+    create_table_artifact(rows, key="rollback-after", description="Blue-green switch before and after")
 
 
 # -- docker compose over SSH -------------------------------------------------------------------------------------

@@ -161,6 +161,8 @@ class KubeDouble:
         self.backends: dict[tuple[str, str], str] = {}  # (namespace, service) -> base URL for the proxy
         self.requests: list[tuple[str, str, str, Any]] = []  # method, path, content type, body
         self.unauthorized = 0
+        # fault injection: (kind, name) -> HTTP codes the next PATCHes of that object answer, one each (0: pass)
+        self.fail_patches: dict[tuple[str, str], list[int]] = {}
         self._rollout_started: dict[tuple[str, str], float] = {}
         self._counter = itertools.count(1)
         double = self
@@ -254,6 +256,12 @@ class KubeDouble:
     # -- routing --------------------------------------------------------------------------------------------
 
     def route(self, method: str, path: str, query: dict[str, str], content_type: str, body: Any) -> Any:
+        if method == "PATCH":
+            m = re.search(r"/(deployments|services)/([^/]+)$", path)
+            codes = self.fail_patches.get((m.group(1), m.group(2))) if m else None
+            code = codes.pop(0) if codes else 0
+            if code:  # 0 lets that PATCH through
+                raise ApiError(code, "InternalError" if code >= 500 else "Invalid", f"injected fault {code}")
         m = re.fullmatch(r"/apis/apps/v1/namespaces/([^/]+)/(deployments|replicasets)(?:/([^/]+))?(/scale)?", path)
         if m:
             ns, kind, name, scale = m.groups()

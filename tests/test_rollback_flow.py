@@ -303,6 +303,11 @@ def test_blue_green_switches_when_the_other_colour_is_available_and_healthy(colo
         "spec": {"selector": {"app": "api", "version": "green"}}}
     _logs, artifacts, _run = run_record(state)
     assert "switched blue -> green and verified" in artifacts["rollback-report"]
+    rows = artifacts["rollback-after"]
+    rows = {r["what"]: r for r in (json.loads(rows) if isinstance(rows, str) else rows)}
+    assert rows["deployment shop/api-green"]["after"] == "serving"
+    assert rows["deployment shop/api-blue"]["after"] == "standby"
+    assert "'version': 'green'" in rows["service shop/api selector"]["after"]
     assert_no_secrets(state, double, caplog)
 
 
@@ -367,3 +372,118 @@ def test_blue_green_switches_back_when_the_app_is_unhealthy_after_the_switch(col
     assert selector_of(double) == {"app": "api", "version": "blue"}
     bodies = [b for _p, _ct, b in double.patches("services")[3:]]
     assert [b["spec"]["selector"]["version"] for b in bodies] == ["green", "blue"]  # one switch, one switch back
+
+
+# -- faults at each changing step, approval, the lock ------------------------------------------------------------
+
+
+def test_a_failed_patch_of_the_second_deployment_puts_the_first_back(kube, prefect_harness) -> None:
+    from flows.rollback import rollback
+
+    cluster, double, app = kube
+    make_deployment(cluster, "worker", [(GOOD_V1, V1_ENV), (GOOD_V2, V2_ENV)])
+    api_before, worker_before = read(cluster, "api"), read(cluster, "worker")
+    double.fail_patches[("deployments", "worker")] = [500]
+    state = rollback(cluster=cluster, deployments=["api", "worker"], return_state=True, **FAST)
+    assert state.is_failed() and "HTTP 500" in str(state.result(raise_on_failure=False))
+    api, worker = read(cluster, "api"), read(cluster, "worker")
+    assert api["spec"]["template"] == api_before["spec"]["template"]  # rolled back, then put back
+    assert worker["spec"]["template"] == worker_before["spec"]["template"]
+    assert api["status"]["availableReplicas"] == 3
+    _logs, artifacts, _run = run_record(state)
+    report = artifacts["rollback-report"]
+    assert "the recorded state was put back" in report and "put shop/api back to revision 2" in report
+
+
+def test_a_failing_undo_is_reported_as_needing_action(kube, prefect_harness) -> None:
+    from flows.rollback import rollback
+    from tasks.kubernetes import RolloutFailed
+
+    cluster, double, app = kube
+    double.fail_patches[("deployments", "api")] = [0, 500]  # the rollback's patch passes, the undo's fails
+    state = rollback(cluster=cluster, deployment="api", images=["api=registry.k8s.io/pause:broken"],
+                     return_state=True, **FAST)
+    assert state.is_failed() and isinstance(state.result(raise_on_failure=False), RolloutFailed)
+    _logs, artifacts, _run = run_record(state)
+    report = artifacts["rollback-report"]
+    assert "putting the recorded state back FAILED: act now" in report and "FAILED: patching deployment" in report
+    assert container(read(cluster, "api"))["image"].endswith(":broken")  # what the report says is live
+
+
+def _wait_for_paused(timeout: float = 60) -> Any:
+    """The run paused for its own approval form (a run input keyset with a description)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
+            keyed = [r for r in runs if (r.state.state_details.run_input_keyset or {}).get("description")]
+            if keyed:
+                return keyed[0]
+            time.sleep(0.3)
+    raise AssertionError("no paused run")
+
+
+@pytest.mark.parametrize("approve", [False, True])
+def test_approval_form_shows_current_and_target_images(kube, prefect_harness, approve: bool) -> None:
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import resume_flow_run
+
+    from flows.rollback import rollback
+
+    cluster, double, app = kube
+    box: dict[str, Any] = {}
+    params = {**FAST, "confirm": False}
+    thread = threading.Thread(target=lambda: box.setdefault("state", rollback(
+        cluster=cluster, deployment="api", reason="HighErrorRate: 7% errors", return_state=True, **params)))
+    thread.start()
+    paused = _wait_for_paused()
+    with get_client(sync_client=True) as client:
+        description = json.loads(client.read_flow_run_input(
+            paused.id, paused.state.state_details.run_input_keyset["description"]))
+    assert f"api={GOOD_V2}" in description and f"api={GOOD_V1}" in description and "2 -> 1" in description
+    assert "HighErrorRate: 7% errors" in description
+    time.sleep(0.5)
+    assert len(double.patches("deployments")) == 2  # nothing changes while paused
+    resume_flow_run(paused.id, run_input={"approve": approve, "note": "test"})
+    thread.join(120)
+    state = box["state"]
+    if approve:
+        assert state.is_completed() and container(read(cluster, "api"))["image"] == GOOD_V1
+    else:
+        assert state.is_cancelled() and len(double.patches("deployments")) == 2
+        assert container(read(cluster, "api"))["image"] == GOOD_V2
+
+
+def test_a_second_rollback_of_the_same_target_waits_on_the_lock(kube, prefect_harness) -> None:
+    from prefect.concurrency.sync import concurrency
+
+    from flows.rollback import rollback
+    from tasks.locks import ensure_lock, lock_name
+
+    cluster, double, app = kube
+    name = lock_name("rollback", f"{cluster.describe()}/deployment/api")
+    ensure_lock(name)
+    with concurrency(name, occupy=1, timeout_seconds=10, strict=True):  # a rollback of api in progress
+        started = time.monotonic()
+        state = rollback(cluster=cluster, deployment="api", return_state=True, **{**FAST, "lock_timeout_seconds": 2})
+        waited = time.monotonic() - started
+    assert state.is_failed() and waited >= 2
+    assert len(double.patches("deployments")) == 2 and container(read(cluster, "api"))["image"] == GOOD_V2
+    assert rollback(cluster=cluster, deployment="api", return_state=True, **FAST).is_completed()  # lock free
+
+
+def test_blue_green_failed_selector_patch_leaves_the_selector(colours, prefect_harness) -> None:
+    from flows.rollback import rollback
+
+    cluster, double, apps = colours
+    double.fail_patches[("services", "api")] = [500]
+    state = rollback(target="blue-green-kubernetes", cluster=cluster, service="api", return_state=True, **FAST)
+    assert state.is_failed() and "HTTP 500" in str(state.result(raise_on_failure=False))
+    assert selector_of(double) == {"app": "api", "version": "blue"}
