@@ -247,3 +247,34 @@ def test_private_key_with_passphrase_and_password_block_fields_stay_secret(sshd)
     block.password = SecretStr("pw-123456789")
     assert "pw-123456789" not in repr(block) and sshd.private_key not in repr(block)
     assert block.describe() == f"{block.user}@127.0.0.1:{sshd.port}"
+
+
+def test_compose_pull_failure_puts_the_env_file_back(sshd, project, prefect_harness) -> None:
+    from flows.rollback import rollback
+    from tasks.ssh import RemoteCommandFailed
+
+    state = rollback(target="compose-ssh", ssh=sshd.block(), compose_dir=str(project), compose_project="app",
+                     compose_service="api", variables={"API_VERSION": "missing"}, return_state=True, **FAST)
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, RemoteCommandFailed) and "manifest unknown" in str(error) and "exited 1" in str(error)
+    assert (project / ".env").read_text() == ENV
+    assert sshd.containers()["app"]["api"]["image"] == "registry/app:v1.2.0"
+
+
+def test_blue_green_compose_bad_nginx_config_is_put_back(sshd, project, colours, prefect_harness) -> None:
+    from flows.rollback import rollback
+    from tasks.ssh import RemoteCommandFailed
+
+    nginx, blue = colours["nginx"], colours["blue"]
+    before = nginx.upstream.read_text()
+    broken = {**colours["upstreams"], "green": "upstream app { nonsense; }\n"}
+    params = {**colours["params"], "upstream_configs": broken}
+    state = rollback(ssh=sshd.block(), return_state=True, **params, **FAST)
+    error = state.result(raise_on_failure=False)
+    assert isinstance(error, RemoteCommandFailed) and "-t" in str(error)  # nginx -t refused it, before any reload
+    assert nginx.upstream.read_text() == before and (project / "current_env").read_text() == "blue\n"
+    calls = blue.health_calls()
+    assert through_nginx(nginx) == 200 and blue.health_calls() == calls + 1
+    assert sshd.containers()["app-green"]["web"]["state"] == "exited"
+    text, artifacts = run_record(state)
+    assert "nginx and" in artifacts["rollback-report"] and "put back to blue" in artifacts["rollback-report"]
