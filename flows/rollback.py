@@ -114,8 +114,10 @@ def _notify(outcome: str):  # noqa: ANN202 - a Prefect state hook
       on_cancellation=[_notify("cancelled")])
 def rollback(
     target: Annotated[Target, Field(description="kubernetes: Deployments back to a revision or images. "
-                                                "blue-green-kubernetes: switch a Service to the other colour.")]
-    = "kubernetes",
+                                                "blue-green-kubernetes: switch a Service to the other colour. "
+                                                "compose-ssh: pin a compose service's version over SSH. "
+                                                "blue-green-compose: start the other colour's project, switch "
+                                                "nginx to it.")] = "kubernetes",
     cluster: KubernetesCluster | None = None,
     namespace: Annotated[str, Field(description="Empty: the cluster Block's namespace.")] = "",
     deployment: Annotated[str, Field(description="A Deployment name (what an alert's label gives).")] = "",
@@ -135,8 +137,9 @@ def rollback(
     colour_health_path: str = "/health",
     ssh: Annotated[SSHHost | None, Field(description="compose targets: the host (known_hosts checked).")] = None,
     compose_dir: Annotated[str, Field(description="compose targets: the project directory on the host.")] = "",
-    compose_project: Annotated[str, Field(description="compose-ssh: the project name (-p); blue-green-compose: "
-                                                      "a pattern with {colour}.")] = "app-{colour}",
+    compose_project: Annotated[str, Field(description="compose-ssh: the project name (-p; empty: the "
+                                                      "directory's name, as compose does); blue-green-compose: a "
+                                                      "pattern with {colour} (empty: app-{colour}).")] = "",
     compose_env_file: Annotated[str, Field(description="The env file compose reads, relative to compose_dir.")]
     = ".env",
     compose_service: Annotated[str, Field(description="compose-ssh: the service to recreate.")] = "",
@@ -178,12 +181,16 @@ def rollback(
         if target == "compose-ssh":
             if not compose_service or not variables:
                 raise ConfigurationError("compose-ssh needs compose_service and variables; nothing was changed")
-            project = ComposeProject(compose_dir, compose_project, compose_env_file)
+            name = compose_project or compose_dir.rstrip("/").rsplit("/", 1)[-1]
+            if "{" in name:
+                raise ConfigurationError(f"compose_project {name!r}: a project name, not a pattern, for compose-ssh")
+            project = ComposeProject(compose_dir, name, compose_env_file)
             return _pin_compose(ssh, project, compose_service, variables, options)
         if not colour_file or not upstream_file or not upstream_configs or set(upstream_configs) != set(colours):
             raise ConfigurationError(f"blue-green-compose needs colour_file, upstream_file and upstream_configs for "
                                      f"each of {colours}; nothing was changed")
-        return _switch_compose(ssh, compose_dir, compose_project, compose_env_file, colours, colour_file,
+        return _switch_compose(ssh, compose_dir, compose_project or "app-{colour}", compose_env_file, colours,
+                               colour_file,
                                upstream_file, upstream_configs, nginx, options)
     if cluster is None:
         raise ConfigurationError(f"target {target} needs the cluster Block; nothing was changed")
