@@ -129,6 +129,7 @@ RUNBOOKS: tuple[Runbook, ...] = (
     Runbook(
         flow="rollback", deployment="rollback", module="flows/rollback.py",
         description="Roll a Kubernetes deployment (or compose service over SSH) back to a previous revision.",
+        parameters={"cluster": block_ref("kubernetes-cluster/app"), "app": block_ref("app-endpoint/app")},
         tags=("deploy",), destructive=True, concurrency_limit=1,
     ),
     Runbook(

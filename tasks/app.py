@@ -39,8 +39,10 @@ class Health:
 
 
 @task(cache_policy=NO_CACHE)
-def wait_until_healthy(app: AppEndpoint, *, timeout_seconds: float = 120, interval_seconds: float = 2) -> Health:
-    """Poll the health endpoint until it answers 2xx; raise AppUnhealthy after the timeout."""
+def wait_until_healthy(app: AppEndpoint, *, timeout_seconds: float = 120, interval_seconds: float = 2,
+                       left_as: str = "maintenance mode stays ON") -> Health:
+    """Poll the health endpoint until it answers 2xx; raise AppUnhealthy after the timeout (its message ends
+    with ``left_as``: what the caller leaves in place)."""
     started = time.monotonic()
     attempts, last = 0, "no answer"
     with app.get_client(timeout=min(10.0, max(interval_seconds, 1.0))) as client:
@@ -57,5 +59,5 @@ def wait_until_healthy(app: AppEndpoint, *, timeout_seconds: float = 120, interv
                 last = type(exc).__name__
             if time.monotonic() - started + interval_seconds > timeout_seconds:
                 raise AppUnhealthy(f"{app.describe()}{app.health_path} not healthy after {timeout_seconds:.0f} s "
-                                   f"({attempts} checks, last: {last}); maintenance mode stays ON")
+                                   f"({attempts} checks, last: {last}); {left_as}")
             time.sleep(interval_seconds)

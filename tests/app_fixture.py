@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg
@@ -65,6 +66,51 @@ class FakeApp:
         return f"http://127.0.0.1:{self.server.server_port}"
 
     def __enter__(self) -> FakeApp:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class ProbeApp:
+    """GET /health answers 200 while ``healthy()`` is true, else 503; every request is recorded as
+    (method, path, whether the expected bearer token came with it). No database: health is whatever the test
+    ties it to (e.g. the image the Kubernetes double runs)."""
+
+    def __init__(self, healthy: Callable[[], bool], token: str | None = None) -> None:
+        self.healthy = healthy
+        self.token = token
+        self.calls: list[tuple[str, str, bool]] = []
+        app = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                authorized = app.token is None or self.headers.get("Authorization") == f"Bearer {app.token}"
+                app.calls.append(("GET", self.path, authorized))
+                ok = authorized and self.path.split("?")[0] == "/health" and app.healthy()
+                data = json.dumps({"ok": ok}).encode()
+                self.send_response(200 if ok else (401 if not authorized else 503))
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *_args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}"
+
+    def health_calls(self) -> int:
+        return sum(1 for _m, path, _a in self.calls if path.startswith("/health"))
+
+    def __enter__(self) -> ProbeApp:
         self.thread.start()
         return self
 

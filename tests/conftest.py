@@ -180,7 +180,8 @@ from pathlib import Path  # noqa: E402
 class MonitoringDaemon:
     """A Prometheus-family binary on a free loopback port in its own temp dir; ready when ``ready_path`` is 200."""
 
-    def __init__(self, binary: str, args: Callable[[int, str], list[str]], ready_path: str = "/-/ready") -> None:
+    def __init__(self, binary: str, args: Callable[[int, str], list[str]], ready_path: str = "/-/ready",
+                 ready_headers: dict[str, str] | None = None) -> None:
         import shutil
 
         found = shutil.which(binary)
@@ -190,6 +191,7 @@ class MonitoringDaemon:
         self.binary = found
         self._args = args
         self.ready_path = ready_path
+        self.ready_headers = ready_headers or {}  # e.g. basic auth, when the daemon runs with a web config
         self.port = 0
         self.dir = ""
         self.proc: subprocess.Popen[bytes] | None = None
@@ -214,7 +216,8 @@ class MonitoringDaemon:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.binary} exited {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(self.url + self.ready_path, timeout=1) as response:
+                ready = urllib.request.Request(self.url + self.ready_path, headers=self.ready_headers)
+                with urllib.request.urlopen(ready, timeout=1) as response:
                     if response.status == 200:
                         return self
             except OSError:

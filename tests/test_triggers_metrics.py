@@ -83,7 +83,8 @@ def _tool(name: str) -> str:
 def test_rules_pass_promtool_check_and_their_unit_tests() -> None:
     rules_dir = ROOT / "deployments/prometheus"
     for argv in (["check", "rules", "runbooks.rules.yml"], ["test", "rules", "runbooks.rules.test.yml"],
-                 ["check", "config", "prometheus.example.yml"]):
+                 ["check", "config", "prometheus.example.yml"], ["check", "rules", "app.rules.example.yml"],
+                 ["test", "rules", "app.rules.example.test.yml"]):
         result = subprocess.run([_tool("promtool"), *argv], cwd=rules_dir, capture_output=True, text=True,
                                 timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
