@@ -193,7 +193,25 @@ def _undo_recovery(journal: Any, store: Any, postgres: Any, redis: Any) -> None:
     for t in (t for t in changed if t.kind == "files"):
         swap_out_directory.fn(t.beside, t.live, t.kept)
     for t in changed:
-        t.state = "put back"
+        if t.kind != "weaviate":
+            t.state = "put back"
+    weaviate_target = next((t for t in changed if t.kind == "weaviate"), None)
+    if weaviate_target is not None:
+        from blocks.weaviate import WeaviateConnection
+        from tasks.store import find_set
+        from tasks.weaviate import drop_collections
+
+        part = find_set(store.get_client(), journal.set_id).part("weaviate")
+        collections = part.weaviate.collections if part is not None and part.weaviate else []
+        url = os.environ.get("RUNBOOKS_WEAVIATE_URL")
+        if not url:
+            raise ConfigurationError(f"the recovery restored the Weaviate collections {collections} into "
+                                     f"{weaviate_target.live}: set $RUNBOOKS_WEAVIATE_URL (and "
+                                     "$RUNBOOKS_WEAVIATE_API_KEY) to delete them, or delete them by hand; the other "
+                                     "targets are put back")
+        key = os.environ.get("RUNBOOKS_WEAVIATE_API_KEY")
+        drop_collections.fn(WeaviateConnection(url=url, api_key=key), collections)
+        weaviate_target.state = "put back"
 
 
 def cmd_demo(_args: argparse.Namespace) -> int:

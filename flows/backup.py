@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
+from blocks.weaviate import WeaviateConnection
 from tasks.errors import ConfigurationError
 from tasks.files import archive_directory
 from tasks.log import run_logger
@@ -31,6 +32,7 @@ from tasks.postgres import dump_database, dump_globals, inspect_server
 from tasks.progress import Progress
 from tasks.redis import snapshot_redis
 from tasks.store import discard_incomplete_set, write_manifest
+from tasks.weaviate import snapshot_weaviate
 
 DEFAULT_STORE = "file:///var/backups/runbooks"
 
@@ -75,6 +77,10 @@ def backup(
     redis_mode: Literal["replication", "bgsave"] = "replication",
     redis_rdb_path: Annotated[str | None, Field(description="bgsave mode: where dump.rdb is.")] = None,
     paths: Annotated[list[str] | None, Field(description="Directories to archive (on this host).")] = None,
+    weaviate: Annotated[WeaviateConnection | None, Field(description="A Weaviate to back up through its backup "
+                                                                     "API (waited for until SUCCESS).")] = None,
+    weaviate_collections: Annotated[list[str] | None, Field(description="Weaviate collections; empty: "
+                                                                        "all.")] = None,
     tags: list[str] | None = None,
     table_checksums: Annotated[bool, Field(description="Record per-table content checksums.")] = True,
     checksum_max_table_mb: Annotated[int | None, Field(description="Bigger tables: row count only.")] = None,
@@ -86,8 +92,9 @@ def backup(
 ) -> BackupResult:
     """Back up the configured sources into one verified, manifest-last backup set."""
     log = run_logger()
-    if postgres is None and redis is None and not paths:
-        raise ConfigurationError("nothing to back up: give a postgres connection, a redis connection or paths")
+    if postgres is None and redis is None and not paths and weaviate is None:
+        raise ConfigurationError("nothing to back up: give a postgres connection, a redis connection, paths or a "
+                                 "weaviate connection")
     if redis_mode == "bgsave" and redis is not None and not redis_rdb_path:
         raise ConfigurationError("redis_mode=bgsave needs redis_rdb_path (where the server writes dump.rdb)")
     store = store or BackupStore.from_url(DEFAULT_STORE)
@@ -124,6 +131,10 @@ def backup(
         for path in paths or []:
             source[f"files:{path}"] = path
             parts.append(archive_directory.with_options(**retry)(path, store, set_id, progress=progress))
+        if weaviate is not None:
+            source["weaviate"] = weaviate.describe()
+            parts.append(snapshot_weaviate.with_options(**retry)(weaviate, store, set_id,
+                                                                 collections=weaviate_collections))
         manifest = build_manifest(
             set_id, parts, started_at=started_at, completed_at=datetime.now(UTC), tags=tags or [],
             source=source, runbooks_version=runbooks_version(), flow_run_id=str(current_run.id or ""),
@@ -181,4 +192,7 @@ def _verification_note(part: Part) -> str:
         return f"{part.redis.key_count} keys, digest {part.redis.digest[:12]}"
     if part.files is not None:
         return f"{part.files.files} files, {human_size(part.files.bytes)}"
+    if part.weaviate is not None:
+        return (f"Weaviate backup {part.weaviate.backup_id} ({part.weaviate.backend}): "
+                f"{sum(part.weaviate.objects.values())} objects in {len(part.weaviate.collections)} collections")
     return "sha256 only"

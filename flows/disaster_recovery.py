@@ -18,7 +18,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -35,6 +35,7 @@ from blocks.app import AppEndpoint
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
+from blocks.weaviate import WeaviateConnection
 from tasks.app import AppUnhealthy, set_maintenance, wait_until_healthy
 from tasks.databases import (
     Swap,
@@ -63,8 +64,9 @@ from tasks.recovery import Journal, Target, describe, read_journals, safety_copy
 from tasks.redis import preflight_redis_restore, restore_redis, snapshot_redis
 from tasks.store import StagedPart, find_set, stage_part
 from tasks.undo import UndoStack
+from tasks.weaviate import drop_collections, preflight_weaviate_restore, restore_weaviate
 
-Component = Literal["postgres", "globals", "redis", "files"]
+Component = Literal["postgres", "globals", "redis", "files", "weaviate"]
 
 
 class Approval(RunInput):
@@ -101,6 +103,7 @@ class _Prepared:
     side_databases: list[str] = field(default_factory=list)
     directories: list[tuple[str, str, str]] = field(default_factory=list)  # (prepared, live, keep_as)
     redis_part: Part | None = None
+    weaviate_part: Part | None = None
 
 
 @flow(name="disaster-recovery", on_completion=[_notify("completed"), push_flow_run_metrics],
@@ -116,6 +119,8 @@ def disaster_recovery(
     redis: RedisConnection | None = None,
     files_targets: Annotated[dict[str, str] | None, Field(
         description="Directory in the set -> live directory; empty: the same path as backed up.")] = None,
+    weaviate: Annotated[WeaviateConnection | None, Field(
+        description="The Weaviate to restore the set's collections into (they must not exist there).")] = None,
     mode: Annotated[Literal["side-by-side", "in-place"], Field(
         description="Both restore beside, verify, then swap in. side-by-side keeps the replaced databases "
                     "(renamed); in-place (needs confirm=True) drops them after success when "
@@ -142,8 +147,8 @@ def disaster_recovery(
         raise ConfigurationError("keep_safety_copy=False is for mode=in-place; nothing was changed")
     manifest = find_set(store.get_client(), backup_id, prefer_verified=True)
     parts = _choose_parts(manifest, components, databases)
-    _check_targets(parts, postgres, redis)
-    lock_targets = _target_names(parts, postgres, redis, files_targets)
+    _check_targets(parts, postgres, redis, weaviate)
+    lock_targets = _target_names(parts, postgres, redis, files_targets, weaviate)
     log.info("recovery of %s from set %s (%s) into %s", [f"{p.kind}:{p.name}" for p in parts], manifest.set_id,
              mode, lock_targets)
     rto: dict[str, float] = {}
@@ -156,7 +161,7 @@ def disaster_recovery(
         stack.enter_context(concurrency(locks, occupy=1, timeout_seconds=lock_timeout_seconds, strict=True))
         rto["wait for lock"] = round(time.monotonic() - t0, 2)
         now = datetime.now(UTC)  # taken under the lock: unique per target
-        journal = _new_journal(manifest, parts, postgres, redis, files_targets, now)
+        journal = _new_journal(manifest, parts, postgres, redis, files_targets, weaviate, now)
         # A live recovery of these targets holds the lock: an unfinished journal now is one whose process died
         # (its lock lease then ran out).
         _refuse_after_a_dead_recovery(store, journal)
@@ -167,7 +172,7 @@ def disaster_recovery(
         # 1. Prepare: production data is not touched.
         prepared = _Prepared()
         try:
-            _prepare(journal, parts, prepared, store, staging, postgres, redis, jobs, rto)
+            _prepare(journal, parts, prepared, store, staging, postgres, redis, weaviate, jobs, rto)
         except BaseException as exc:
             journal.error = str(exc)
             _discard_prepared(journal, prepared, postgres, "prepare failed")
@@ -187,7 +192,7 @@ def disaster_recovery(
             log.info("approved: %s", answer.note or "(no note)")
 
         # 3. Commit.
-        _commit(journal, prepared, store, postgres, redis, app, health_timeout_seconds, rto)
+        _commit(journal, prepared, store, postgres, redis, weaviate, app, health_timeout_seconds, rto)
         if mode == "in-place" and not keep_safety_copy and postgres is not None:
             kept_dbs = [t.kept for t in journal.targets if t.kind == "postgres" and t.kept]
             drop_databases(postgres, kept_dbs, why="in-place recovery without a safety copy, after success")
@@ -206,7 +211,7 @@ def disaster_recovery(
 
 
 def _choose_parts(manifest: Manifest, components: list[Component] | None, databases: list[str] | None) -> list[Part]:
-    wanted = set(components or ["postgres", "globals", "redis", "files"])
+    wanted = set(components or get_args(Component))
     in_set = [p.name for p in manifest.parts if p.kind == "postgres"]
     unknown = sorted(set(databases or []) - set(in_set))
     if unknown:
@@ -218,8 +223,11 @@ def _choose_parts(manifest: Manifest, components: list[Component] | None, databa
     return chosen
 
 
-def _check_targets(parts: list[Part], postgres: PostgresConnection | None, redis: RedisConnection | None) -> None:
+def _check_targets(parts: list[Part], postgres: PostgresConnection | None, redis: RedisConnection | None,
+                   weaviate: WeaviateConnection | None) -> None:
     kinds = {p.kind for p in parts}
+    if "weaviate" in kinds and weaviate is None:
+        raise ConfigurationError("the chosen parts include Weaviate: give the weaviate target")
     if kinds & {"postgres", "globals"} and postgres is None:
         raise ConfigurationError("the chosen parts include PostgreSQL: give the postgres target")
     if "redis" in kinds and redis is None:
@@ -227,7 +235,7 @@ def _check_targets(parts: list[Part], postgres: PostgresConnection | None, redis
 
 
 def _target_names(parts: list[Part], postgres: PostgresConnection | None, redis: RedisConnection | None,
-                  files_targets: dict[str, str] | None) -> list[str]:
+                  files_targets: dict[str, str] | None, weaviate: WeaviateConnection | None) -> list[str]:
     names = set()
     for part in parts:
         if part.kind in ("postgres", "globals") and postgres is not None:
@@ -236,11 +244,14 @@ def _target_names(parts: list[Part], postgres: PostgresConnection | None, redis:
             names.add(f"{redis.host}:{redis.port}")
         elif part.kind == "files":
             names.add((files_targets or {}).get(part.name, part.name))
+        elif part.kind == "weaviate" and weaviate is not None:
+            names.add(weaviate.describe())
     return sorted(names)
 
 
 def _new_journal(manifest: Manifest, parts: list[Part], postgres: PostgresConnection | None,
-                 redis: RedisConnection | None, files_targets: dict[str, str] | None, now: datetime) -> Journal:
+                 redis: RedisConnection | None, files_targets: dict[str, str] | None,
+                 weaviate: WeaviateConnection | None, now: datetime) -> Journal:
     recovery_id = f"{now:%Y%m%dT%H%M%SZ}-{manifest.set_id[-6:]}"
     label = f"{now:%Y%m%d%H%M%S}"
     targets = []
@@ -257,6 +268,8 @@ def _new_journal(manifest: Manifest, parts: list[Part], postgres: PostgresConnec
             live = (files_targets or {}).get(part.name, part.name).rstrip("/")
             targets.append(Target(kind="files", source=part.name, live=live, beside=f"{live}.restore-{label}",
                                   kept=f"{live}.pre_restore_{label}"))
+        elif part.kind == "weaviate" and weaviate is not None:
+            targets.append(Target(kind="weaviate", source=part.name, live=weaviate.describe()))
     server = {}
     if postgres is not None:
         server["postgres"] = postgres.describe()
@@ -279,14 +292,14 @@ def _refuse_after_a_dead_recovery(store: BackupStore, journal: Journal) -> None:
 
 
 def _prepare(journal: Journal, parts: list[Part], prepared: _Prepared, store: BackupStore, staging: str,
-             postgres: PostgresConnection | None, redis: RedisConnection | None, jobs: int,
-             rto: dict[str, float]) -> None:
+             postgres: PostgresConnection | None, redis: RedisConnection | None,
+             weaviate: WeaviateConnection | None, jobs: int, rto: dict[str, float]) -> None:
     """Everything that can fail before production changes: download, restore beside, verify, pre-flight.
 
     Parts are downloaded and checked one after another in the background, in the order they are used, so a
     database is restored beside while the next parts are still downloading.
     """
-    order = {"globals": 0, "postgres": 1, "redis": 2, "files": 3}
+    order = {"globals": 0, "postgres": 1, "redis": 2, "files": 3, "weaviate": 4}
     futures: dict[str, PrefectFuture[StagedPart]] = {}
     previous: list[PrefectFuture[StagedPart]] = []
     started = time.monotonic()
@@ -294,7 +307,7 @@ def _prepare(journal: Journal, parts: list[Part], prepared: _Prepared, store: Ba
         futures[part.key] = stage_part.submit(part, store, staging, wait_for=previous)
         previous = [futures[part.key]]
     try:
-        _prepare_parts(journal, parts, prepared, futures, started, store, postgres, redis, jobs, rto)
+        _prepare_parts(journal, parts, prepared, futures, started, store, postgres, redis, weaviate, jobs, rto)
     except BaseException:
         for future in futures.values():  # none may still write into staging once it is removed
             future.wait()
@@ -303,8 +316,8 @@ def _prepare(journal: Journal, parts: list[Part], prepared: _Prepared, store: Ba
 
 def _prepare_parts(journal: Journal, parts: list[Part], prepared: _Prepared,
                    futures: dict[str, PrefectFuture[StagedPart]], started: float, store: BackupStore,
-                   postgres: PostgresConnection | None, redis: RedisConnection | None, jobs: int,
-                   rto: dict[str, float]) -> None:
+                   postgres: PostgresConnection | None, redis: RedisConnection | None,
+                   weaviate: WeaviateConnection | None, jobs: int, rto: dict[str, float]) -> None:
     def staged(part: Part) -> StagedPart:
         if part.key not in prepared.staged:
             journal.step = f"downloading and checking {part.kind} part {part.name!r}"
@@ -355,6 +368,14 @@ def _prepare_parts(journal: Journal, parts: list[Part], prepared: _Prepared,
         preflight_directory_swap(target.beside, target.live, target.kept)
         target.state = "prepared"
         rto[f"files:{part.name}"] = round(time.monotonic() - t0, 2)
+
+    for part in (p for p in parts if p.kind == "weaviate"):
+        assert weaviate is not None
+        journal.step = "pre-flight of the Weaviate restore"
+        staged(part)
+        preflight_weaviate_restore(part, weaviate)
+        prepared.weaviate_part = part
+        journal.mark("prepared", "weaviate")
     journal.step = "prepared"
 
 
@@ -376,8 +397,8 @@ def _discard_prepared(journal: Journal, prepared: _Prepared, postgres: PostgresC
 
 
 def _commit(journal: Journal, prepared: _Prepared, store: BackupStore, postgres: PostgresConnection | None,
-            redis: RedisConnection | None, app: AppEndpoint | None, health_timeout: float,
-            rto: dict[str, float]) -> None:
+            redis: RedisConnection | None, weaviate: WeaviateConnection | None, app: AppEndpoint | None,
+            health_timeout: float, rto: dict[str, float]) -> None:
     """Maintenance on, Redis safety copy, then every swap with its undo registered first, then health.
     On failure: undo in reverse, and maintenance off only when production is whole and healthy."""
     log = run_logger()
@@ -431,6 +452,16 @@ def _commit(journal: Journal, prepared: _Prepared, store: BackupStore, postgres:
                 step(f"renaming {beside} in as {live}")
                 if swap_in_directory(beside, live, kept_as).previous_kept_as is None:
                     _target_by_live(journal, "files", live).kept = ""
+            if prepared.weaviate_part is not None and prepared.weaviate_part.weaviate is not None:
+                assert weaviate is not None
+                collections = prepared.weaviate_part.weaviate.collections
+                undo.register("delete the restored Weaviate collections (they did not exist before)",
+                              lambda: _undone(journal, "weaviate", drop_collections(weaviate, collections)))
+                journal.mark("replaced", "weaviate")
+                step("restoring the Weaviate collections through its backup API")
+                t0 = time.monotonic()
+                restore_weaviate(prepared.weaviate_part, weaviate)
+                rto["weaviate"] = round(time.monotonic() - t0, 2)
             if app is not None:
                 step("health check of the recovered system")
                 t0 = time.monotonic()
@@ -522,6 +553,9 @@ def _ask_approval(manifest: Manifest, journal: Journal, parts: list[Part], mode:
                          f"`{store.describe()}/{safety_copy_key(journal.recovery_id)}` |")
         elif t.kind == "files":
             lines.append(f"| directory `{t.live}` | live | `{t.beside}` renamed in | kept as `{t.kept}` |")
+        elif t.kind == "weaviate":
+            lines.append(f"| Weaviate `{t.live}` | lacks the set's collections (checked) | collections restored "
+                         "through its backup API | nothing is replaced; on failure they are deleted again |")
     lines += ["", "Nothing is dropped." if not drops else "The replaced databases are dropped once the recovery "
               "has succeeded (mode in-place, keep_safety_copy off).", "",
               "| part | size |", "|---|---|", *[f"| {p.kind}: `{p.name}` | {human_size(p.raw_size)} |" for p in parts]]

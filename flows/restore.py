@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
+from blocks.weaviate import WeaviateConnection
 from tasks.databases import existing_databases, side_name
 from tasks.errors import ConfigurationError
 from tasks.files import extract_archive
@@ -25,6 +26,7 @@ from tasks.postgres import restore_database, restore_globals
 from tasks.recovery import safety_copy_key
 from tasks.redis import check_redis_empty, restore_redis, snapshot_redis
 from tasks.store import find_set
+from tasks.weaviate import preflight_weaviate_restore, restore_weaviate
 
 
 class RestoredPart(BaseModel):
@@ -52,6 +54,8 @@ def restore_set(
     replace_existing: Annotated[bool, Field(description="Allow a Redis that holds keys: they are saved to the "
                                                         "store, then replaced by the snapshot.")] = False,
     files_root: Annotated[str | None, Field(description="New directory; each archive goes below it.")] = None,
+    weaviate: Annotated[WeaviateConnection | None, Field(description="A Weaviate that lacks the set's "
+                                                                     "collections, to restore them into.")] = None,
 ) -> RestoreResult:
     """Restore every part of a set into new targets, checking checksums and manifest contents."""
     log = run_logger()
@@ -67,6 +71,8 @@ def restore_set(
         raise ConfigurationError(f"set {manifest.set_id} holds a Redis snapshot: give a redis target")
     if "files" in wanted and not files_root:
         raise ConfigurationError(f"set {manifest.set_id} holds directories: give files_root")
+    if "weaviate" in wanted and weaviate is None:
+        raise ConfigurationError(f"set {manifest.set_id} holds a Weaviate backup: give a weaviate target")
 
     in_set = [p.name for p in manifest.parts if p.kind == "postgres"]
     unknown = sorted(set(databases or []) - set(in_set))
@@ -85,6 +91,9 @@ def restore_set(
         if clash:
             raise ConfigurationError(f"database(s) {clash} already exist on {postgres.describe()} (an earlier "
                                      "restore of this set?): drop them or give a database_suffix; nothing was changed")
+    weaviate_part = manifest.part("weaviate")
+    if weaviate_part is not None and weaviate is not None:
+        preflight_weaviate_restore(weaviate_part, weaviate)
     safety = None
     if redis is not None and "redis" in wanted and not replace_existing:
         check_redis_empty(redis)
@@ -120,6 +129,11 @@ def restore_set(
             done.append(RestoredPart(kind="files", name=part.name, target=extracted.path,
                                      verified=f"{extracted.files} files match",
                                      seconds=round(time.monotonic() - t0, 3)))
+    if weaviate_part is not None and weaviate is not None:
+        t0 = time.monotonic()
+        restored_weaviate = restore_weaviate(weaviate_part, weaviate)
+        done.append(RestoredPart(kind="weaviate", name=weaviate_part.name, target=weaviate.describe(),
+                                 verified=restored_weaviate.note, seconds=round(time.monotonic() - t0, 3)))
     create_table_artifact([p.model_dump() for p in done], key="restore-parts",
                           description=f"Restore of set {manifest.set_id}")
     return RestoreResult(set_id=manifest.set_id, parts=done, seconds=round(time.monotonic() - started, 3))

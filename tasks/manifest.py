@@ -23,7 +23,8 @@ SETS_PREFIX = "backups/"
 FORMAT_VERSION = 1
 _SET_ID = re.compile(r"^(\d{8}T\d{6}Z)-([0-9a-f]{6})$")
 
-PartKind = Literal["postgres", "globals", "redis", "files", "pgbase"]  # pgbase: physical base backup (PITR)
+# pgbase: physical base backup (PITR); weaviate: a descriptor of a backup Weaviate wrote to its own backend
+PartKind = Literal["postgres", "globals", "redis", "files", "pgbase", "weaviate"]
 
 
 def new_set_id(now: datetime | None = None, entropy: str | None = None) -> str:
@@ -78,6 +79,8 @@ def part_key(set_id: str, kind: PartKind, name: str = "") -> str:
             return f"{base}redis/{encode_name(name or 'redis')}.rdb.zst"
         case "files":
             return f"{base}files/{encode_name(name)}.tar.zst"
+        case "weaviate":
+            return f"{base}weaviate/{encode_name(name or 'weaviate')}.json.zst"
     raise ConfigurationError(f"unknown part kind {kind!r}")
 
 
@@ -124,6 +127,19 @@ class RedisSummary(BaseModel):
     key_count: int
     digest: str
     databases: dict[str, int] = Field(default_factory=dict)
+
+
+class WeaviateSummary(BaseModel):
+    """A Weaviate backup: where Weaviate wrote it and what it held just before."""
+
+    backend: str
+    backup_id: str
+    collections: list[str]
+    objects: dict[str, int] = Field(description="Objects per collection (aggregate API) just before the backup.")
+    bucket: str | None = None
+    path: str | None = Field(default=None, description="Where the backend wrote it (as Weaviate reports).")
+    store_prefix: str | None = Field(default=None, description="The key prefix of its files in the backup store, "
+                                                               "when Weaviate wrote into the set's own prefix.")
 
 
 class FilesSummary(BaseModel):
@@ -174,6 +190,7 @@ class Part(BaseModel):
     tables: list[TableChecksum] = Field(default_factory=list)
     redis: RedisSummary | None = None
     files: FilesSummary | None = None
+    weaviate: WeaviateSummary | None = None
     database: DatabaseProperties | None = Field(default=None, description="PostgreSQL parts: the database's "
                                                 "properties (sets made before they were recorded lack them).")
 
@@ -246,6 +263,8 @@ class Verification(JsonRecord):
     verified_at: datetime
     ok: bool
     problems: list[str] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list, description="Parts the drill could not restore (so does not "
+                                                               "vouch for), e.g. Weaviate without a drill server.")
     seconds: dict[str, float] = Field(default_factory=dict, description="Per component restore/check time.")
     flow_run_id: str | None = None
 

@@ -38,7 +38,7 @@ def safety_copy_key(recovery_id: str, name: str = "redis") -> str:
 class Target(BaseModel):
     """One production target of a recovery and every name involved in it."""
 
-    kind: Literal["postgres", "globals", "redis", "files"]
+    kind: Literal["postgres", "globals", "redis", "files", "weaviate"]
     source: str = Field(default="", description="The part's name in the set.")
     live: str = Field(description="The production name: database, Redis address or directory.")
     beside: str = Field(default="", description="Where the restored copy was prepared.")
