@@ -9,6 +9,7 @@ every key with DUMP/RESTORE.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -199,16 +200,59 @@ def _reply_error(where: str, doing: str, reply: bytes) -> Exception:
     return DumpFailed(f"Redis {where} refused {doing}: {text}")
 
 
+class _DisklessDelay:
+    """A server that syncs diskless waits ``repl-diskless-sync-delay`` seconds (Redis 7: 5) for more replicas
+    before it streams. For a one-off snapshot that wait is pure delay (and, during a recovery, downtime), so
+    it is set to 0 until the transfer has started, then put back. A user without CONFIG just waits."""
+
+    def __init__(self, conn: RedisConnection) -> None:
+        self.conn = conn
+        self.previous: str | None = None
+
+    def __enter__(self) -> _DisklessDelay:
+        client = self.conn.get_client()
+        try:
+            settings = client.config_get("repl-diskless-sync*")
+            delay = settings.get("repl-diskless-sync-delay")
+            if settings.get("repl-diskless-sync") == "yes" and delay not in (None, "0"):
+                client.config_set("repl-diskless-sync-delay", 0)
+                self.previous = str(delay)
+        except redis.RedisError as exc:
+            run_logger().info("Redis %s: repl-diskless-sync-delay cannot be read or lowered (%s); the snapshot "
+                              "starts after the server's own delay (5 s by default)", self.conn.describe(),
+                              str(exc).split("\n")[0][:120])
+        return self
+
+    def put_back(self) -> None:
+        if self.previous is None:
+            return
+        previous, self.previous = self.previous, None
+        try:
+            self.conn.get_client().config_set("repl-diskless-sync-delay", previous)
+        except redis.RedisError as exc:
+            run_logger().warning("Redis %s: could not set repl-diskless-sync-delay back to %s: %s",
+                                 self.conn.describe(), previous, exc)
+
+    def __exit__(self, *_exc: object) -> None:
+        self.put_back()
+
+
 def stream_rdb(conn: RedisConnection, sink: ByteSink, *, timeout: float, diskless: bool = True) -> int:
     """Write a consistent RDB snapshot of the whole server to ``sink`` in chunks; returns bytes written.
 
     Works like ``redis-cli --rdb``: the server forks and sends the RDB as if to a new replica. With
     ``diskless`` the server is offered the socket form (``REPLCONF capa eof``), so a server configured
-    with ``repl-diskless-sync yes`` (Redis 7's default) writes nothing to its own disk, after waiting
-    ``repl-diskless-sync-delay`` (5 s by default) for other replicas; otherwise it writes its RDB file
-    first. ``timeout`` bounds each silence from the server, not the whole transfer.
+    with ``repl-diskless-sync yes`` (Redis 7's default) writes nothing to its own disk; its
+    ``repl-diskless-sync-delay`` is set to 0 until the transfer starts (see ``_DisklessDelay``). Otherwise
+    it writes its RDB file first. ``timeout`` bounds each silence from the server, not the whole transfer.
     """
     where = conn.describe()
+    with _DisklessDelay(conn) if diskless else contextlib.nullcontext() as delay:
+        return _stream_rdb(conn, sink, where, timeout, diskless, delay)
+
+
+def _stream_rdb(conn: RedisConnection, sink: ByteSink, where: str, timeout: float, diskless: bool,
+                delay: _DisklessDelay | None) -> int:
     link = _ReplicationLink(conn, timeout)
     try:
         options = link.options
@@ -240,6 +284,8 @@ def stream_rdb(conn: RedisConnection, sink: ByteSink, *, timeout: float, diskles
             if not header.startswith(b"$"):
                 raise DumpFailed(f"Redis {where} answered SYNC with {header[:60]!r}, not a bulk RDB")
             break
+        if delay is not None:
+            delay.put_back()  # the transfer has started: other replicas wait as configured again
         checked = _MagicCheck(sink, f"Redis {where}")
         link.doing = "receiving the snapshot"
         if header.startswith(b"$EOF:"):
