@@ -10,6 +10,7 @@ import hashlib
 import os
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -278,3 +279,85 @@ def test_wal_fetch_writes_the_segment_0600_whatever_the_umask(tmp_path, umask_00
     assert _mode(dest) == 0o600
     for path in (tmp_path / "archive").rglob("*"):
         assert _mode(path) == (0o700 if path.is_dir() else 0o600), (path, oct(_mode(path)))
+
+
+# ------------------------------------------------------------------------------- S3 server-side encryption
+
+
+@pytest.fixture(scope="module")
+def sse_s3() -> Iterator[object]:
+    """SeaweedFS with SSE-S3 enabled (its KMS-less key derivation; SSE-KMS needs an external KMS)."""
+    import secrets
+
+    from deployments.sandbox import SeaweedS3
+
+    with SeaweedS3(bucket="sse", sse_key=secrets.token_hex(32)) as server:
+        yield server
+
+
+def _s3_store(server, *, sse: str, kms_key_id: str | None = None, prefix: str = "p"):  # noqa: ANN001, ANN202
+    from blocks.backends import make_s3_store
+
+    return make_s3_store(bucket="sse", prefix=prefix, description=f"s3://sse/{prefix}",
+                         endpoint_url=server.endpoint_url, region=server.region, access_key_id=server.access_key,
+                         secret_access_key=server.secret_key, session_token=None, sse=sse, kms_key_id=kms_key_id,
+                         storage_class=None, part_size=5 * 2**20, max_concurrency=2)
+
+
+def _sent_headers(store) -> list[tuple[str, dict[str, str]]]:  # noqa: ANN001
+    sent: list[tuple[str, dict[str, str]]] = []
+
+    def record(request, **_kwargs):  # noqa: ANN001, ANN202
+        sent.append((request.method + " " + request.url.split("?")[1 if "?" in request.url else 0][:40],
+                     {k.lower(): (v.decode() if isinstance(v, bytes) else v) for k, v in request.headers.items()}))
+
+    store.client.meta.events.register("before-send.s3", record)
+    return sent
+
+
+def _volume_bytes(server) -> bytes:  # noqa: ANN001
+    return b"".join(p.read_bytes() for p in Path(server._tmp, "data").rglob("*.dat"))
+
+
+def test_sse_s3_objects_are_encrypted_at_rest_in_seaweedfs_and_never_public(sse_s3):
+    plain_marker, secret_marker = os.urandom(48), os.urandom(48)
+    plain = _s3_store(sse_s3, sse="", prefix="plain")
+    plain.put_bytes("marker", plain_marker * 4)
+    store = _s3_store(sse_s3, sse="AES256")
+    sent = _sent_headers(store)
+    store.put_bytes("small", secret_marker * 4)
+    big = secret_marker * (12 * 2**20 // len(secret_marker))  # multipart: create, 3 parts, complete
+    with store.open_write("big") as out:
+        out.write(big)
+    assert store.get_bytes("small") == secret_marker * 4 and store.get_bytes("big") == big
+    for key in ("p/small", "p/big"):
+        assert store.client.head_object(Bucket="sse", Key=key)["ServerSideEncryption"] == "AES256"
+        grants = store.client.get_object_acl(Bucket="sse", Key=key)["Grants"]
+        assert [g["Permission"] for g in grants] == ["FULL_CONTROL"] and "URI" not in grants[0]["Grantee"]
+    puts = [h for what, h in sent if what.startswith(("PUT", "POST")) and "partNumber" not in what
+            and "uploadId" not in what]
+    assert puts and all(h.get("x-amz-server-side-encryption") == "AES256" for h in puts)
+    assert not any("x-amz-acl" in h or "x-amz-grant-read" in h for _, h in sent)
+    # On SeaweedFS's disk: the plain object is there in clear, the encrypted ones are not.
+    time.sleep(0.5)
+    volumes = _volume_bytes(sse_s3)
+    assert plain_marker in volumes
+    assert secret_marker not in volumes
+
+
+def test_sse_kms_sends_the_key_id_and_a_refusal_leaves_no_object(sse_s3):
+    """SeaweedFS has no KMS here: the headers are sent with the key id, the refusal is a StoreError naming
+    the object, and nothing is left behind (single put and multipart alike)."""
+    store = _s3_store(sse_s3, sse="aws:kms", kms_key_id="arn:aws:kms:us-east-1:111122223333:key/runbooks-test",
+                      prefix="kms")
+    sent = _sent_headers(store)
+    with pytest.raises(StoreError, match="upload of small"):
+        store.put_bytes("small", b"x" * 100)
+    with pytest.raises(StoreError, match="upload of big"), store.open_write("big") as out:
+        out.write(os.urandom(6 * 2**20))
+    # (upload_part carries no SSE header: the upload's settings come from CreateMultipartUpload)
+    writes = [h for what, h in sent if what.startswith(("PUT", "POST")) and "uploadId" not in what]
+    assert writes and all(h.get("x-amz-server-side-encryption") == "aws:kms" and
+                          h.get("x-amz-server-side-encryption-aws-kms-key-id", "").endswith("key/runbooks-test")
+                          for h in writes)
+    assert store.list("") == []
