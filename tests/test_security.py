@@ -361,3 +361,33 @@ def test_sse_kms_sends_the_key_id_and_a_refusal_leaves_no_object(sse_s3):
                           h.get("x-amz-server-side-encryption-aws-kms-key-id", "").endswith("key/runbooks-test")
                           for h in writes)
     assert store.list("") == []
+
+
+# ------------------------------------------------------------------------------- the secret scan of e2e tests
+
+
+def test_the_secret_scan_finds_what_fixtures_hold_and_where_it_leaked():
+    from pydantic import SecretStr
+
+    from blocks.postgres import PostgresConnection
+    from tasks.scratch import ScratchPostgres
+    from tests.conftest import find_leaks, fixture_secrets
+
+    class Stack:  # a test's own dataclass-like holder, as tests/test_triggers.py has
+        def __init__(self) -> None:
+            self.token = "bridge-token-abcdefgh"
+            self.access_key = "not-a-secret-key-id"
+            self.key = "/tmp/ca/key.pem"  # a path to a key is not the key
+
+    key_pem = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n"
+    found = fixture_secrets({
+        "fresh_pg": ScratchPostgres(password="scratch-pw-12345"),
+        "block": PostgresConnection(password=SecretStr("block-pw-67890"), sslrootcert="x", sslcert="c",
+                                    sslkey=SecretStr(key_pem)),
+        "stack": Stack(),
+    })
+    assert {"scratch-pw-12345", "block-pw-67890", "bridge-token-abcdefgh",
+            "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg"} <= found
+    assert not {"not-a-secret-key-id", "/tmp/ca/key.pem"} & found
+    leaks = find_leaks(found, ["log runbooks: connected as postgres", "artifact x: password block-pw-67890"])
+    assert leaks == ["blo... (14 chars) in 'artifact x: password <SECRET>'"]
