@@ -370,6 +370,8 @@ def secret_scan(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     loggers = [logging.getLogger(n) for n in ("", "prefect", "prefect.flow_runs", "prefect.task_runs")]
     for logger in loggers:
         logger.addHandler(recorder)
+    root_level = loggers[0].level
+    loggers[0].setLevel(min(root_level, logging.INFO))  # the INFO lines tasks log outside a flow run too
     caught: list[str] = []
     fill = ExceptionInfo.fill_unfilled
 
@@ -383,6 +385,7 @@ def secret_scan(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     finally:
         for logger in loggers:
             logger.removeHandler(recorder)
+        loggers[0].setLevel(root_level)
     secrets_found = fixture_secrets(request.node.funcargs)
     module = getattr(request, "module", None)
     for name, value in vars(module).items() if module else ():

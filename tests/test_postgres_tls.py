@@ -29,12 +29,13 @@ pytestmark = pytest.mark.e2e
 class TlsServer:
     def __init__(self, pg: ScratchPostgres, ca: TestCA, client: Issued, other_ca: TestCA) -> None:
         self.pg, self.ca, self.client, self.other_ca = pg, ca, client, other_ca
+        self.client_key = SecretStr(Path(client.key).read_text())  # (secret_scan looks for it in logs too)
 
     def block(self, **fields: object) -> PostgresConnection:
         values: dict[str, object] = {
             "host": "127.0.0.1", "port": self.pg.port, "user": "postgres", "password": SecretStr(self.pg.password),
             "sslrootcert": Path(self.ca.cert).read_text(), "sslcert": Path(self.client.cert).read_text(),
-            "sslkey": SecretStr(Path(self.client.key).read_text())}
+            "sslkey": self.client_key}
         values.update(fields)
         return PostgresConnection(**values)
 

@@ -379,7 +379,8 @@ def test_the_secret_scan_finds_what_fixtures_hold_and_where_it_leaked():
             self.access_key = "not-a-secret-key-id"
             self.key = "/tmp/ca/key.pem"  # a path to a key is not the key
 
-    key_pem = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n"
+    key_pem = ("-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n"
+               "-----END PRIVATE KEY-----\n")
     found = fixture_secrets({
         "fresh_pg": ScratchPostgres(password="scratch-pw-12345"),
         "block": PostgresConnection(password=SecretStr("block-pw-67890"), sslrootcert="x", sslcert="c",
