@@ -340,9 +340,14 @@ def up_main(args: argparse.Namespace) -> int:
             webhook_argv += ["--token-file", token_file]
         if args.routes:
             webhook_argv += ["--routes", args.routes]
+        for flag, value in (("--tls-cert", args.webhook_tls_cert), ("--tls-key", args.webhook_tls_key),
+                            ("--tls-client-ca", args.webhook_tls_client_ca)):
+            if value:
+                webhook_argv += [flag, value]  # file names, not secrets
         stack.start("webhook", webhook_argv, env)
+        scheme = "https" if args.webhook_tls_cert else "http"
         print(f"runbooks up: UI http://{args.host}:{args.port}  bridge "
-              f"http://{args.webhook_host}:{args.webhook_port}/alertmanager ({token_note}); {auth_note};  "
+              f"{scheme}://{args.webhook_host}:{args.webhook_port}/alertmanager ({token_note}); {auth_note};  "
               f"logs in {home}; Ctrl-C stops everything", flush=True)
         while True:
             gone = stack.exited()
@@ -384,6 +389,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--port", type=int, default=4200)
         parser.add_argument("--webhook-host", default="127.0.0.1")
         parser.add_argument("--webhook-port", type=int, default=9095)
+        parser.add_argument("--webhook-tls-cert", help="the bridge serves HTTPS with this certificate (PEM)")
+        parser.add_argument("--webhook-tls-key", help="... and this private key (PEM, 0600)")
+        parser.add_argument("--webhook-tls-client-ca", help="the bridge requires client certificates of this CA")
         parser.add_argument("--routes", help="routes file for the bridge (default: the example routes)")
         parser.add_argument("--token-file", help="bearer token for the bridge (default: $RUNBOOKS_WEBHOOK_TOKEN, "
                                                  "else generated in --home)")

@@ -1,6 +1,6 @@
 """The Prefect API with basic auth under `runbooks up`: an unauthenticated call gets 401, while the served runbooks,
-the bridge (its one token from $RUNBOOKS_WEBHOOK_TOKEN, no generated file) and the UI keep working; bound beyond
-loopback without an auth string, `up` refuses to start."""
+the bridge (HTTPS, its one token from $RUNBOOKS_WEBHOOK_TOKEN, no generated file) and the UI keep working; bound
+beyond loopback without an auth string, `up` refuses to start."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -21,11 +22,13 @@ import pytest
 import yaml
 
 from tasks.scratch import free_port
+from tests.tls import TestCA
 
 pytestmark = pytest.mark.e2e
 
 
-def _call(url: str, *, auth: str | None = None, body: Any = None, token: str | None = None) -> tuple[int, bytes]:
+def _call(url: str, *, auth: str | None = None, body: Any = None, token: str | None = None,
+          context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
     headers = {"Content-Type": "application/json"}
     if auth is not None:
         headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
@@ -34,7 +37,7 @@ def _call(url: str, *, auth: str | None = None, body: Any = None, token: str | N
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -76,21 +79,25 @@ def test_with_api_auth_unauthenticated_calls_get_401_and_runbooks_bridge_and_ui_
                           "parameters": {"paths": [str(media)], "store": {"backend": "local", "path": str(store)},
                                          "tags": ["auth-e2e"]}}]}
     (tmp_path / "routes.yaml").write_text(yaml.safe_dump(routes))
+    ca = TestCA(tmp_path / "ca")
+    bridge_cert = ca.issue("runbooks-bridge")
+    tls = ssl.create_default_context(cafile=ca.cert)
     auth_file = tmp_path / "api-auth"
     auth_file.write_text(auth + "\n")
     auth_file.chmod(0o600)
     port, webhook_port = free_port(), free_port()
     proc = _up(tmp_path, "--port", str(port), "--webhook-port", str(webhook_port), "--routes",
                str(tmp_path / "routes.yaml"), "--api-auth-file", str(auth_file), "--only", "backup", "--poll", "1",
+               "--webhook-tls-cert", bridge_cert.cert, "--webhook-tls-key", bridge_cert.key,
                env=_clean_env(RUNBOOKS_WEBHOOK_TOKEN=token))
-    api, bridge = f"http://127.0.0.1:{port}/api", f"http://127.0.0.1:{webhook_port}"
+    api, bridge = f"http://127.0.0.1:{port}/api", f"https://127.0.0.1:{webhook_port}"
     try:
         deadline = time.monotonic() + 180
         while True:
             assert proc.poll() is None, (tmp_path / "up.log").read_text()
             try:
                 if (_call(f"{api}/deployments/name/backup/nightly", auth=auth)[0] == 200
-                        and _call(f"{bridge}/healthz")[0] == 200):
+                        and _call(f"{bridge}/healthz", context=tls)[0] == 200):
                     break
             except OSError:
                 pass  # not listening yet
@@ -98,6 +105,7 @@ def test_with_api_auth_unauthenticated_calls_get_401_and_runbooks_bridge_and_ui_
             time.sleep(1)
         up_log = (tmp_path / "up.log").read_text()
         assert "API basic auth on" in up_log and "bearer token from $RUNBOOKS_WEBHOOK_TOKEN" in up_log
+        assert f"https://127.0.0.1:{webhook_port}/alertmanager" in up_log
         assert auth.split(":")[1] not in up_log and token not in up_log
         assert not (tmp_path / "state" / "webhook-token").exists()
 
@@ -116,8 +124,8 @@ def test_with_api_auth_unauthenticated_calls_get_401_and_runbooks_bridge_and_ui_
                 "alerts": [{"status": "firing", "labels": {"alertname": "BackupNow"}, "annotations": {},
                             "startsAt": "2026-11-20T02:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
                             "generatorURL": "", "fingerprint": secrets.token_hex(8)}]}
-        assert _call(f"{bridge}/alertmanager", body=body, token="not-the-token-0123456789")[0] == 401
-        status, answer = _call(f"{bridge}/alertmanager", body=body, token=token)
+        assert _call(f"{bridge}/alertmanager", body=body, token="not-the-token-0123456789", context=tls)[0] == 401
+        status, answer = _call(f"{bridge}/alertmanager", body=body, token=token, context=tls)
         assert status == 202, answer
         assert len(json.loads(answer)["created"] + json.loads(answer)["pending"]) == 1
         # The served runbook runs it to completion (the runner also talks to the API with the auth string).
