@@ -392,3 +392,37 @@ def test_the_secret_scan_finds_what_fixtures_hold_and_where_it_leaked():
     assert not {"not-a-secret-key-id", "/tmp/ca/key.pem"} & found
     leaks = find_leaks(found, ["log runbooks: connected as postgres", "artifact x: password block-pw-67890"])
     assert leaks == ["blo... (14 chars) in 'artifact x: password <SECRET>'"]
+
+
+# ------------------------------------------------------------------------------- backup parameters
+
+
+def test_backup_parameters_that_reach_tools_and_files_are_checked():
+    from tasks.validate import check_database_name, check_local_path, check_tag
+
+    assert check_database_name('Sales "EU" Q\'1') == 'Sales "EU" Q\'1'
+    assert check_local_path("paths", "/srv/media files") == "/srv/media files"
+    assert check_tag("{{ labels.alertname }}") == "{{ labels.alertname }}"
+    for bad in ("", "x" * 64, "é" * 32, "a\0b", "a\nb"):
+        with pytest.raises(ConfigurationError, match="63 bytes"):
+            check_database_name(bad)
+    for bad in ("media", "../etc", "/srv/../etc", "/srv/a\0b", "/srv/a\nb", ""):
+        with pytest.raises(ConfigurationError, match="paths"):
+            check_local_path("paths", bad)
+    for bad in ("", "x" * 101, "a\nb", "a\x1b[2Jb"):
+        with pytest.raises(ConfigurationError, match="tag"):
+            check_tag(bad)
+
+
+def test_backup_refuses_bad_paths_and_tags_before_anything_is_written(tmp_path, prefect_harness):
+    from blocks.store import BackupStore
+    from flows.backup import backup
+
+    store = BackupStore.from_url(f"file://{tmp_path / 'store'}")
+    media = tmp_path / "media"
+    media.mkdir()
+    for kwargs, message in (({"paths": ["media"]}, "absolute path"), ({"paths": [str(media) + "/../.."]}, "'\\.\\.'"),
+                            ({"paths": [str(media)], "tags": ["ok", "forged\nline"]}, "printable")):
+        with pytest.raises(ConfigurationError, match=message):
+            backup(store=store, retries=0, **kwargs)
+    assert not (tmp_path / "store").exists()
