@@ -131,6 +131,8 @@ class PostgresConnection(Block):
 
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
 def _tls_hint(reason: str) -> str:
     if "certificate verify failed" in reason:
         return (" (the server's certificate does not chain to sslrootcert: give the CA that signed it, or the "

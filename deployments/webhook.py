@@ -390,6 +390,7 @@ class PrefectRunStarter:
         schema = create_v2_schema(Approval.__name__, model_base=Approval)
         alert = trigger.alert
         summary = alert.annotations.get("summary") or alert.annotations.get("description") or ""
+
         def shown(text: str, limit: int = 200) -> str:  # sender's text in the form: one line, no code spans
             return printable(text, limit).replace("`", "'")
 
