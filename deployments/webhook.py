@@ -837,6 +837,9 @@ def main(argv: Sequence[str]) -> int:
     except ValueError as exc:
         print(f"runbooks webhook: {exc}", file=sys.stderr)
         return 2
+    if not tls and args.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("serving plain HTTP on %s: the bearer token crosses the network in clear; give --tls-cert "
+                    "and --tls-key (or terminate TLS in front of the bridge)", args.host)
     log.info("Alertmanager bridge on %s://%s:%d/alertmanager%s -> %s", "https" if tls else "http", args.host,
              args.port, " (client certificates required)" if args.tls_client_ca else "",
              app.state.bridge.starter.api_url)
