@@ -120,9 +120,11 @@ class LocalStore:
         if not overwrite and final.exists():
             raise ObjectExists(f"store {self.description}: {key} already exists; not overwritten")
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            private_makedirs(final.parent)
             tmp = final.with_name(f"{final.name}{_PARTIAL}{uuid.uuid4().hex[:8]}")
-            handle = open(tmp, "wb")  # noqa: SIM115 - closed below on every path
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            os.fchmod(fd, 0o600)  # 0600 whatever the umask: dumps hold data and password hashes
+            handle = open(fd, "wb")  # noqa: SIM115 - closed below on every path
         except OSError as exc:
             raise StoreError(f"store {self.description}: cannot write {key}: {exc}") from exc
         try:
@@ -201,6 +203,21 @@ class LocalStore:
                     path.unlink(missing_ok=True)
                     removed += 1
         return removed
+
+
+def private_makedirs(path: Path) -> None:
+    """``mkdir -p`` where every directory created is 0700 whatever the umask; existing ones are left as they are."""
+    missing = []
+    for parent in [path, *path.parents]:
+        if parent.is_dir():
+            break
+        missing.append(parent)
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # made meanwhile by another writer
+        os.chmod(directory, 0o700)
 
 
 def _mtime(path: Path) -> datetime:

@@ -6,8 +6,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
+from blocks.tlsfiles import pem_file
 from tasks.errors import ConfigurationError
 
 
@@ -23,7 +24,20 @@ class RedisConnection(Block):
     username: str | None = Field(default=None, description="ACL user; empty for the default user.")
     password: SecretStr | None = None
     tls: bool = Field(default=False, description="Connect with TLS (rediss://).")
-    tls_ca_file: str | None = Field(default=None, description="CA bundle to verify the server with.")
+    tls_ca_file: str | None = Field(default=None, description="CA bundle to verify the server with (a file "
+                                                              "path or PEM text); the host name is checked too.")
+    tls_cert_file: str | None = Field(default=None, description="Client certificate for servers with "
+                                                                "tls-auth-clients (a file path or PEM text).")
+    tls_key: SecretStr | None = Field(default=None, description="The client certificate's private key (PEM text, "
+                                                                "written 0600 to a private file, or a file path).")
+
+    @model_validator(mode="after")
+    def _client_cert_pair(self) -> RedisConnection:
+        if (self.tls_cert_file is None) != (self.tls_key is None):
+            raise ValueError("tls_cert_file and tls_key go together (a client certificate and its private key)")
+        if self.tls_cert_file and not self.tls:
+            raise ValueError("a client certificate needs tls (rediss://)")
+        return self
 
     @classmethod
     def from_url(cls, url: str) -> RedisConnection:
@@ -62,6 +76,10 @@ class RedisConnection(Block):
             "socket_connect_timeout": 10,
         }
         if self.tls:
-            options.update(ssl=True, ssl_ca_certs=self.tls_ca_file)
+            options.update(ssl=True, ssl_check_hostname=True, ssl_cert_reqs="required",
+                           ssl_ca_certs=pem_file(self.tls_ca_file) if self.tls_ca_file else None)
+            if self.tls_cert_file and self.tls_key:
+                options.update(ssl_certfile=pem_file(self.tls_cert_file),
+                               ssl_keyfile=pem_file(self.tls_key.get_secret_value(), secret=True))
         options.update(kwargs)
         return redis.Redis(**options)  # type: ignore[arg-type]

@@ -79,12 +79,32 @@ class Notification(BaseModel):
     alerts: list[Alert] = Field(max_length=10_000)
 
 
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(char: str) -> str:
+    if char.isprintable():
+        return char
+    code = ord(char)
+    return _ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                                  else f"\\U{code:08x}")
+
+
+def printable(text: object, limit: int = 200) -> str:
+    """``text`` safe for one log line or a JSON answer: control, format and line-separator characters escaped
+    (``\\n``, ``\\x1b``, ``\\u2028``) and cut to ``limit`` characters, saying how long it was."""
+    value = str(text)
+    out = "".join(_escape(c) for c in value[:limit])
+    return out if len(value) <= limit else f"{out}...({len(value)} characters)"
+
+
 def describe_validation_error(exc: ValidationError, limit: int = 5) -> str:
-    """A short, input-free reason for a 400: where and what, never the offending value itself."""
+    """A short, input-free reason for a 400: where and what, never the offending value itself. Dict keys
+    in the location come from the sender: each is cut and escaped (``printable``)."""
     parts = []
     for err in exc.errors(include_input=False, include_url=False)[:limit]:
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
+        where = ".".join(printable(p, 64) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {printable(err['msg'], 200)}")
     more = exc.error_count() - limit
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 

@@ -79,9 +79,12 @@ class SeaweedS3:
         base_dir: str | None = None,
         weed: str | None = None,
         start_timeout: float = 60.0,
+        sse_key: str | None = None,
     ) -> None:
-        """``bucket`` is created at start when given (and is then ``.bucket``)."""
+        """``bucket`` is created at start when given (and is then ``.bucket``). ``sse_key``: enables SSE-S3
+        (``x-amz-server-side-encryption: AES256``) with a key derived from it (SeaweedFS's WEED_S3_SSE_KEY)."""
         self.bucket = bucket
+        self._sse_key = sse_key
         self.access_key = access_key
         self.secret_key = secret_key
         self._base_dir = base_dir
@@ -231,9 +234,13 @@ class SeaweedS3:
         self._log = tmp / "weed.log"
         with self._log.open("wb") as log:
             # Own session = own process group, so stop() can signal every process weed starts.
+            env = dict(os.environ)
+            env.pop("WEED_S3_SSE_KEY", None)
+            if self._sse_key:
+                env["WEED_S3_SSE_KEY"] = self._sse_key
             self._proc = subprocess.Popen(
                 argv, cwd=tmp, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, env=env,
             )
         self._wait_ready()
 

@@ -224,14 +224,67 @@ def wait_for_api(url: str, proc: subprocess.Popen[bytes], timeout: float) -> Non
     raise RuntimeError(f"prefect server did not answer {url}/health within {timeout:.0f} s")
 
 
-def _token_file(home: Path, given: str | None) -> str:
+TOKEN_ENV = "RUNBOOKS_WEBHOOK_TOKEN"  # (deployments.webhook.TOKEN_ENV; that module is not imported here)
+
+
+def bridge_token_source(home: Path, given: str | None, environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """The bridge's one bearer token source: ``(token file or None, what to tell the operator)``.
+
+    ``--token-file`` or ``$RUNBOOKS_WEBHOOK_TOKEN``, never both; neither: a token generated once in
+    ``home/webhook-token`` (0600)."""
+    if given and environ.get(TOKEN_ENV):
+        raise ValueError(f"both --token-file {given} and ${TOKEN_ENV} are set: the bridge takes exactly one "
+                         "bearer token; unset one")
     if given:
-        return given
+        return given, f"bearer token in {given}"
+    if environ.get(TOKEN_ENV):
+        return None, f"bearer token from ${TOKEN_ENV}"
     path = home / "webhook-token"
     if not path.exists():
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(32) + "\n")
-    return str(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+    return str(path), f"bearer token in {path} (generated)"
+
+
+API_AUTH_SERVER_ENV = "PREFECT_SERVER_API_AUTH_STRING"  # the server checks it (HTTP basic auth)
+API_AUTH_CLIENT_ENV = "PREFECT_API_AUTH_STRING"  # every client sends it
+MIN_AUTH_STRING = 16
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_auth_string(host: str, auth_file: str | None, environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """The Prefect API's basic-auth string (``user:password``) and what to tell the operator.
+
+    From ``--api-auth-file`` or $PREFECT_SERVER_API_AUTH_STRING / $PREFECT_API_AUTH_STRING. Bound to anything
+    but loopback, the API refuses to start without one: whoever reaches an open API can start any runbook."""
+    if auth_file:
+        from deployments.webhook import read_secret_file
+
+        value, source = read_secret_file(auth_file), auth_file
+    else:
+        name = next((n for n in (API_AUTH_SERVER_ENV, API_AUTH_CLIENT_ENV) if environ.get(n)), None)
+        value, source = (environ[name], f"${name}") if name else (None, "")
+    if value is None:
+        if not is_loopback(host):
+            raise ValueError(f"the Prefect API would listen on {host} without authentication: anyone who reaches "
+                             f"it can start any runbook. Give --api-auth-file FILE (user:password) or set "
+                             f"${API_AUTH_SERVER_ENV}, or bind to 127.0.0.1")
+        return None, "API auth off (bound to loopback only)"
+    if len(value) < MIN_AUTH_STRING or ":" not in value:
+        raise ValueError(f"the API auth string from {source} must be user:password, at least {MIN_AUTH_STRING} "
+                         "characters")
+    return value, f"API basic auth on (from {source})"
 
 
 class _Stop(Exception):
@@ -252,7 +305,18 @@ def up_main(args: argparse.Namespace) -> int:
     env["PREFECT_API_URL"] = api_url
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     env.setdefault("PREFECT_UI_API_URL", api_url)
-    token_file = _token_file(home, args.token_file)
+    try:
+        auth, auth_note = api_auth_string(args.host, args.api_auth_file, env)
+        token_file, token_note = bridge_token_source(home, args.token_file or env.get("RUNBOOKS_WEBHOOK_TOKEN_FILE"),
+                                                     env)
+    except (ValueError, OSError) as exc:
+        print(f"runbooks up: {exc}", file=sys.stderr)
+        return 2
+    env.pop("RUNBOOKS_WEBHOOK_TOKEN_FILE", None)  # the bridge gets its one source from the lines below
+    for name in (API_AUTH_SERVER_ENV, API_AUTH_CLIENT_ENV):
+        env.pop(name, None)
+    if auth is not None:  # the server checks it; serve, the bridge and flow runs send it (never in argv)
+        env[API_AUTH_SERVER_ENV] = env[API_AUTH_CLIENT_ENV] = auth
     runbooks = [sys.executable, "-m", "deployments.cli"]
 
     signal.signal(signal.SIGINT, _raise_stop)
@@ -271,13 +335,19 @@ def up_main(args: argparse.Namespace) -> int:
         for name in args.only or []:
             serve_argv += ["--only", name]
         stack.start("serve", serve_argv, env)
-        webhook_argv = [*runbooks, "webhook", "--host", args.webhook_host, "--port", str(args.webhook_port),
-                        "--token-file", token_file]
+        webhook_argv = [*runbooks, "webhook", "--host", args.webhook_host, "--port", str(args.webhook_port)]
+        if token_file is not None:
+            webhook_argv += ["--token-file", token_file]
         if args.routes:
             webhook_argv += ["--routes", args.routes]
+        for flag, value in (("--tls-cert", args.webhook_tls_cert), ("--tls-key", args.webhook_tls_key),
+                            ("--tls-client-ca", args.webhook_tls_client_ca)):
+            if value:
+                webhook_argv += [flag, value]  # file names, not secrets
         stack.start("webhook", webhook_argv, env)
+        scheme = "https" if args.webhook_tls_cert else "http"
         print(f"runbooks up: UI http://{args.host}:{args.port}  bridge "
-              f"http://{args.webhook_host}:{args.webhook_port}/alertmanager (bearer token in {token_file})  "
+              f"{scheme}://{args.webhook_host}:{args.webhook_port}/alertmanager ({token_note}); {auth_note};  "
               f"logs in {home}; Ctrl-C stops everything", flush=True)
         while True:
             gone = stack.exited()
@@ -319,8 +389,15 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("--port", type=int, default=4200)
         parser.add_argument("--webhook-host", default="127.0.0.1")
         parser.add_argument("--webhook-port", type=int, default=9095)
+        parser.add_argument("--webhook-tls-cert", help="the bridge serves HTTPS with this certificate (PEM)")
+        parser.add_argument("--webhook-tls-key", help="... and this private key (PEM, 0600)")
+        parser.add_argument("--webhook-tls-client-ca", help="the bridge requires client certificates of this CA")
         parser.add_argument("--routes", help="routes file for the bridge (default: the example routes)")
-        parser.add_argument("--token-file", help="bearer token for the bridge (default: generated in --home)")
+        parser.add_argument("--token-file", help="bearer token for the bridge (default: $RUNBOOKS_WEBHOOK_TOKEN, "
+                                                 "else generated in --home)")
+        parser.add_argument("--api-auth-file", help="file holding the Prefect API's basic-auth string user:password "
+                                                    f"(default ${API_AUTH_SERVER_ENV}); required when --host is not "
+                                                    "loopback")
         parser.add_argument("--server-nice", type=int, default=0, choices=range(0, 20), metavar="0-19",
                             help="nice value of the Prefect server: above 0 the bridge answers first when they "
                                  "share the CPU, but runs also start later (default 0)")

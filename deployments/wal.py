@@ -344,7 +344,9 @@ def fetch_file(store: Any, name: str, dest: str) -> bool:
     key = wal_key(name)
     tmp = f"{dest}.runbooks-{os.getpid()}-{time.monotonic_ns()}"
     try:
-        with store.open_read(key) as raw, open(tmp, "wb") as out:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # WAL is the data: 0600 whatever the umask
+        os.fchmod(fd, 0o600)
+        with open(fd, "wb") as out, store.open_read(key) as raw:
             _decompress(raw, out.write, f"{store.description}/{key}")
         os.replace(tmp, dest)
         return True
@@ -397,6 +399,7 @@ def _ask_daemon(config: WalConfig, spool: str, pgdata: str, request: dict[str, A
     sock_name = f"d-{config.fingerprint(pgdata)}.sock"
     try:
         os.makedirs(spool, mode=0o700, exist_ok=True)
+        os.chmod(spool, 0o700)
     except OSError:
         return None
     started = None
@@ -777,6 +780,8 @@ def run_daemon(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     config = load_config(args.config)
     fingerprint = config.fingerprint(args.pgdata)
+    os.umask(0o077)  # its own process: every file of the spool (prefetched WAL, logs, socket) private
+    os.chmod(args.spool, 0o700)
     os.chdir(args.spool)
     lock = os.open(f"d-{fingerprint}.lock", os.O_WRONLY | os.O_CREAT, 0o600)
     try:

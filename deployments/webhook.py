@@ -10,8 +10,10 @@ Runs of routes that require approval are created Paused with an input form: noth
 operator resumes them in the Prefect UI (the run is then scheduled and the runner picks it up), and
 cancelling the paused run refuses it. ``/healthz`` and ``/metrics`` (Prometheus text format) need no auth.
 
-`runbooks webhook --routes FILE [--host H] [--port P]`; the token comes from $RUNBOOKS_WEBHOOK_TOKEN or
---token-file, basic-auth users from --basic-auth-file (``user:password`` lines): never from argv.
+`runbooks webhook --routes FILE [--host H] [--port P] [--tls-cert F --tls-key F [--tls-client-ca F]]`; the
+token comes from $RUNBOOKS_WEBHOOK_TOKEN or --token-file (exactly one of them), basic-auth users from
+--basic-auth-file (``user:password`` lines): never from argv. Anything taken from a request that reaches a log
+line or an answer is cut and escaped (``routes.printable``).
 """
 
 from __future__ import annotations
@@ -46,10 +48,38 @@ from deployments.routes import (
     describe_validation_error,
     load_routes,
     plan,
+    printable,
     registry_destructive,
 )
 
+ANSWER_TEXT_LIMIT = 1000  # characters of any one string in an answer
+LOG_ARG_LIMIT = 300  # characters of any one argument of a log line
+
+
+class _PrintableArgs(logging.Filter):
+    """Every argument of the bridge's log lines is cut and escaped: alert names, fingerprints, reasons and
+    error texts come from the sender, and a newline in one would forge a log line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(a if isinstance(a, int | float) else printable(a, LOG_ARG_LIMIT)
+                                for a in record.args)
+        return True
+
+
+def printable_answer(content: Any) -> Any:
+    """A JSON answer with every string (keys too) cut and escaped (``printable``)."""
+    if isinstance(content, str):
+        return printable(content, ANSWER_TEXT_LIMIT)
+    if isinstance(content, dict):
+        return {printable_answer(k): printable_answer(v) for k, v in content.items()}
+    if isinstance(content, list | tuple):
+        return [printable_answer(v) for v in content]
+    return content
+
+
 log = logging.getLogger("runbooks.webhook")
+log.addFilter(_PrintableArgs())
 
 DEFAULT_PORT = 9095
 DEFAULT_MAX_BODY = 1024 * 1024
@@ -304,13 +334,13 @@ class PrefectRunStarter:
                            pause_key=APPROVAL_PAUSE_KEY, name="Paused")
             keyset = keyset_from_paused_state(state)
             state.state_details.run_input_keyset = keyset
-            state.message = f"waiting for approval: alert {alert.alertname} via route {route.name}"
+            state.message = f"waiting for approval: alert {printable(alert.alertname)} via route {route.name}"
         else:
             state, keyset = Scheduled(), None
         body = DeploymentFlowRunCreate(
             parameters=trigger.parameters,
             state=to_state_create(state),
-            tags=["alert", f"route:{route.name}", f"alertname:{alert.alertname}"[:100]],
+            tags=["alert", f"route:{route.name}", f"alertname:{printable(alert.alertname, 80)}"[:100]],
             idempotency_key=trigger.idempotency_key,
         ).model_dump(mode="json", exclude_unset=True)
 
@@ -360,12 +390,17 @@ class PrefectRunStarter:
         schema = create_v2_schema(Approval.__name__, model_base=Approval)
         alert = trigger.alert
         summary = alert.annotations.get("summary") or alert.annotations.get("description") or ""
+
+        def shown(text: str, limit: int = 200) -> str:  # sender's text in the form: one line, no code spans
+            return printable(text, limit).replace("`", "'")
+
         description = "\n".join([
-            f"**Approval needed**: alert `{alert.alertname}` ({alert.status}, fingerprint `{alert.fingerprint}`, "
+            f"**Approval needed**: alert `{shown(alert.alertname)}` ({alert.status}, fingerprint "
+            f"`{shown(alert.fingerprint)}`, "
             f"since {alert.startsAt.isoformat()}) matched route `{trigger.route.name}`, which starts "
             f"`{trigger.route.deployment}`, a runbook that changes things.",
             "",
-            f"> {summary}" if summary else "",
+            f"> {shown(summary, 500)}" if summary else "",
             "",
             "Parameters: `" + json.dumps(trigger.parameters, sort_keys=True)[:2000] + "`",
             "",
@@ -651,7 +686,7 @@ def create_app(config: BridgeConfig, starter: RunStarter | None = None, *, freez
 
     def reply(started: float, status: int, content: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
         metrics.latency.labels(str(status)).observe(time.perf_counter() - started)
-        return JSONResponse(content, status_code=status, headers=headers)
+        return JSONResponse(printable_answer(content), status_code=status, headers=headers)
 
     async def alertmanager(request: Request) -> Response:
         started = time.perf_counter()
@@ -744,6 +779,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"file holding the bearer token (or ${TOKEN_ENV}, or ${TOKEN_FILE_ENV})")
     parser.add_argument("--basic-auth-file", default=os.environ.get(BASIC_AUTH_FILE_ENV),
                         help="file of user:password lines for basic auth")
+    parser.add_argument("--tls-cert", default=os.environ.get("RUNBOOKS_WEBHOOK_TLS_CERT"),
+                        help="serve HTTPS with this certificate chain (PEM); needs --tls-key")
+    parser.add_argument("--tls-key", default=os.environ.get("RUNBOOKS_WEBHOOK_TLS_KEY"),
+                        help="the certificate's private key (PEM, a file only this user can read)")
+    parser.add_argument("--tls-client-ca", default=os.environ.get("RUNBOOKS_WEBHOOK_TLS_CLIENT_CA"),
+                        help="mutual TLS: accept only clients with a certificate signed by this CA (PEM)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY)
     parser.add_argument("--respond-within", type=float, default=0.03,
                         help="seconds to wait for a run creation before answering it as pending (default 0.03)")
@@ -757,10 +798,15 @@ def config_from_args(args: argparse.Namespace) -> BridgeConfig:
     routes_path = Path(args.routes) if args.routes else default_routes_file()
     routes = load_routes(routes_path.read_text(), registry_destructive)
     tokens = []
+    if os.environ.get(TOKEN_ENV) and args.token_file:
+        raise ValueError(f"both ${TOKEN_ENV} and a token file ({args.token_file}) are set: the bridge accepts "
+                         "exactly one bearer token; unset one")
     if os.environ.get(TOKEN_ENV):
         tokens.append(SecretStr(os.environ[TOKEN_ENV]))
+        log.info("bearer token from $%s", TOKEN_ENV)
     if args.token_file:
         tokens.append(SecretStr(read_secret_file(args.token_file)))
+        log.info("bearer token from %s", args.token_file)
     users = parse_basic_auth_file(read_secret_file(args.basic_auth_file)) if args.basic_auth_file else {}
     log.info("routes from %s: %s", routes_path, ", ".join(f"{r.name}->{r.deployment}" for r in routes))
     return BridgeConfig(routes=routes, tokens=tokens, basic_users=users, max_body_bytes=args.max_body_bytes,
@@ -786,8 +832,43 @@ def main(argv: Sequence[str]) -> int:
     except ValueError as exc:
         print(f"runbooks webhook: {exc}", file=sys.stderr)
         return 2
-    log.info("Alertmanager bridge on http://%s:%d/alertmanager -> %s", args.host, args.port,
+    try:
+        tls = tls_options(args.tls_cert, args.tls_key, args.tls_client_ca)
+    except ValueError as exc:
+        print(f"runbooks webhook: {exc}", file=sys.stderr)
+        return 2
+    if not tls and args.host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("serving plain HTTP on %s: the bearer token crosses the network in clear; give --tls-cert "
+                    "and --tls-key (or terminate TLS in front of the bridge)", args.host)
+    log.info("Alertmanager bridge on %s://%s:%d/alertmanager%s -> %s", "https" if tls else "http", args.host,
+             args.port, " (client certificates required)" if args.tls_client_ca else "",
              app.state.bridge.starter.api_url)
     uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, access_log=False, log_level="warning",
-                                  lifespan="on")).run()
+                                  lifespan="on", **tls)).run()
     return 0
+
+
+def tls_options(cert: str | None, key: str | None, client_ca: str | None) -> dict[str, Any]:
+    """uvicorn's TLS settings from --tls-cert/--tls-key/--tls-client-ca, each file checked readable first."""
+    import ssl
+
+    if not cert and not key:
+        if client_ca:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is on top of HTTPS)")
+        return {}
+    if not (cert and key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    for path in (cert, key, client_ca):
+        if path and not os.access(path, os.R_OK):
+            raise ValueError(f"cannot read {path}")
+    try:  # a bad pair fails here, with the reason, rather than inside uvicorn's start-up
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        if client_ca:
+            context.load_verify_locations(client_ca)
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"TLS certificate/key/CA not usable: {exc}") from None
+    options: dict[str, Any] = {"ssl_certfile": cert, "ssl_keyfile": key}
+    if client_ca:
+        options |= {"ssl_ca_certs": client_ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return options

@@ -32,6 +32,7 @@ from tasks.postgres import dump_database, dump_globals, inspect_server
 from tasks.progress import Progress
 from tasks.redis import snapshot_redis
 from tasks.store import discard_incomplete_set, write_manifest
+from tasks.validate import check_database_name, check_local_path, check_tag
 from tasks.weaviate import snapshot_weaviate
 
 DEFAULT_STORE = "file:///var/backups/runbooks"
@@ -97,6 +98,12 @@ def backup(
                                  "weaviate connection")
     if redis_mode == "bgsave" and redis is not None and not redis_rdb_path:
         raise ConfigurationError("redis_mode=bgsave needs redis_rdb_path (where the server writes dump.rdb)")
+    for name in databases or []:
+        check_database_name(name)
+    for path in [*(paths or []), *([redis_rdb_path] if redis_rdb_path else [])]:
+        check_local_path("paths" if path != redis_rdb_path else "redis_rdb_path", path)
+    for tag in tags or []:
+        check_tag(tag)
     store = store or BackupStore.from_url(DEFAULT_STORE)
     store.get_client()  # configuration errors surface before anything is dumped
     retry = {"retries": retries, "retry_delay_seconds": retry_delay_seconds}

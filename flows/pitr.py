@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
 from flows.backup import DEFAULT_STORE, runbooks_version
-from tasks.errors import ConfigurationError, RestoreFailed
+from tasks.errors import RestoreFailed
 from tasks.log import run_logger
 from tasks.manifest import PhysicalBackup, build_manifest, human_size, new_set_id
 from tasks.metrics import runbook_metrics_hooks
@@ -45,7 +45,16 @@ from tasks.pitr import (
     wait_for_recovery,
 )
 from tasks.store import discard_incomplete_set, write_manifest
-from tasks.wal import RecoveryTarget, parse_lsn, recovery_settings, restore_command_for, segment_name, segment_of_lsn
+from tasks.wal import (
+    RecoveryTarget,
+    parse_lsn,
+    recovery_settings,
+    restore_command_argv,
+    restore_command_for,
+    restore_command_line,
+    segment_name,
+    segment_of_lsn,
+)
 
 
 class PitrBackupResult(BaseModel):
@@ -176,8 +185,10 @@ def pitr_restore(
     timeline: Annotated[str, Field(description="latest, current (the backup's) or a timeline number.")] = "latest",
     backup_id: Annotated[str | None, Field(description="Empty: the newest base backup before the target.")] = None,
     action: Literal["promote", "pause"] = "promote",
-    restore_command: Annotated[str | None, Field(description="Empty: the source's archive_command with wal-push "
-                                                             "-> wal-fetch.")] = None,
+    restore_command: Annotated[list[str] | None, Field(description=(
+        "argv of this project's wal-fetch: [runbooks, wal-fetch, --config, FILE, %f, %p]; %f/%p are the only "
+        "placeholders and no word may hold shell syntax. Empty: the source's archive_command with wal-push "
+        "-> wal-fetch."))] = None,
     keep_archiving: Annotated[bool, Field(description="After promotion, archive the new timeline as the source "
                                                       "did; false: archive_mode=off.")] = True,
     os_user: str = "postgres",
@@ -188,15 +199,15 @@ def pitr_restore(
     started = time.monotonic()
     wanted = RecoveryTarget(target, time=target_time, lsn=parse_lsn(target_lsn) if target_lsn else None,
                             name=target_name, inclusive=inclusive)
-    check_restore_target(target_dir, port)
+    explicit = restore_command_argv(restore_command) if restore_command else None
+    check_restore_target(target_dir, port, os_user=os_user)
     plan = plan_restore(store, wanted, backup_id=backup_id, timeline=timeline)
-    command = restore_command or restore_command_for(plan.archive_command)
-    if "wal-fetch" not in command:
-        raise ConfigurationError(f"restore_command {command!r} does not run wal-fetch")
+    command = explicit or restore_command_for(plan.archive_command)
     if wanted.kind == "name" and plan.restore_point_lsn is None:
         log.warning("restore point %r is not recorded in the store: the newest base backup is used, and recovery "
                     "stops at the first restore point of that name after it", target_name)
-    settings = recovery_settings(wanted, restore_command=command, timeline=timeline, action=action)
+    settings = recovery_settings(wanted, restore_command=restore_command_line(command), timeline=timeline,
+                                 action=action)
     extracted = extract_base_backup(store, plan.tar_part, target_dir, os_user=os_user)
     verify_restored_files(extracted.data_dir)
     notes = configure_recovery(target_dir, settings, port=port, keep_archiving=keep_archiving, os_user=os_user)

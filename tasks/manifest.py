@@ -84,6 +84,20 @@ def part_key(set_id: str, kind: PartKind, name: str = "") -> str:
     raise ConfigurationError(f"unknown part kind {kind!r}")
 
 
+def part_key_problem(set_id: str, key: str) -> str | None:
+    """Why a part key read from a manifest cannot be used (None: it can): it must be a relative key under
+    the set's prefix with no empty, ``.`` or ``..`` segment and no NUL, backslash or control character."""
+    if "\0" in key or any(ord(c) < 32 or ord(c) == 127 for c in key) or "\\" in key:
+        return "holds a NUL, backslash or control character"
+    if key.startswith("/"):
+        return "is absolute"
+    if any(segment in ("", ".", "..") for segment in key.split("/")):
+        return "has an empty, '.' or '..' segment"
+    if not key.startswith(set_prefix(set_id)) or key == set_prefix(set_id):
+        return f"is not under the set's prefix {set_prefix(set_id)}"
+    return None
+
+
 def complete_set_ids(keys: list[str]) -> list[str]:
     """Ids of sets that have a manifest, oldest first; anything else in the store is ignored."""
     ids = set()
@@ -235,6 +249,13 @@ class Manifest(BaseModel):
                 f"manifest {where} has format {manifest.format_version}; this version reads up to "
                 f"{FORMAT_VERSION}: upgrade runbooks"
             )
+        if not is_set_id(manifest.set_id):
+            raise StoreError(f"manifest {where}: set id {manifest.set_id[:80]!r} is not a backup set id")
+        for part in manifest.parts:
+            problem = part_key_problem(manifest.set_id, part.key)
+            if problem:
+                raise StoreError(f"manifest {where}: part key {part.key[:200]!r} {problem}; refusing the whole "
+                                 "manifest (nothing was read or written)")
         return manifest
 
 

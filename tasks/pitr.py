@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import tarfile
@@ -76,8 +77,10 @@ from tasks.wal import (
     parse_history,
     parse_lsn,
     parse_recovery_log,
+    parse_wal_name,
     plan_chain,
     plan_pitr_retention,
+    restore_command_argv,
     segment_name,
     segment_of_lsn,
     timeline_path,
@@ -755,12 +758,33 @@ def _tar_part(manifest: Manifest) -> Part:
     return part
 
 
+_OS_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+
+
+def check_os_user(name: str) -> str:
+    """An existing OS account with a plain POSIX name (it reaches ``runuser -u`` and chown)."""
+    import pwd
+
+    if not _OS_USER.match(name):
+        raise ConfigurationError(f"os_user {name[:64]!r} is not a POSIX user name ([a-z_][a-z0-9_-]*); "
+                                 "nothing was changed")
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigurationError(f"os_user {name!r} does not exist on this host; nothing was changed") from None
+    return name
+
+
 @task(retries=0, cache_policy=NO_CACHE)
-def check_restore_target(target_dir: str, port: int) -> str:
-    """A restore never goes over anything: ``target_dir`` must be new or empty, ``port`` free on 127.0.0.1."""
+def check_restore_target(target_dir: str, port: int, *, os_user: str = "postgres") -> str:
+    """A restore never goes over anything: ``target_dir`` must be new or empty, ``port`` free on 127.0.0.1,
+    ``os_user`` an existing account."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in target_dir):
+        raise ConfigurationError(f"target_dir {target_dir[:200]!r} has control characters; nothing was changed")
     path = Path(target_dir)
-    if not path.is_absolute():
-        raise ConfigurationError(f"target_dir {target_dir!r} must be an absolute path")
+    if not path.is_absolute() or ".." in path.parts:
+        raise ConfigurationError(f"target_dir {target_dir!r} must be an absolute path without '..'")
+    check_os_user(os_user)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ConfigurationError(f"{target_dir} exists and is not empty: a restore only goes into a new directory "
                                  "(nothing was changed)")
@@ -828,6 +852,8 @@ def verify_restored_files(data_dir: str) -> int:
 
 
 def _conf_line(key: str, value: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ConfigurationError(f"{key}: a control character (e.g. a newline) cannot go into postgresql.auto.conf")
     return f"{key} = '" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
@@ -879,23 +905,27 @@ def configure_recovery(
 
 
 @task(retries=0, cache_policy=NO_CACHE)
-def check_restore_command(restore_command: str, data_dir: str, segment: str, *, os_user: str = "postgres") -> float:
+def check_restore_command(restore_command: list[str], data_dir: str, segment: str, *,
+                          os_user: str = "postgres") -> float:
     """Run restore_command as PostgreSQL will (the OS user, in the data directory) for the first segment the
-    restore needs: proves the command, its configuration and its permissions before the server starts."""
-    import shlex
+    restore needs: proves the command, its configuration and its permissions before the server starts.
+    ``restore_command`` is the checked argv template (``restore_command_argv``); no shell runs it here."""
     import subprocess
 
     probe = "pg_wal/RUNBOOKS_PROBE"
-    argv = [probe if word == "%p" else segment if word == "%f" else word for word in shlex.split(restore_command)]
+    template = restore_command_argv(restore_command)
+    parse_wal_name(segment)
+    argv = [probe if word == "%p" else segment if word == "%f" else word for word in template]
     if os.geteuid() == 0:
-        argv = ["runuser", "-u", os_user, "--", *argv]
+        argv = ["runuser", "-u", check_os_user(os_user), "--", *argv]
     started = time.monotonic()
     done = subprocess.run(argv, cwd=data_dir, capture_output=True, text=True, timeout=300, check=False)  # noqa: S603
     seconds = time.monotonic() - started
     fetched = Path(data_dir) / probe
+    shown = " ".join(template)
     try:
         if done.returncode != 0 or not fetched.is_file():
-            raise RestoreFailed(f"restore_command {restore_command!r} failed for {segment} as {os_user} "
+            raise RestoreFailed(f"restore_command {shown!r} failed for {segment} as {os_user} "
                                 f"({describe_exit(done.returncode)}): {done.stderr.strip()[-800:]}")
     finally:
         fetched.unlink(missing_ok=True)

@@ -116,8 +116,15 @@ class ScratchPostgres:
         fast: bool = False,
         data_checksums: bool = True,
         start_timeout: float = 60.0,
+        ssl_cert_file: str | None = None,
+        ssl_key_file: str | None = None,
+        ssl_client_ca_file: str | None = None,
     ) -> None:
-        """``password=None`` generates a random one; ``port=None`` picks a free port at start."""
+        """``password=None`` generates a random one; ``port=None`` picks a free port at start.
+
+        ``ssl_cert_file``/``ssl_key_file``: TLS on (copied into the data directory for the server's OS user);
+        ``ssl_client_ca_file`` as well: TCP connections must use TLS and present a client certificate signed
+        by that CA (``hostssl ... clientcert=verify-full``), plain TCP is rejected."""
         if password is not None and ("\n" in password or "\r" in password or not password):
             raise ValueError("the scratch superuser password must be one non-empty line (initdb --pwfile)")
         self._port_given = port is not None
@@ -129,6 +136,9 @@ class ScratchPostgres:
         self._fast = fast
         self._data_checksums = data_checksums
         self._start_timeout = start_timeout
+        if (ssl_cert_file is None) != (ssl_key_file is None) or (ssl_client_ca_file and not ssl_cert_file):
+            raise ValueError("ssl_cert_file and ssl_key_file go together (and ssl_client_ca_file needs them)")
+        self._ssl = (ssl_cert_file, ssl_key_file, ssl_client_ca_file) if ssl_cert_file else None
         self._tmp: Path | None = None
         self._adopted = False
 
@@ -380,12 +390,38 @@ class ScratchPostgres:
         if self._fast:
             # fsync only: commits still reach the OS at once, so kill() loses nothing (an OS crash would).
             settings["fsync"] = "off"
+        if self._ssl is not None:
+            settings.update(self._install_tls())
         settings.update(self._settings)
         lines = [f"{key} = {_conf_quote(value)}" for key, value in settings.items()]
         path = self.data_dir / "scratch.conf"
         path.write_text("\n".join(lines) + "\n")
         if _running_as_root():
             shutil.chown(path, self.OS_USER, self.OS_USER)
+
+    def _install_tls(self) -> dict[str, str]:
+        assert self._ssl is not None
+        cert, key, client_ca = self._ssl
+        settings = {"ssl": "on"}
+        for name, source, mode in (("server.crt", cert, 0o644), ("server.key", key, 0o600),
+                                   ("client-ca.crt", client_ca, 0o644)):
+            if source is None:
+                continue
+            target = self.data_dir / name
+            shutil.copyfile(source, target)
+            os.chmod(target, mode)
+            if _running_as_root():
+                shutil.chown(target, self.OS_USER, self.OS_USER)
+            settings[{"server.crt": "ssl_cert_file", "server.key": "ssl_key_file",
+                      "client-ca.crt": "ssl_ca_file"}[name]] = str(target)
+        if client_ca is not None:
+            hba = self.data_dir / "pg_hba.conf"
+            rules = "".join(f"hostssl {db} all {LOOPBACK}/32 scram-sha-256 clientcert=verify-full\n"
+                            f"hostnossl {db} all {LOOPBACK}/32 reject\n" for db in ("all", "replication"))
+            text = hba.read_text()
+            if not text.startswith(rules):
+                hba.write_text(rules + text)
+        return settings
 
     def _launch(self) -> None:
         self._wait_stale_postmaster_reaped()
@@ -510,8 +546,20 @@ class ScratchRedis:
         base_dir: str | None = None,
         binary: str | None = None,
         start_timeout: float = 30.0,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
+        tls_ca_file: str | None = None,
+        tls_client: tuple[str, str] | None = None,
     ) -> None:
-        """``password=None`` runs without AUTH; ``port=None`` picks a free port at start."""
+        """``password=None`` runs without AUTH; ``port=None`` picks a free port at start.
+
+        ``tls_cert_file``/``tls_key_file``/``tls_ca_file``: the port speaks TLS only (``tls-port``, no plain
+        port); ``tls_client`` (certificate, key): clients must present a certificate signed by the CA
+        (``tls-auth-clients yes``), and this object's own client uses that one."""
+        if tls_cert_file and not (tls_key_file and tls_ca_file):
+            raise ValueError("tls_cert_file needs tls_key_file and tls_ca_file")
+        self._tls = (tls_cert_file, tls_key_file, tls_ca_file) if tls_cert_file else None
+        self._tls_client = tls_client
         self._port_given = port is not None
         self._port = port if port is not None else 0
         self._password = password
@@ -564,6 +612,12 @@ class ScratchRedis:
 
     def client(self, **kwargs: object) -> redis.Redis:
         """A redis-py client authenticated to this server."""
+        if self._tls is not None:
+            # The chain is checked; the host name is not (a test may give the server a certificate for
+            # another name on purpose).
+            kwargs = {"ssl": True, "ssl_ca_certs": self._tls[2], "ssl_check_hostname": False, **kwargs}
+            if self._tls_client is not None:
+                kwargs = {"ssl_certfile": self._tls_client[0], "ssl_keyfile": self._tls_client[1], **kwargs}
         return redis.Redis(host=LOOPBACK, port=self._port, password=self._password, **kwargs)  # type: ignore[arg-type]
 
     def start(self) -> Self:
@@ -628,8 +682,15 @@ class ScratchRedis:
         self.stop()
 
     def _write_config(self) -> Path:
+        if self._tls is None:
+            ports = [f"port {self._port}"]
+        else:
+            cert, key, ca = self._tls
+            ports = ["port 0", f"tls-port {self._port}", f"tls-cert-file {_redis_conf_quote(cert)}",
+                     f"tls-key-file {_redis_conf_quote(key)}", f"tls-ca-cert-file {_redis_conf_quote(ca)}",
+                     f"tls-auth-clients {'yes' if self._tls_client else 'no'}"]
         lines = [
-            f"port {self._port}",
+            *ports,
             f"bind {LOOPBACK}",
             "daemonize no",
             f"dir {_redis_conf_quote(str(self.dir))}",

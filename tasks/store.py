@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import shutil
 import time
 from collections.abc import Iterable
@@ -12,6 +13,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from blocks.backends import private_makedirs
 from blocks.store import BackupStore, StoreClient
 from tasks.errors import BackupNotFound, ChecksumMismatch, StoreError
 from tasks.log import run_logger
@@ -96,6 +98,22 @@ class StagedPart:
     seconds: float
 
 
+def staging_path(staging_dir: str, key: str) -> Path:
+    """Where a part is staged: ``staging_dir/<key without .zst>``, resolved and confined to ``staging_dir``.
+    A key that would land anywhere else (``..``, absolute, a symlink out) is refused before anything is opened."""
+    root = Path(staging_dir).resolve()
+    if "\0" in key:
+        problem = "holds a NUL"
+    elif key.startswith("/") or ".." in key.split("/"):
+        problem = "is absolute or has a '..' segment"
+    else:
+        target = (root / key.removesuffix(".zst")).resolve()
+        if target != root and target.is_relative_to(root):
+            return target
+        problem = "resolves outside the staging directory"
+    raise StoreError(f"part key {key[:200]!r} {problem} ({root}); nothing was staged")
+
+
 @task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, retry_condition_fn=retry_transient,
       task_run_name="stage-{part.kind}-{part.name}")
 def stage_part(part: Part, store: BackupStore, staging_dir: str) -> StagedPart:
@@ -105,12 +123,14 @@ def stage_part(part: Part, store: BackupStore, staging_dir: str) -> StagedPart:
     ChecksumMismatch, with every target untouched.
     """
     started = time.monotonic()
+    target = staging_path(staging_dir, part.key)
     client = store.get_client()
-    target = Path(staging_dir) / part.key.removesuffix(".zst")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    private_makedirs(target.parent)
     try:
-        with open(target, "wb") as out, open_decompressed_reader(client, part.key, sha256=part.sha256,
-                                                                 size=part.size) as src:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)
+        with open(fd, "wb") as out, open_decompressed_reader(client, part.key, sha256=part.sha256,
+                                                             size=part.size) as src:
             shutil.copyfileobj(src, out, CHUNK)
     except BaseException:
         target.unlink(missing_ok=True)

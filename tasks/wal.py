@@ -284,6 +284,8 @@ class RecoveryTarget:
             raise ConfigurationError("target_time needs a time zone (e.g. 2026-11-22T02:00:00+00:00)")
         if self.name is not None and (not self.name or len(self.name) > 63):
             raise ConfigurationError("a restore point name is 1 to 63 bytes")
+        if self.name is not None and any(ord(c) < 32 or ord(c) == 127 for c in self.name):
+            raise ConfigurationError("a restore point name cannot hold control characters (e.g. a newline)")
 
     def describe(self) -> str:
         match self.kind:
@@ -325,8 +327,55 @@ def recovery_settings(
     return settings
 
 
-def restore_command_for(archive_command: str) -> str:
-    """The restore_command matching an archive_command that runs ``wal-push``: same program and options.
+# A word of restore_command: what shlex.quote leaves unquoted, so no word can carry shell syntax.
+_COMMAND_WORD = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")
+
+
+def restore_command_argv(words: list[str] | str) -> list[str]:
+    """Check a restore_command argv template: this project's ``wal-fetch`` and nothing else.
+
+    ``<runbooks> wal-fetch [--config FILE] %f %p`` where ``<runbooks>`` is a ``runbooks`` executable or
+    ``<python> -m deployments.cli``; the only placeholders are ``%f`` and ``%p`` (as the last two words),
+    and every word is letters, digits and ``_@%+=:,./-``. A string is split with shlex first.
+    """
+    if isinstance(words, str):
+        try:
+            words = shlex.split(words)
+        except ValueError as exc:
+            raise ConfigurationError(f"restore_command cannot be parsed: {exc}") from None
+    argv = list(words)
+    shown = " ".join(argv)[:200]
+    for word in argv:
+        if not _COMMAND_WORD.match(word):
+            raise ConfigurationError(
+                f"restore_command word {word[:80]!r} has characters other than letters, digits and _@%+=:,./- "
+                "(no shell syntax, spaces or quotes are allowed); nothing was changed")
+    if "wal-fetch" not in argv or argv.count("wal-fetch") != 1:
+        raise ConfigurationError(f"restore_command {shown!r} must run `runbooks wal-fetch` once; nothing was changed")
+    at = argv.index("wal-fetch")
+    program, options, placeholders = argv[:at], argv[at + 1:-2], argv[-2:]
+    runbooks = len(program) == 1 and program[0].rsplit("/", 1)[-1] == "runbooks"
+    module = (len(program) == 3 and program[0].rsplit("/", 1)[-1].startswith("python")
+              and program[1:] == ["-m", "deployments.cli"])
+    if not (runbooks or module):
+        raise ConfigurationError(f"restore_command {shown!r}: the program must be `runbooks` or "
+                                 "`<python> -m deployments.cli`; nothing was changed")
+    config = options == [] or (len(options) == 2 and options[0] == "--config") or (
+        len(options) == 1 and options[0].startswith("--config="))
+    if placeholders != ["%f", "%p"] or not config or any("%" in w for w in argv[:-2]):
+        raise ConfigurationError(f"restore_command {shown!r} must be `... wal-fetch [--config FILE] %f %p` "
+                                 "(%f and %p are the only placeholders); nothing was changed")
+    return argv
+
+
+def restore_command_line(argv: list[str]) -> str:
+    """The restore_command value PostgreSQL runs through /bin/sh: the checked argv, every word shell-quoted.
+    (``%f``/``%p`` need no quoting, and PostgreSQL substitutes them with a WAL file name and pg_wal/ path.)"""
+    return " ".join(shlex.quote(word) for word in restore_command_argv(argv))
+
+
+def restore_command_for(archive_command: str) -> list[str]:
+    """The restore_command argv matching an archive_command that runs ``wal-push``: same program and options.
 
     ``/opt/runbooks/bin/runbooks wal-push --config /etc/runbooks/wal.env %p``
     -> ``/opt/runbooks/bin/runbooks wal-fetch --config /etc/runbooks/wal.env %f %p``
@@ -334,15 +383,15 @@ def restore_command_for(archive_command: str) -> str:
     try:
         words = shlex.split(archive_command)
     except ValueError as exc:
-        raise ConfigurationError(f"cannot parse archive_command {archive_command!r}: {exc}") from None
+        raise ConfigurationError(f"cannot parse archive_command {archive_command[:200]!r}: {exc}") from None
     shell = set(";|&<>`$()\n")
     if "wal-push" not in words or words[-1:] != ["%p"] or words.count("%p") != 1 or shell & set(archive_command):
         raise ConfigurationError(
-            f"archive_command {archive_command!r} is not `... runbooks wal-push [options] %p`; "
+            f"archive_command {archive_command[:200]!r} is not `... runbooks wal-push [options] %p`; "
             "give restore_command explicitly"
         )
-    head, tail = archive_command.rstrip()[:-2].split("wal-push", 1)
-    return f"{head}wal-fetch{tail}%f %p"
+    at = words.index("wal-push")
+    return restore_command_argv([*words[:at], "wal-fetch", *words[at + 1:-1], "%f", "%p"])
 
 
 # ------------------------------------------------------------------------------------- recovery log

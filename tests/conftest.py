@@ -258,3 +258,187 @@ def pushgateway() -> Iterator[MonitoringDaemon]:
     daemon = pushgateway_daemon().start()
     yield daemon
     daemon.stop()
+
+
+# -- secrets never leave: a scan of every e2e test's logs, artifacts and exception texts ------------------
+
+import logging  # noqa: E402
+import re  # noqa: E402
+from typing import Any  # noqa: E402
+
+_SECRET_NAME = re.compile(r"(password|secret|token|auth_string|_key$|^key$|_pw$)", re.IGNORECASE)
+_NOT_SECRET_NAMES = {"access_key", "access_key_id", "kms_key_id", "idempotency_key", "pause_key", "sort_key"}
+MIN_SECRET_LENGTH = 8  # shorter values would match by chance
+
+
+def _secret_values(value: Any, found: set[str], seen: set[int], depth: int = 0, name: str = "") -> None:
+    """Walk a fixture value (a server, a Block, a dataclass of them) for the secrets it holds."""
+    from pydantic import SecretBytes, SecretStr
+
+    if depth > 4 or id(value) in seen or value is None:
+        return
+    seen.add(id(value))
+    if isinstance(value, SecretStr | SecretBytes):
+        secret = value.get_secret_value()
+        text = secret.decode(errors="replace") if isinstance(secret, bytes) else secret
+        found.update(line.strip() for line in text.splitlines() if len(line.strip()) >= MIN_SECRET_LENGTH
+                     and "-----" not in line)  # a PEM key: each base64 line is a secret
+        return
+    if isinstance(value, str):
+        if name and _SECRET_NAME.search(name) and name.lstrip("_") not in _NOT_SECRET_NAMES \
+                and len(value) >= MIN_SECRET_LENGTH and not value.startswith("/"):  # a key's path is no secret
+            found.add(value)
+        return
+    if isinstance(value, int | float | bool | bytes | Path) or callable(value) and not hasattr(value, "__dict__"):
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _secret_values(item, found, seen, depth + 1, str(key))
+        return
+    if isinstance(value, list | tuple | set):
+        for item in value:
+            _secret_values(item, found, seen, depth + 1, name)
+        return
+    fields = getattr(value, "__dict__", None)
+    if isinstance(fields, dict) and type(value).__module__.startswith(
+            ("tests", "test_", "tasks", "blocks", "deployments", "flows")):
+        for key, item in list(fields.items()):
+            _secret_values(item, found, seen, depth + 1, key)
+        for prop in ("password", "secret_key", "token"):  # properties of the scratch servers
+            if prop not in fields and isinstance(getattr(type(value), prop, None), property):
+                _secret_values(getattr(value, prop, None), found, seen, depth + 1, prop)
+
+
+class _Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.texts: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is still scanned as its template
+            text = str(record.msg)
+        if record.exc_info and record.exc_info[1] is not None:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        self.texts.append(f"log {record.name}: {text}")
+
+
+def _api_texts(since: Any) -> list[str]:
+    """Logs, artifacts and state messages of the flow runs that started since ``since`` on the current API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterStartTime,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    texts: list[str] = []
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)),
+                                     limit=200)
+        ids = [run.id for run in runs]
+        texts += [f"state of run {run.name}: {run.state.message}" for run in runs if run.state and run.state.message]
+        if ids:
+            for offset in range(0, 10_000, 200):
+                logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)),
+                                        limit=200, offset=offset)
+                texts += [f"api log {log.name}: {log.message}" for log in logs]
+                if len(logs) < 200:
+                    break
+            artifacts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids)), limit=200)
+            texts += [f"artifact {a.key}: {a.data} {a.description or ''}" for a in artifacts]
+    return texts
+
+
+@pytest.fixture(autouse=True)
+def secret_scan(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For tests marked e2e: every log record, artifact, run state message and exception text (raised, or
+    caught by pytest.raises) produced during the test must not contain a secret it configured: the
+    passwords, tokens and keys held by its fixtures (scratch servers, Blocks, stacks) and its module's
+    TOKEN/PASSWORD constants. Subprocess logs under a fixture's ``home`` directory are read too."""
+    if request.node.get_closest_marker("e2e") is None:
+        yield
+        return
+    from datetime import UTC, datetime, timedelta
+
+    from _pytest._code.code import ExceptionInfo
+
+    started = datetime.now(UTC) - timedelta(seconds=1)
+    recorder = _Recorder()
+    loggers = [logging.getLogger(n) for n in ("", "prefect", "prefect.flow_runs", "prefect.task_runs")]
+    for logger in loggers:
+        logger.addHandler(recorder)
+    root_level = loggers[0].level
+    loggers[0].setLevel(min(root_level, logging.INFO))  # the INFO lines tasks log outside a flow run too
+    caught: list[str] = []
+    fill = ExceptionInfo.fill_unfilled
+
+    def fill_and_record(self: Any, exc_info: Any) -> None:
+        caught.append(f"exception caught by pytest.raises: {type(exc_info[1]).__name__}: {exc_info[1]}")
+        fill(self, exc_info)
+
+    monkeypatch.setattr(ExceptionInfo, "fill_unfilled", fill_and_record)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(recorder)
+        loggers[0].setLevel(root_level)
+    secrets_found = fixture_secrets(request.node.funcargs)
+    module = getattr(request, "module", None)
+    for name, value in vars(module).items() if module else ():
+        if isinstance(value, str) and name.isupper() and _SECRET_NAME.search(name) \
+                and len(value) >= MIN_SECRET_LENGTH:
+            secrets_found.add(value)
+    texts = recorder.texts + caught
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed and getattr(report, "exception_text", None):
+        texts.append("test failure: " + report.exception_text)
+    if "prefect_harness" in request.fixturenames:
+        texts += _api_texts(started)
+    for value in request.node.funcargs.values():
+        home = getattr(value, "home", None)
+        if isinstance(home, Path) and home.is_dir():
+            texts += [f"file {p}: {p.read_text(errors='replace')}" for p in home.rglob("*.log")
+                      if p.is_file() and p.stat().st_size < 50 * 2**20]
+    leaks = find_leaks(secrets_found, texts)
+    assert not leaks, f"{len(leaks)} secret(s) of the test leaked into logs/artifacts/exceptions:\n" + "\n".join(
+        leaks[:20])
+
+
+def find_leaks(secrets: set[str], texts: list[str]) -> list[str]:
+    """Where a secret occurs in a text, shown without the secret (its first 3 characters and its length, and
+    the text around it with the secret replaced by <SECRET>)."""
+    leaks = set()
+    for secret in secrets:
+        for text in texts:
+            at = text.find(secret)
+            if at >= 0:
+                around = text[max(0, at - 80):at + len(secret) + 80].replace(secret, "<SECRET>")
+                leaks.add(f"{secret[:3]}... ({len(secret)} chars) in {around!r}")
+    return sorted(leaks)
+
+
+def fixture_secrets(values: dict[str, Any]) -> set[str]:
+    """The secrets held by fixture values (by name: the fixture's or the attribute's)."""
+    found: set[str] = set()
+    seen: set[int] = set()
+    for name, value in values.items():
+        _secret_values(value, found, seen, 0, name)
+    return found
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep the call phase's report and exception text on the item, for ``secret_scan``."""
+    report = yield
+    if report.when == "call":
+        item.rep_call = report  # type: ignore[attr-defined]
+        if call.excinfo is not None:
+            report.exception_text = f"{call.excinfo.typename}: {call.excinfo.value}"  # type: ignore[attr-defined]
+    return report

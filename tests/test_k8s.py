@@ -107,9 +107,11 @@ def test_services_select_pods_and_named_ports_exist() -> None:
 
 def test_secrets_configmaps_and_service_accounts_referenced_exist() -> None:
     secrets = {d["metadata"]["name"]: d for d in BY_KIND["Secret"]}
-    documented = {"prefect-postgres"}  # created by kubectl as the manifest's header says, never committed
+    # created by kubectl as the manifest's header says, never committed
+    documented = {"prefect-postgres", "prefect-api-auth"}
     text = (K8S / "prefect-server.yaml").read_text()
     assert "kubectl -n runbooks create secret generic prefect-postgres" in text
+    assert "kubectl -n runbooks create secret generic prefect-api-auth --from-file=" in text
     for kind in ("Deployment", "StatefulSet"):
         for doc in BY_KIND[kind]:
             spec = doc["spec"]["template"]["spec"]
@@ -181,3 +183,48 @@ def test_the_validators_catch_typos_and_missing_fields() -> None:
 
     with pytest.raises(ValueError):
         k8s.ApiClient()._ApiClient__deserialize(missing, "V1Deployment")
+
+
+def _env(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_every_deployment_that_talks_to_the_api_gets_the_auth_string_from_a_secret() -> None:
+    """The server checks PREFECT_SERVER_API_AUTH_STRING, every client sends PREFECT_API_AUTH_STRING: both from
+    the Secret prefect-api-auth, never a literal value in a manifest."""
+    talking = 0
+    for doc in BY_KIND["Deployment"]:
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            env = _env(container)
+            command = container.get("command", [])
+            is_server = command[:3] == ["prefect", "server", "start"]
+            if not (is_server or "PREFECT_API_URL" in env):
+                continue
+            talking += 1
+            name = "PREFECT_SERVER_API_AUTH_STRING" if is_server else "PREFECT_API_AUTH_STRING"
+            where = f"{doc['metadata']['name']}/{container['name']}"
+            assert name in env, f"{where} talks to the API without {name}"
+            assert "value" not in env[name], f"{where}: {name} is a literal"
+            assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "prefect-api-auth", "key": "auth-string"}
+    assert talking == 3  # the server, the worker, the bridge
+    for _name, doc in OBJECTS:
+        text = yaml.safe_dump(doc)
+        assert "AUTH_STRING" not in text or "secretKeyRef" in text
+
+
+def test_only_the_worker_bridge_flow_runs_and_ingress_reach_the_api_and_only_the_server_its_database() -> None:
+    policies = {d["metadata"]["name"]: d for d in BY_KIND["NetworkPolicy"]}
+    server = policies["prefect-server"]["spec"]
+    assert server["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prefect-server"}
+    assert server["policyTypes"] == ["Ingress"]
+    [rule] = server["ingress"]
+    sources = rule["from"]
+    pods = {s["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") for s in sources
+            if "podSelector" in s}
+    assert pods == {"prefect-worker", "runbooks-bridge", None}  # None: the flow-run Jobs' label selector
+    assert [s["podSelector"]["matchExpressions"] for s in sources if "podSelector" in s
+            and "matchExpressions" in s["podSelector"]] == [[{"key": "prefect.io/flow-run-id", "operator": "Exists"}]]
+    assert [p["port"] for p in rule["ports"]] == ["http"]
+    database = policies["prefect-postgres"]["spec"]
+    assert database["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name":
+                                                                               "prefect-server"}}}]

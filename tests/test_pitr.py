@@ -194,6 +194,28 @@ def test_restore_to_latest_has_all_three_markers(source, restores):
     assert markers(restored_url(source, port)) == m(1, 2, 3)
 
 
+def test_an_explicit_restore_command_is_an_argv_postgres_runs_quoted_and_shell_syntax_is_refused(source, restores):
+    """The argv template reaches postgresql.auto.conf as shell-quoted words of wal-fetch; a real recovery runs
+    through it. Shell syntax in any word is refused before the target directory is made."""
+    import shlex
+
+    from flows.pitr import pitr_restore
+    from tasks.errors import ConfigurationError
+
+    argv = shlex.split(source.archive.restore_command)
+    target_dir, port = restores()
+    for word in ("%p; touch /tmp/pwned", "$(id)"):
+        with pytest.raises(ConfigurationError, match="no shell syntax"):
+            pitr_restore(store=source.store, target_dir=target_dir, port=port, keep_archiving=False,
+                         restore_command=[*argv[:-1], word])
+    assert not Path(target_dir).exists() and not Path("/tmp/pwned").exists()
+    result = pitr_restore(store=source.store, target_dir=target_dir, port=port, keep_archiving=False,
+                          restore_command=argv)
+    assert result.state == "promoted" and markers(restored_url(source, port)) == m(1, 2, 3)
+    conf = Path(target_dir, "data", "postgresql.auto.conf").read_text()
+    assert f"restore_command = '{shlex.join(argv)}'" in conf
+
+
 def test_restore_to_a_time_between_t1_and_t2_has_exactly_the_t1_markers(source, restores):
     from flows.pitr import pitr_restore
 

@@ -169,9 +169,9 @@ def test_recovery_targets_and_settings():
 
 
 def test_restore_command_is_derived_from_the_archive_command():
-    assert restore_command_for("/opt/r/bin/runbooks wal-push --config /etc/r.env %p") == (
-        "/opt/r/bin/runbooks wal-fetch --config /etc/r.env %f %p")
-    assert restore_command_for("runbooks wal-push %p") == "runbooks wal-fetch %f %p"
+    assert restore_command_for("/opt/r/bin/runbooks wal-push --config /etc/r.env %p") == [
+        "/opt/r/bin/runbooks", "wal-fetch", "--config", "/etc/r.env", "%f", "%p"]
+    assert restore_command_for("runbooks wal-push %p") == ["runbooks", "wal-fetch", "%f", "%p"]
     for other in ("cp %p /backup/wal/%f", "runbooks wal-push %p; echo %p", ""):
         with pytest.raises(ConfigurationError, match="give restore_command"):
             restore_command_for(other)
