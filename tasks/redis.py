@@ -9,7 +9,6 @@ every key with DUMP/RESTORE.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import secrets
@@ -200,41 +199,43 @@ def _reply_error(where: str, doing: str, reply: bytes) -> Exception:
     return DumpFailed(f"Redis {where} refused {doing}: {text}")
 
 
-class _DisklessDelay:
+def _lower_diskless_delay(link: _ReplicationLink) -> str | None:
     """A server that syncs diskless waits ``repl-diskless-sync-delay`` seconds (Redis 7: 5) for more replicas
-    before it streams. For a one-off snapshot that wait is pure delay (and, during a recovery, downtime), so
-    it is set to 0 until the transfer has started, then put back. A user without CONFIG just waits."""
+    before it streams. For a one-off snapshot that wait is pure delay (and, during a recovery's safety copy,
+    downtime): set it to 0 and return the value to put back, or None when nothing was changed (a user
+    without CONFIG then waits the server's delay)."""
+    link.doing = "reading repl-diskless-sync settings"
+    link.send("CONFIG", "GET", "repl-diskless-sync*")
+    header = link.read_line()
+    if not header.startswith(b"*"):
+        run_logger().info("Redis %s: CONFIG GET refused (%s); the snapshot starts after the server's own "
+                          "repl-diskless-sync-delay (5 s by default)", link.where,
+                          header[1:120].decode(errors="replace"))
+        return None
+    values: list[bytes] = []
+    for _ in range(int(header[1:])):
+        link.read_line()  # $<length>: the values are short words and numbers
+        values.append(link.read_line())
+    settings = dict(zip(values[::2], values[1::2], strict=False))
+    delay = settings.get(b"repl-diskless-sync-delay", b"0")
+    if settings.get(b"repl-diskless-sync") != b"yes" or delay == b"0":
+        return None
+    reply = link.command("CONFIG", "SET", "repl-diskless-sync-delay", "0")
+    if reply.startswith(b"-"):
+        run_logger().info("Redis %s: CONFIG SET refused (%s); the snapshot starts after the server's "
+                          "repl-diskless-sync-delay of %s s", link.where, reply[1:120].decode(errors="replace"),
+                          delay.decode())
+        return None
+    return delay.decode()
 
-    def __init__(self, conn: RedisConnection) -> None:
-        self.conn = conn
-        self.previous: str | None = None
 
-    def __enter__(self) -> _DisklessDelay:
-        client = self.conn.get_client()
-        try:
-            settings = client.config_get("repl-diskless-sync*")
-            delay = settings.get("repl-diskless-sync-delay")
-            if settings.get("repl-diskless-sync") == "yes" and delay not in (None, "0"):
-                client.config_set("repl-diskless-sync-delay", 0)
-                self.previous = str(delay)
-        except redis.RedisError as exc:
-            run_logger().info("Redis %s: repl-diskless-sync-delay cannot be read or lowered (%s); the snapshot "
-                              "starts after the server's own delay (5 s by default)", self.conn.describe(),
-                              str(exc).split("\n")[0][:120])
-        return self
-
-    def put_back(self) -> None:
-        if self.previous is None:
-            return
-        previous, self.previous = self.previous, None
-        try:
-            self.conn.get_client().config_set("repl-diskless-sync-delay", previous)
-        except redis.RedisError as exc:
-            run_logger().warning("Redis %s: could not set repl-diskless-sync-delay back to %s: %s",
-                                 self.conn.describe(), previous, exc)
-
-    def __exit__(self, *_exc: object) -> None:
-        self.put_back()
+def _put_back_diskless_delay(conn: RedisConnection, value: str, timeout: float) -> None:
+    try:
+        conn.get_client(socket_timeout=timeout, socket_connect_timeout=timeout).config_set(
+            "repl-diskless-sync-delay", value)
+    except redis.RedisError as exc:
+        run_logger().warning("Redis %s: could not set repl-diskless-sync-delay back to %s: %s; set it by hand",
+                             conn.describe(), value, exc)
 
 
 def stream_rdb(conn: RedisConnection, sink: ByteSink, *, timeout: float, diskless: bool = True) -> int:
@@ -243,17 +244,12 @@ def stream_rdb(conn: RedisConnection, sink: ByteSink, *, timeout: float, diskles
     Works like ``redis-cli --rdb``: the server forks and sends the RDB as if to a new replica. With
     ``diskless`` the server is offered the socket form (``REPLCONF capa eof``), so a server configured
     with ``repl-diskless-sync yes`` (Redis 7's default) writes nothing to its own disk; its
-    ``repl-diskless-sync-delay`` is set to 0 until the transfer starts (see ``_DisklessDelay``). Otherwise
+    ``repl-diskless-sync-delay`` is set to 0 until the transfer starts (``_lower_diskless_delay``). Otherwise
     it writes its RDB file first. ``timeout`` bounds each silence from the server, not the whole transfer.
     """
     where = conn.describe()
-    with _DisklessDelay(conn) if diskless else contextlib.nullcontext() as delay:
-        return _stream_rdb(conn, sink, where, timeout, diskless, delay)
-
-
-def _stream_rdb(conn: RedisConnection, sink: ByteSink, where: str, timeout: float, diskless: bool,
-                delay: _DisklessDelay | None) -> int:
     link = _ReplicationLink(conn, timeout)
+    delay: str | None = None  # repl-diskless-sync-delay to put back
     try:
         options = link.options
         if options.get("password"):
@@ -264,6 +260,8 @@ def _stream_rdb(conn: RedisConnection, sink: ByteSink, where: str, timeout: floa
             reply = link.command(*args)
             if reply.startswith(b"-"):
                 raise _reply_error(where, "the credentials", reply)
+        if diskless:
+            delay = _lower_diskless_delay(link)
         link.doing = "asking for an RDB-only sync"
         # Redis >= 7.0: the master sends the RDB and then closes, rather than keeping us as a replica.
         reply = link.command("REPLCONF", "rdb-only", "1")
@@ -284,8 +282,9 @@ def _stream_rdb(conn: RedisConnection, sink: ByteSink, where: str, timeout: floa
             if not header.startswith(b"$"):
                 raise DumpFailed(f"Redis {where} answered SYNC with {header[:60]!r}, not a bulk RDB")
             break
-        if delay is not None:
-            delay.put_back()  # the transfer has started: other replicas wait as configured again
+        if delay is not None:  # the transfer has started: other replicas wait as configured again
+            _put_back_diskless_delay(conn, delay, timeout)
+            delay = None
         checked = _MagicCheck(sink, f"Redis {where}")
         link.doing = "receiving the snapshot"
         if header.startswith(b"$EOF:"):
@@ -302,6 +301,8 @@ def _stream_rdb(conn: RedisConnection, sink: ByteSink, where: str, timeout: floa
         return checked.finish()
     finally:
         link.close()
+        if delay is not None:
+            _put_back_diskless_delay(conn, delay, timeout)
 
 
 def _copy_exactly(link: _ReplicationLink, sink: _MagicCheck, length: int) -> None:
