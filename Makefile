@@ -19,6 +19,7 @@ system-deps:
 	command -v prometheus-pushgateway >/dev/null || missing="$$missing prometheus-pushgateway"; \
 	[ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
 	[ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	command -v prometheus-postgres-exporter >/dev/null || missing="$$missing prometheus-postgres-exporter"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
@@ -45,6 +46,7 @@ bench: install
 	$(PY) bench/restore.py
 	$(PY) bench/pitr.py
 	$(PY) bench/webhook.py
+	$(PY) bench/integrity.py
 
 clean:
 	rm -rf $(VENV) .demo .bench

@@ -132,6 +132,70 @@ def cmd_backup_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_recover_status(args: argparse.Namespace) -> int:
+    """Show a recovery's journal and what exists now; with --undo put back what a dead recovery changed."""
+    from tasks.recovery import describe, read_journal, write_journal
+
+    store = resolve_store(args.store)
+    journal = read_journal(store.get_client(), args.id)
+    print(describe(journal))
+    postgres = resolve_connection(args.postgres, "RUNBOOKS_POSTGRES_URL", "postgres")
+    redis = resolve_connection(args.redis, "RUNBOOKS_REDIS_URL", "redis")
+    if postgres is not None:
+        from tasks.databases import existing_databases
+
+        for t in (t for t in journal.targets if t.kind == "postgres"):
+            names = [n for n in (t.live, t.beside, t.kept) if n]
+            present = set(existing_databases.fn(postgres, names))
+            print(f"  now on {postgres.describe()}: " + ", ".join(
+                f"{n!r} {'exists' if n in present else 'absent'}" for n in names))
+    if redis is not None and journal.redis_safety_copy is not None and journal.redis_safety_copy.redis:
+        from tasks.redis import keyspace_digest
+
+        now = keyspace_digest(redis)
+        same = now.digest == journal.redis_safety_copy.redis.digest
+        print(f"  Redis {redis.describe()} now: {now.key_count} keys, "
+              f"{'the same as' if same else 'NOT the same as'} its safety copy")
+    if args.undo:
+        if journal.phase not in ("commit", "undo", "mixed"):
+            raise ConfigurationError(f"recovery {journal.recovery_id} is {journal.phase!r}: nothing to undo")
+        _undo_recovery(journal, store, postgres, redis)
+        journal.phase, journal.step = "rolled back", "undone by `runbooks recover-status --undo`"
+        write_journal.fn(store, journal)
+        print(f"recovery {journal.recovery_id}: every change put back. Maintenance mode is not switched by this "
+              "command: check the application, then switch it off.")
+    elif args.resolved:
+        journal.phase, journal.step = "resolved", "settled by an operator"
+        write_journal.fn(store, journal)
+        print(f"recovery {journal.recovery_id} marked resolved")
+    return 0
+
+
+def _undo_recovery(journal: Any, store: Any, postgres: Any, redis: Any) -> None:
+    """What phase 2's undo stack would have run, from the journal: databases, Redis, directories."""
+    from tasks.databases import Swap, SwapPlan, maintenance_database, swap_out_databases
+    from tasks.files import swap_out_directory
+    from tasks.redis import restore_redis
+
+    changed = [t for t in journal.targets if t.state in ("replaced", "undo failed")]
+    if any(t.kind == "postgres" for t in changed):
+        if postgres is None:
+            raise ConfigurationError("the recovery renamed databases: give --postgres or $RUNBOOKS_POSTGRES_URL")
+        swaps = [Swap(live=t.live, restored=t.beside, kept=t.kept) for t in changed if t.kind == "postgres"]
+        with postgres.connect() as conn:
+            involved = {n for s in swaps for n in (s.live, s.restored, s.kept)}
+            plan = SwapPlan(swaps=swaps, maintenance_db=maintenance_database(conn, postgres.database, involved))
+        swap_out_databases.fn(postgres, plan)
+    if any(t.kind == "redis" for t in changed):
+        if redis is None or journal.redis_safety_copy is None:
+            raise ConfigurationError("the recovery replaced Redis: give --redis or $RUNBOOKS_REDIS_URL")
+        restore_redis.fn(journal.redis_safety_copy, store, redis, flush_first=True)
+    for t in (t for t in changed if t.kind == "files"):
+        swap_out_directory.fn(t.beside, t.live, t.kept)
+    for t in changed:
+        t.state = "put back"
+
+
 def cmd_demo(_args: argparse.Namespace) -> int:
     from deployments.demo import run_demo
 
@@ -172,6 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("id", help="set id, or 'latest'")
     verify.add_argument("--store", help=store_help)
     verify.set_defaults(func=cmd_backup_verify)
+
+    status = commands.add_parser("recover-status", help="a disaster recovery's journal and what exists now; "
+                                                        "--undo puts back what a dead recovery changed")
+    status.add_argument("id", nargs="?", default="latest", help="recovery id, flow run id, or 'latest'")
+    status.add_argument("--store", help=store_help)
+    status.add_argument("--postgres", help="Postgres Connection block name or password-less URL "
+                                           "(default: $RUNBOOKS_POSTGRES_URL)")
+    status.add_argument("--redis", help="Redis Connection block name or URL (default: $RUNBOOKS_REDIS_URL)")
+    action = status.add_mutually_exclusive_group()
+    action.add_argument("--undo", action="store_true", help="rename databases and directories back and reload "
+                                                            "Redis from its safety copy")
+    action.add_argument("--resolved", action="store_true", help="mark it settled (after fixing it by hand)")
+    status.set_defaults(func=cmd_recover_status)
 
     demo = commands.add_parser("demo", help="back up a sandbox stack, restore it, and compare")
     demo.set_defaults(func=cmd_demo)

@@ -109,7 +109,7 @@ RUNBOOKS: tuple[Runbook, ...] = (
     ),
     Runbook(
         flow="disaster-recovery", deployment="disaster-recovery", module="flows/disaster_recovery.py",
-        description="Restore a chosen backup set in place, with guards, approval, maintenance mode and checks.",
+        description="Restore a backup set over production, all or nothing: prepared beside, swapped in with undo.",
         parameters={"store": _STORE},
         tags=("restore",), destructive=True, concurrency_limit=1,
     ),
@@ -141,7 +141,8 @@ RUNBOOKS: tuple[Runbook, ...] = (
         flow="db-integrity-check", deployment="weekly", module="flows/integrity.py",
         description="amcheck, checksum failures, invalid indexes, wraparound, sequences, long transactions.",
         schedules=("0 3 * * 6",),  # Saturdays 03:00
-        parameters={"postgres": _POSTGRES},
+        # The store names the newest verified backup when table data is damaged; amcheck is created where missing.
+        parameters={"postgres": _POSTGRES, "store": _STORE, "install_amcheck": True},
         tags=("postgres", "integrity"),
     ),
 )

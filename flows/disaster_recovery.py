@@ -1,8 +1,14 @@
-"""The `disaster-recovery` runbook: restore a backup set over production, guarded.
+"""The `disaster-recovery` runbook: restore a backup set over production, all or nothing.
 
-Order: resolve the set -> download and check every part -> approval (unless confirm=True) -> one
-recovery per target (a Prefect concurrency limit) -> maintenance on -> restore side by side, verify,
-swap in (the old data is kept, renamed) -> health checks -> maintenance off only once healthy.
+1. Prepare, changing no production data: download and check every part, restore every database beside
+   (under a side name, with its properties) and verify it, load the Redis snapshot into a scratch server and
+   check its digest, extract directories beside their targets, and pre-flight every target.
+2. Approval (unless confirm=True), showing what was prepared and what will be renamed.
+3. Commit under maintenance mode: a safety copy of the live Redis into the store, all database renames in
+   one transaction, Redis replaced, directories renamed, health. Each step registers its undo first; on a
+   failure the undos run in reverse, and maintenance goes off only when production is whole and healthy.
+A journal in the store (tasks/recovery.py) records every step, and the `recovery-report` artifact is
+written however the run ends.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import tempfile
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -18,7 +25,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import Flow, FlowRun
 from prefect.concurrency.sync import concurrency
 from prefect.flow_runs import pause_flow_run
+from prefect.futures import PrefectFuture
 from prefect.input import RunInput
+from prefect.runtime import flow_run as current_run
 from prefect.states import Cancelled, State
 from pydantic import BaseModel, Field
 
@@ -26,24 +35,34 @@ from blocks.app import AppEndpoint
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
-from tasks.app import set_maintenance, wait_until_healthy
-from tasks.errors import ConfigurationError
-from tasks.files import extract_archive, swap_in_directory
+from tasks.app import AppUnhealthy, set_maintenance, wait_until_healthy
+from tasks.databases import (
+    Swap,
+    SwapPlan,
+    drop_databases,
+    preflight_swap,
+    side_name,
+    swap_in_databases,
+    swap_out_databases,
+)
+from tasks.errors import ConfigurationError, RestoreFailed
+from tasks.files import (
+    extract_archive,
+    preflight_directory_swap,
+    remove_prepared_tree,
+    swap_in_directory,
+    swap_out_directory,
+)
 from tasks.locks import ensure_lock, lock_name
 from tasks.log import run_logger
 from tasks.manifest import Manifest, Part, human_size, set_time
 from tasks.metrics import push_flow_run_metrics
 from tasks.notify import send_notification
-from tasks.postgres import (
-    existing_databases,
-    restore_database,
-    restore_globals,
-    set_aside_database,
-    side_name,
-    swap_in_database,
-)
-from tasks.redis import restore_redis
+from tasks.postgres import restore_database, restore_globals
+from tasks.recovery import Journal, Target, describe, read_journals, safety_copy_key, unfinished, write_journal
+from tasks.redis import preflight_redis_restore, restore_redis, snapshot_redis
 from tasks.store import StagedPart, find_set, stage_part
+from tasks.undo import UndoStack
 
 Component = Literal["postgres", "globals", "redis", "files"]
 
@@ -57,9 +76,11 @@ class Approval(RunInput):
 
 class RecoveryResult(BaseModel):
     set_id: str
+    recovery_id: str
     mode: str
     rto_seconds: dict[str, float]
     kept: dict[str, str] = Field(description="Where the data that was replaced is kept.")
+    redis_safety_copy: str | None = Field(default=None, description="Store key of the live Redis's safety copy.")
 
 
 def _notify(outcome: str):  # noqa: ANN202 - a Prefect state hook
@@ -69,6 +90,17 @@ def _notify(outcome: str):  # noqa: ANN202 - a Prefect state hook
             send_notification.fn(block_ref, subject=f"disaster-recovery {outcome}: {flow_run.name}",
                                  body=f"Flow run {flow_run.name} ended {state.type.value}: {state.message or ''}")
     return hook
+
+
+@dataclass
+class _Prepared:
+    """What phase 1 made beside production, and how phase 2 puts it in."""
+
+    staged: dict[str, StagedPart] = field(default_factory=dict)
+    plan: SwapPlan | None = None
+    side_databases: list[str] = field(default_factory=list)
+    directories: list[tuple[str, str, str]] = field(default_factory=list)  # (prepared, live, keep_as)
+    redis_part: Part | None = None
 
 
 @flow(name="disaster-recovery", on_completion=[_notify("completed"), push_flow_run_metrics],
@@ -85,11 +117,12 @@ def disaster_recovery(
     files_targets: Annotated[dict[str, str] | None, Field(
         description="Directory in the set -> live directory; empty: the same path as backed up.")] = None,
     mode: Annotated[Literal["side-by-side", "in-place"], Field(
-        description="side-by-side: restore beside, verify, swap in. in-place: move the live database "
-                    "aside first (needs confirm=True).")] = "side-by-side",
+        description="Both restore beside, verify, then swap in. side-by-side keeps the replaced databases "
+                    "(renamed); in-place (needs confirm=True) drops them after success when "
+                    "keep_safety_copy is off.")] = "side-by-side",
     confirm: Annotated[bool, Field(description="Skip the approval pause (required for in-place).")] = False,
-    keep_safety_copy: Annotated[bool, Field(description="in-place only: False drops the live database.")] = True,
-    flush_redis_first: Annotated[bool, Field(description="Empty Redis before loading the snapshot.")] = True,
+    keep_safety_copy: Annotated[bool, Field(description="in-place only: False drops the replaced databases "
+                                                        "once the recovery has succeeded.")] = True,
     app: Annotated[AppEndpoint | None, Field(description="Maintenance mode and health checks.")] = None,
     health_timeout_seconds: Annotated[float, Field(ge=1)] = 120,
     approval_timeout_seconds: Annotated[int, Field(ge=10)] = 3600,
@@ -100,64 +133,76 @@ def disaster_recovery(
                                                          "uncompressed size); empty: system temp.")] = None,
     notify_block: Annotated[str | None, Field(description="Told of success and failure.")] = None,
 ) -> RecoveryResult | State:
-    """Restore a backup set over the live targets, with checks before any change and the old data kept."""
+    """Restore a backup set over the live targets: prepared and verified beside them, then swapped in as one
+    change that is undone whole if any step fails."""
     log = run_logger()
     if mode == "in-place" and not confirm:
         raise ConfigurationError("mode=in-place needs confirm=True; nothing was changed")
+    if not keep_safety_copy and mode != "in-place":
+        raise ConfigurationError("keep_safety_copy=False is for mode=in-place; nothing was changed")
     manifest = find_set(store.get_client(), backup_id, prefer_verified=True)
     parts = _choose_parts(manifest, components, databases)
     _check_targets(parts, postgres, redis)
-    targets = _target_names(parts, postgres, redis, files_targets)
-    rto: dict[str, float] = {}
-    kept: dict[str, str] = {}
+    lock_targets = _target_names(parts, postgres, redis, files_targets)
     log.info("recovery of %s from set %s (%s) into %s", [f"{p.kind}:{p.name}" for p in parts], manifest.set_id,
-             mode, targets)
+             mode, lock_targets)
+    rto: dict[str, float] = {}
 
     with ExitStack() as stack:
-        locks = [lock_name("disaster-recovery", t) for t in targets]
+        locks = [lock_name("disaster-recovery", t) for t in lock_targets]
         for name in locks:
             ensure_lock(name)
         t0 = time.monotonic()
-        stack.enter_context(concurrency(locks, occupy=1,
-                                        timeout_seconds=lock_timeout_seconds, strict=True))
+        stack.enter_context(concurrency(locks, occupy=1, timeout_seconds=lock_timeout_seconds, strict=True))
         rto["wait for lock"] = round(time.monotonic() - t0, 2)
-        stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")  # taken under the lock: unique per target
+        now = datetime.now(UTC)  # taken under the lock: unique per target
+        journal = _new_journal(manifest, parts, postgres, redis, files_targets, now)
+        # A live recovery of these targets holds the lock: an unfinished journal now is one whose process died
+        # (its lock lease then ran out).
+        _refuse_after_a_dead_recovery(store, journal)
         staging = stack.enter_context(tempfile.TemporaryDirectory(prefix="runbooks-dr-", dir=staging_dir))
+        stack.callback(_report, journal, manifest, mode, rto)  # written however the run ends
+        write_journal(store, journal)
 
-        # 1. Everything is downloaded and checked before anything changes.
-        t0 = time.monotonic()
-        staged = {p.key: stage_part(p, store, staging) for p in parts}
-        rto["download + verify"] = round(time.monotonic() - t0, 2)
+        # 1. Prepare: production data is not touched.
+        prepared = _Prepared()
+        try:
+            _prepare(journal, parts, prepared, store, staging, postgres, redis, jobs, rto)
+        except BaseException as exc:
+            journal.error = str(exc)
+            _discard_prepared(journal, prepared, postgres, "prepare failed")
+            write_journal(store, journal)
+            raise
 
         # 2. Approval.
         if not confirm:
-            answer = _ask_approval(manifest, parts, targets, mode, approval_timeout_seconds)
+            answer = _ask_approval(manifest, journal, parts, mode, keep_safety_copy, store, approval_timeout_seconds)
             if answer is None or not answer.approve:
                 why = "timed out" if answer is None else f"rejected ({answer.note or 'no reason given'})"
                 log.warning("recovery %s; nothing was changed", why)
+                journal.error = f"approval {why}"
+                _discard_prepared(journal, prepared, postgres, "cancelled")
+                write_journal(store, journal)
                 return Cancelled(message=f"approval {why}; nothing was changed")
             log.info("approved: %s", answer.note or "(no note)")
 
-        # 3. Quiesce, restore, check health; maintenance off only once healthy.
-        if app is not None:
-            set_maintenance(app, True)
-        failure: BaseException | None = None
-        try:
-            _restore_all(parts, staged, store, manifest, postgres, redis, files_targets, mode, keep_safety_copy,
-                         flush_redis_first, jobs, stamp, rto, kept)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the health decision
-            failure = exc
-            log.error("recovery failed: %s; checking the application before deciding on maintenance mode", exc)
-        if app is not None:
-            t0 = time.monotonic()
-            wait_until_healthy(app, timeout_seconds=health_timeout_seconds)  # raises: maintenance stays on
-            rto["health check"] = round(time.monotonic() - t0, 2)
-            set_maintenance(app, False)
-        if failure is not None:
-            raise failure
+        # 3. Commit.
+        _commit(journal, prepared, store, postgres, redis, app, health_timeout_seconds, rto)
+        if mode == "in-place" and not keep_safety_copy and postgres is not None:
+            kept_dbs = [t.kept for t in journal.targets if t.kind == "postgres" and t.kept]
+            drop_databases(postgres, kept_dbs, why="in-place recovery without a safety copy, after success")
+            for target in journal.targets:
+                if target.kind == "postgres":
+                    target.kept = ""
+            write_journal(store, journal)
 
-    _report(manifest, parts, mode, rto, kept)
-    return RecoveryResult(set_id=manifest.set_id, mode=mode, rto_seconds=rto, kept=kept)
+    kept = {f"{t.kind}:{t.live}": t.kept for t in journal.targets if t.kept}
+    safety = journal.redis_safety_copy.key if journal.redis_safety_copy else None
+    return RecoveryResult(set_id=manifest.set_id, recovery_id=journal.recovery_id, mode=mode, rto_seconds=rto,
+                          kept=kept, redis_safety_copy=safety)
+
+
+# ------------------------------------------------------------------------------------------ choosing
 
 
 def _choose_parts(manifest: Manifest, components: list[Component] | None, databases: list[str] | None) -> list[Part]:
@@ -194,21 +239,292 @@ def _target_names(parts: list[Part], postgres: PostgresConnection | None, redis:
     return sorted(names)
 
 
-def _ask_approval(manifest: Manifest, parts: list[Part], targets: list[str], mode: str,
-                  timeout: int) -> Approval | None:
+def _new_journal(manifest: Manifest, parts: list[Part], postgres: PostgresConnection | None,
+                 redis: RedisConnection | None, files_targets: dict[str, str] | None, now: datetime) -> Journal:
+    recovery_id = f"{now:%Y%m%dT%H%M%SZ}-{manifest.set_id[-6:]}"
+    label = f"{now:%Y%m%d%H%M%S}"
+    targets = []
+    for part in parts:
+        if part.kind == "postgres":
+            targets.append(Target(kind="postgres", source=part.name, live=part.name,
+                                  beside=side_name(part.name, f"restore_{label}"),
+                                  kept=side_name(part.name, f"pre_restore_{label}")))
+        elif part.kind == "globals" and postgres is not None:
+            targets.append(Target(kind="globals", source=part.name, live=postgres.describe()))
+        elif part.kind == "redis" and redis is not None:
+            targets.append(Target(kind="redis", source=part.name, live=redis.describe()))
+        elif part.kind == "files":
+            live = (files_targets or {}).get(part.name, part.name).rstrip("/")
+            targets.append(Target(kind="files", source=part.name, live=live, beside=f"{live}.restore-{label}",
+                                  kept=f"{live}.pre_restore_{label}"))
+    server = {}
+    if postgres is not None:
+        server["postgres"] = postgres.describe()
+    if redis is not None:
+        server["redis"] = redis.describe()
+    return Journal(recovery_id=recovery_id, set_id=manifest.set_id, flow_run_id=str(current_run.id or "") or None,
+                   server=server, started_at=now, updated_at=now, targets=targets)
+
+
+def _refuse_after_a_dead_recovery(store: BackupStore, journal: Journal) -> None:
+    stuck = unfinished(read_journals(store.get_client()), {t.live for t in journal.targets})
+    if stuck:
+        raise ConfigurationError(
+            "an earlier recovery of these targets stopped while changing them; production may be mixed. "
+            "Look with `runbooks recover-status " + stuck[-1].recovery_id + "` and settle it first "
+            "(docs/disaster-recovery.md, 'A recovery that died'); nothing was changed.\n" + describe(stuck[-1]))
+
+
+# ------------------------------------------------------------------------------------------- phase 1
+
+
+def _prepare(journal: Journal, parts: list[Part], prepared: _Prepared, store: BackupStore, staging: str,
+             postgres: PostgresConnection | None, redis: RedisConnection | None, jobs: int,
+             rto: dict[str, float]) -> None:
+    """Everything that can fail before production changes: download, restore beside, verify, pre-flight.
+
+    Parts are downloaded and checked one after another in the background, in the order they are used, so a
+    database is restored beside while the next parts are still downloading.
+    """
+    order = {"globals": 0, "postgres": 1, "redis": 2, "files": 3}
+    futures: dict[str, PrefectFuture[StagedPart]] = {}
+    previous: list[PrefectFuture[StagedPart]] = []
+    started = time.monotonic()
+    for part in sorted(parts, key=lambda p: order[p.kind]):
+        futures[part.key] = stage_part.submit(part, store, staging, wait_for=previous)
+        previous = [futures[part.key]]
+    try:
+        _prepare_parts(journal, parts, prepared, futures, started, store, postgres, redis, jobs, rto)
+    except BaseException:
+        for future in futures.values():  # none may still write into staging once it is removed
+            future.wait()
+        raise
+
+
+def _prepare_parts(journal: Journal, parts: list[Part], prepared: _Prepared,
+                   futures: dict[str, PrefectFuture[StagedPart]], started: float, store: BackupStore,
+                   postgres: PostgresConnection | None, redis: RedisConnection | None, jobs: int,
+                   rto: dict[str, float]) -> None:
+    def staged(part: Part) -> StagedPart:
+        if part.key not in prepared.staged:
+            journal.step = f"downloading and checking {part.kind} part {part.name!r}"
+            prepared.staged[part.key] = futures[part.key].result()
+            rto["download + verify"] = round(time.monotonic() - started, 2)  # until the last part is in
+        return prepared.staged[part.key]
+
+    globals_part = next((p for p in parts if p.kind == "globals"), None)
+    if globals_part is not None and postgres is not None:
+        staged(globals_part)  # every part is checked before anything is made from it
+        journal.step = "creating the roles the server lacks (existing roles are left as they are)"
+        t0 = time.monotonic()
+        restore_globals(globals_part, store, postgres)
+        journal.mark("prepared", "globals")
+        rto["globals"] = round(time.monotonic() - t0, 2)
+
+    swaps = []
+    for part in (p for p in parts if p.kind == "postgres"):
+        assert postgres is not None
+        target = journal.target("postgres", part.name)
+        journal.step = f"restoring database {part.name!r} beside as {target.beside!r}"
+        t0 = time.monotonic()
+        prepared.side_databases.append(target.beside)
+        restore_database(part, store, postgres, target.beside, staged_file=staged(part).path, jobs=jobs)
+        target.state = "prepared"
+        swaps.append(Swap(live=part.name, restored=target.beside, kept=target.kept))
+        rto[f"postgres:{part.name}"] = round(time.monotonic() - t0, 2)
+    if swaps:
+        assert postgres is not None
+        journal.step = "pre-flight of the database renames"
+        prepared.plan = preflight_swap(postgres, swaps)
+
+    for part in (p for p in parts if p.kind == "redis"):
+        assert redis is not None
+        journal.step = "loading the Redis snapshot into a scratch server and pre-flight of the target"
+        t0 = time.monotonic()
+        preflight_redis_restore(part, redis, staged_rdb=staged(part).path)
+        prepared.redis_part = part
+        journal.mark("prepared", "redis")
+        rto["redis pre-flight"] = round(time.monotonic() - t0, 2)
+
+    for part in (p for p in parts if p.kind == "files"):
+        target = journal.target("files", part.name)
+        journal.step = f"extracting {part.name} beside its target as {target.beside}"
+        t0 = time.monotonic()
+        prepared.directories.append((target.beside, target.live, target.kept))
+        extract_archive(part, store, target.beside, staged_tar=staged(part).path)
+        preflight_directory_swap(target.beside, target.live, target.kept)
+        target.state = "prepared"
+        rto[f"files:{part.name}"] = round(time.monotonic() - t0, 2)
+    journal.step = "prepared"
+
+
+def _discard_prepared(journal: Journal, prepared: _Prepared, postgres: PostgresConnection | None,
+                      phase: Literal["prepare failed", "cancelled"]) -> None:
+    """Remove what phase 1 made beside production; production itself was never touched."""
+    journal.phase = phase
+    if prepared.side_databases and postgres is not None:
+        drop_databases(postgres, prepared.side_databases, why="prepared copies of a recovery that did not commit")
+    for beside, _live, _kept in prepared.directories:
+        remove_prepared_tree(beside)
+    for target in journal.targets:
+        if target.state == "prepared":
+            target.state = "untouched"
+
+
+
+# ------------------------------------------------------------------------------------------- phase 2
+
+
+def _commit(journal: Journal, prepared: _Prepared, store: BackupStore, postgres: PostgresConnection | None,
+            redis: RedisConnection | None, app: AppEndpoint | None, health_timeout: float,
+            rto: dict[str, float]) -> None:
+    """Maintenance on, Redis safety copy, then every swap with its undo registered first, then health.
+    On failure: undo in reverse, and maintenance off only when production is whole and healthy."""
+    log = run_logger()
+    journal.phase = "commit"
+
+    def step(text: str) -> None:
+        journal.step = text
+        write_journal(store, journal)
+
+    if app is not None:
+        step("maintenance mode on")
+        set_maintenance(app, True)
+        journal.maintenance = True
+    if prepared.redis_part is not None and redis is not None:
+        step("safety copy of the live Redis into the store")
+        t0 = time.monotonic()
+        journal.redis_safety_copy = snapshot_redis(redis, store, journal.recovery_id, name="redis-safety",
+                                                   key=safety_copy_key(journal.recovery_id))
+        rto["redis safety copy"] = round(time.monotonic() - t0, 2)
+    try:
+        with UndoStack() as undo:
+            if prepared.plan is not None:
+                assert postgres is not None
+                plan = prepared.plan
+                undo.register("rename the databases back (one transaction)",
+                              lambda: _undone(journal, "postgres", swap_out_databases(postgres, plan)))
+                journal.mark("replaced", "postgres")  # the transaction commits all or none: see the undo
+                step("renaming every restored database in (one transaction)")
+                t0 = time.monotonic()
+                kept = swap_in_databases(postgres, plan)
+                for target in journal.targets:
+                    if target.kind == "postgres" and target.kept not in kept:
+                        target.kept = ""  # there was no live database of that name: nothing is kept
+                rto["database swap"] = round(time.monotonic() - t0, 2)
+            if prepared.redis_part is not None:
+                assert redis is not None and journal.redis_safety_copy is not None
+                safety = journal.redis_safety_copy
+                undo.register("reload Redis from its safety copy",
+                              lambda: _undone(journal, "redis", restore_redis(safety, store, redis, flush_first=True)))
+                journal.mark("replaced", "redis")
+                step("replacing the Redis keyspace with the snapshot")
+                t0 = time.monotonic()
+                restore_redis(prepared.redis_part, store, redis, flush_first=True,
+                              staged_rdb=prepared.staged[prepared.redis_part.key].path)
+                rto["redis"] = round(time.monotonic() - t0, 2)
+            for beside, live, kept_as in prepared.directories:
+                undo.register(f"rename {live} back",
+                              lambda b=beside, li=live, k=kept_as: _undone_dir(journal, li,
+                                                                               swap_out_directory(b, li, k)))
+                _target_by_live(journal, "files", live).state = "replaced"
+                step(f"renaming {beside} in as {live}")
+                if swap_in_directory(beside, live, kept_as).previous_kept_as is None:
+                    _target_by_live(journal, "files", live).kept = ""
+            if app is not None:
+                step("health check of the recovered system")
+                t0 = time.monotonic()
+                wait_until_healthy(app, timeout_seconds=health_timeout)
+                rto["health check"] = round(time.monotonic() - t0, 2)
+    except BaseException as exc:  # noqa: BLE001 - undone above; re-raised below with what production is now
+        journal.error = f"{journal.step}: {exc}"
+        journal.undone = [f"{o.step}: {'done' if o.ok else 'FAILED: ' + o.error}" for o in undo.outcomes]
+        for target in journal.targets:
+            if target.state == "replaced":
+                target.state = "undo failed" if not undo.whole else "put back"
+            elif target.state == "prepared" and target.kind != "globals":  # its swap was never reached
+                target.state = "untouched"
+        journal.phase = "rolled back" if undo.whole else "mixed"
+        healthy = undo.whole and _healthy(app, health_timeout)
+        if healthy and app is not None:
+            set_maintenance(app, False)
+            journal.maintenance = False
+        journal.step = "undone" if undo.whole else "undo incomplete"
+        write_journal(store, journal)
+        if not undo.whole:
+            where = "; ".join(o.step + ": " + o.error for o in undo.outcomes if not o.ok)
+            raise RestoreFailed(f"recovery failed at '{journal.error}', and putting production back failed too "
+                                f"({where}): production is MIXED, maintenance mode stays ON. See the "
+                                "recovery-report artifact and `runbooks recover-status "
+                                f"{journal.recovery_id}`") from exc
+        state = ("maintenance mode is OFF" if healthy or app is None
+                 else "but the application is not healthy, so maintenance mode stays ON")
+        raise RestoreFailed(f"recovery failed at '{journal.error}'; every change was undone and production is as "
+                            f"it was before the run, {state}. The restored copies are kept beside "
+                            "(see the recovery-report artifact)") from exc
+    journal.phase = "recovered"
+    journal.step = "done"
+    if app is not None:
+        set_maintenance(app, False)
+        journal.maintenance = False
+    write_journal(store, journal)
+    log.info("recovery %s done: every target holds set %s", journal.recovery_id, journal.set_id)
+
+
+def _undone(journal: Journal, kind: str, _result: object) -> None:
+    journal.mark("put back", kind)
+
+
+def _undone_dir(journal: Journal, live: str, _renamed: bool) -> None:
+    _target_by_live(journal, "files", live).state = "put back"
+
+
+def _target_by_live(journal: Journal, kind: str, live: str) -> Target:
+    return next(t for t in journal.targets if t.kind == kind and t.live == live)
+
+
+def _healthy(app: AppEndpoint | None, timeout: float) -> bool:
+    if app is None:
+        return True
+    try:
+        wait_until_healthy(app, timeout_seconds=timeout)
+    except AppUnhealthy:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------- approval and report
+
+
+def _ask_approval(manifest: Manifest, journal: Journal, parts: list[Part], mode: str, keep_safety_copy: bool,
+                  store: BackupStore, timeout: int) -> Approval | None:
     age = datetime.now(UTC) - set_time(manifest.set_id)
+    drops = mode == "in-place" and not keep_safety_copy
     lines = [
         f"## Restore backup set `{manifest.set_id}`?",
         "",
         f"- taken {manifest.completed_at:%Y-%m-%d %H:%M} UTC ({age.total_seconds() / 3600:.1f} h ago), "
         f"{human_size(manifest.size)} stored; every part downloaded and its sha256 checked",
-        f"- mode: **{mode}**; targets: {', '.join(f'`{t}`' for t in targets)}",
-        "- the data that is replaced is kept (renamed `__pre_restore_...`), nothing is dropped",
+        f"- mode: **{mode}**. Everything below is already restored beside production and verified; approving "
+        "switches maintenance mode on and swaps it in, undoing every step if one fails.",
         "",
-        "| part | size |",
-        "|---|---|",
-        *[f"| {p.kind}: `{p.name}` | {human_size(p.raw_size)} |" for p in parts],
+        "| target | now | becomes | the current data |",
+        "|---|---|---|---|",
     ]
+    for t in journal.targets:
+        if t.kind == "postgres":
+            fate = "**DROPPED** after success" if drops else f"kept as `{t.kept}`"
+            lines.append(f"| database `{t.live}` | live | the copy restored as `{t.beside}` | {fate} |")
+        elif t.kind == "globals":
+            lines.append(f"| roles on `{t.live}` | live | missing roles created (already done) | unchanged |")
+        elif t.kind == "redis":
+            lines.append(f"| Redis `{t.live}` | live | emptied and loaded from the snapshot | saved first to "
+                         f"`{store.describe()}/{safety_copy_key(journal.recovery_id)}` |")
+        elif t.kind == "files":
+            lines.append(f"| directory `{t.live}` | live | `{t.beside}` renamed in | kept as `{t.kept}` |")
+    lines += ["", "Nothing is dropped." if not drops else "The replaced databases are dropped once the recovery "
+              "has succeeded (mode in-place, keep_safety_copy off).", "",
+              "| part | size |", "|---|---|", *[f"| {p.kind}: `{p.name}` | {human_size(p.raw_size)} |" for p in parts]]
     try:
         return pause_flow_run(wait_for_input=Approval.with_initial_data(description="\n".join(lines)),
                               timeout=timeout, poll_interval=2)
@@ -216,52 +532,54 @@ def _ask_approval(manifest: Manifest, parts: list[Part], targets: list[str], mod
         return None
 
 
-def _restore_all(parts: list[Part], staged: dict[str, StagedPart], store: BackupStore, manifest: Manifest,
-                 postgres: PostgresConnection | None, redis: RedisConnection | None,
-                 files_targets: dict[str, str] | None, mode: str, keep_safety_copy: bool, flush_redis_first: bool,
-                 jobs: int, stamp: str, rto: dict[str, float], kept: dict[str, str]) -> None:
-    short = manifest.set_id.split("-")[-1]
-    for part in parts:
-        t0 = time.monotonic()
-        if part.kind == "globals" and postgres is not None:
-            restore_globals(part, store, postgres)
-        elif part.kind == "postgres" and postgres is not None:
-            keep_as = side_name(part.name, f"pre_restore_{stamp}")
-            if mode == "side-by-side":
-                beside = side_name(part.name, f"restore_{short}")
-                if existing_databases(postgres, [beside]):
-                    raise ConfigurationError(f"{beside!r} exists (an earlier attempt?): drop or rename it first")
-                restore_database(part, store, postgres, beside, staged_file=staged[part.key].path, jobs=jobs)
-                swapped = swap_in_database(postgres, part.name, beside, keep_as)
-                if swapped.previous_kept_as:
-                    kept[f"postgres:{part.name}"] = swapped.previous_kept_as
-            else:
-                aside = set_aside_database(postgres, part.name, keep_as if keep_safety_copy else None)
-                try:
-                    restore_database(part, store, postgres, part.name, staged_file=staged[part.key].path, jobs=jobs)
-                except BaseException:
-                    if aside:  # put the old database back
-                        set_aside_database(postgres, aside, part.name)
-                    raise
-                if aside:
-                    kept[f"postgres:{part.name}"] = aside
-        elif part.kind == "redis" and redis is not None:
-            restore_redis(part, store, redis, flush_first=flush_redis_first, staged_rdb=staged[part.key].path)
-        elif part.kind == "files":
-            live = (files_targets or {}).get(part.name, part.name)
-            fresh = f"{live.rstrip('/')}.restore-{short}"
-            extract_archive(part, store, fresh, staged_tar=staged[part.key].path)
-            swapped_dir = swap_in_directory(fresh, live, f"{live.rstrip('/')}.pre_restore_{stamp}")
-            if swapped_dir.previous_kept_as:
-                kept[f"files:{part.name}"] = swapped_dir.previous_kept_as
-        rto[f"{part.kind}:{part.name}"] = round(time.monotonic() - t0, 2)
+_OUTCOME = {
+    "prepare": "stopped while preparing: production was not changed",
+    "prepare failed": "FAILED while preparing: production was not changed; the prepared copies were removed",
+    "cancelled": "cancelled before any change: production was not changed; the prepared copies were removed",
+    "commit": "stopped while changing production: see each target",
+    "undo": "stopped while undoing: see each target",
+    "recovered": "DONE: every target holds the backup set",
+    "rolled back": "FAILED and undone: production is as it was before the run",
+    "mixed": "FAILED and NOT fully undone: production is mixed, maintenance mode stays on",
+    "resolved": "settled by an operator",
+}
 
 
-def _report(manifest: Manifest, parts: list[Part], mode: str, rto: dict[str, float], kept: dict[str, str]) -> None:
-    create_table_artifact([{"step": k, "seconds": v} for k, v in rto.items()], key="recovery-rto",
-                          description=f"Recovery time per component, set {manifest.set_id}")
-    lines = [f"# Recovery from `{manifest.set_id}` ({mode}): done", "",
-             f"Total measured RTO: {sum(rto.values()):.1f} s", "",
-             "| component | seconds |", "|---|---|", *[f"| {k} | {v} |" for k, v in rto.items()], "",
-             "Data that was replaced is kept:", *[f"- {k}: `{v}`" for k, v in kept.items()]]
+def _report(journal: Journal, manifest: Manifest, mode: str, rto: dict[str, float]) -> None:
+    """The recovery-report artifact: every target's state, every name kept, what to do next."""
+    if rto:
+        create_table_artifact([{"step": k, "seconds": v} for k, v in rto.items()], key="recovery-rto",
+                              description=f"Recovery time per step, set {manifest.set_id}")
+    lines = [f"# Recovery `{journal.recovery_id}` from `{manifest.set_id}` ({mode})", "",
+             f"**{_OUTCOME.get(journal.phase, journal.phase)}**", ""]
+    if journal.error:
+        lines += [f"Error at: {journal.error}", ""]
+    lines += ["| target | state | restored copy beside | replaced data kept as |", "|---|---|---|---|"]
+    for t in journal.targets:
+        lines.append(f"| {t.kind} `{t.live}` | {t.state} | {f'`{t.beside}`' if t.beside else '-'} | "
+                     f"{f'`{t.kept}`' if t.kept and t.state in ('replaced', 'undo failed') else '-'} |")
+    if journal.redis_safety_copy is not None:
+        copy = journal.redis_safety_copy
+        count, digest = (copy.redis.key_count, copy.redis.digest) if copy.redis else ("?", "?")
+        lines += ["", f"Redis safety copy (the live keyspace before the swap): `{copy.key}` in the store, "
+                  f"{count} keys, digest `{digest}`"]
+    if journal.undone:
+        lines += ["", "Undo steps:", *[f"- {u}" for u in journal.undone]]
+    lines += ["", f"Maintenance mode: **{'ON' if journal.maintenance else 'off'}**", "",
+              "Next: " + _next_steps(journal), "",
+              f"Total measured time: {sum(rto.values()):.1f} s; journal: `recoveries/{journal.recovery_id}/`"]
     create_markdown_artifact("\n".join(lines), key="recovery-report")
+
+
+def _next_steps(journal: Journal) -> str:
+    if journal.phase == "recovered":
+        return ("check the application; drop the replaced databases and directories listed above once you no "
+                "longer need them (docs/disaster-recovery.md, 'Cleaning up').")
+    if journal.phase in ("rolled back",):
+        return ("production is as before. The restored copies stay beside under the names above: fix the cause "
+                "and run again, or drop them (docs/disaster-recovery.md, 'Cleaning up').")
+    if journal.phase in ("mixed", "commit", "undo"):
+        return (f"run `runbooks recover-status {journal.recovery_id}` and follow docs/disaster-recovery.md, "
+                "'A recovery that died': nothing is lost, every replaced database is kept and the Redis safety "
+                "copy is in the store.")
+    return "nothing to clean up."

@@ -1,6 +1,8 @@
 """The `restore-set` runbook: restore a backup set into NEW targets (new databases, an empty Redis,
-a new directory), verifying each part against its manifest. It never overwrites anything: the guarded
-in-place recovery is `disaster-recovery`."""
+a new directory), verifying each part against its manifest. It never overwrites anything: a database
+the target server already has (``postgres``, say) is restored beside it under a new name, and a Redis
+that holds keys is refused unless ``replace_existing`` (then a safety copy is stored first). The guarded
+recovery over production is `disaster-recovery`."""
 
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ from pydantic import BaseModel, Field
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
+from tasks.databases import existing_databases, side_name
 from tasks.errors import ConfigurationError
 from tasks.files import extract_archive
 from tasks.log import run_logger
 from tasks.manifest import encode_name
-from tasks.postgres import check_databases_absent, restore_database, restore_globals
-from tasks.redis import restore_redis
+from tasks.postgres import restore_database, restore_globals
+from tasks.recovery import safety_copy_key
+from tasks.redis import check_redis_empty, restore_redis, snapshot_redis
 from tasks.store import find_set
 
 
@@ -45,6 +49,8 @@ def restore_set(
     databases: Annotated[list[str] | None, Field(description="Databases to restore; empty: all in the set.")] = None,
     database_suffix: Annotated[str, Field(description="Appended to each database name.")] = "",
     redis: Annotated[RedisConnection | None, Field(description="An empty Redis to restore into.")] = None,
+    replace_existing: Annotated[bool, Field(description="Allow a Redis that holds keys: they are saved to the "
+                                                        "store, then replaced by the snapshot.")] = False,
     files_root: Annotated[str | None, Field(description="New directory; each archive goes below it.")] = None,
 ) -> RestoreResult:
     """Restore every part of a set into new targets, checking checksums and manifest contents."""
@@ -67,8 +73,26 @@ def restore_set(
     if unknown:
         raise ConfigurationError(f"set {manifest.set_id} has no database(s) {unknown}; it has {in_set}")
     chosen = [name for name in in_set if not databases or name in databases]
+    names = {name: name + database_suffix for name in chosen}
     if chosen and postgres is not None:
-        check_databases_absent(postgres, [name + database_suffix for name in chosen])
+        taken = set(existing_databases(postgres, list(names.values())))
+        for name in chosen:
+            if names[name] in taken:
+                names[name] = side_name(names[name], f"restored_{manifest.set_id[-6:]}")
+                log.info("database %r exists on %s: restoring it beside as %r", name + database_suffix,
+                         postgres.describe(), names[name])
+        clash = existing_databases(postgres, [names[n] for n in chosen if names[n] != n + database_suffix])
+        if clash:
+            raise ConfigurationError(f"database(s) {clash} already exist on {postgres.describe()} (an earlier "
+                                     "restore of this set?): drop them or give a database_suffix; nothing was changed")
+    safety = None
+    if redis is not None and "redis" in wanted and not replace_existing:
+        check_redis_empty(redis)
+    elif redis is not None and "redis" in wanted:
+        safety_id = f"restore-set-{manifest.set_id}-{int(time.time())}"
+        safety = snapshot_redis(redis, store, safety_id, name="redis-safety", key=safety_copy_key(safety_id))
+        log.info("the keys Redis %s held are saved in %s/%s before it is replaced", redis.describe(),
+                 store.describe(), safety.key)
 
     done: list[RestoredPart] = []
     globals_part = manifest.part("globals")
@@ -79,14 +103,15 @@ def restore_set(
                                  seconds=0.0))
     for part in manifest.parts:
         if part.kind == "postgres" and postgres is not None and part.name in chosen:
-            restored = restore_database(part, store, postgres, part.name + database_suffix)
+            restored = restore_database(part, store, postgres, names[part.name])
             done.append(RestoredPart(kind="postgres", name=part.name, target=postgres.describe(restored.database),
                                      verified=f"{restored.tables} tables match", seconds=restored.seconds))
         elif part.kind == "redis" and redis is not None:
             t0 = time.monotonic()
-            summary = restore_redis(part, store, redis)
+            summary = restore_redis(part, store, redis, flush_first=safety is not None)
+            saved = f"; the keys it held are saved in {safety.key}" if safety is not None else ""
             done.append(RestoredPart(kind="redis", name=part.name, target=redis.describe(),
-                                     verified=f"{summary.key_count} keys, digest matches",
+                                     verified=f"{summary.key_count} keys, digest matches{saved}",
                                      seconds=round(time.monotonic() - t0, 3)))
         elif part.kind == "files" and files_root:
             t0 = time.monotonic()

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
+from tasks.databases import existing_databases, side_name
 from tasks.errors import ConfigurationError, RunbookError, VerificationFailed
 from tasks.files import extract_archive
 from tasks.log import run_logger
@@ -32,7 +33,6 @@ from tasks.postgres import (
     restore_database,
     restore_globals,
     run_amcheck,
-    side_name,
 )
 from tasks.redis import restore_redis
 from tasks.scratch import ScratchPostgres, ScratchRedis
@@ -112,15 +112,24 @@ def verify_backup(
                 globals_part = manifest.part("globals")
                 if globals_part is not None and globals_part.key in staged and drill_postgres is None:
                     restore_globals(globals_part, store, target)  # only into a cluster of our own
+            # A database the drill server has already (``postgres`` in a fresh cluster) is restored beside.
+            taken = set(existing_databases(target, [p.name for p in pg_parts])) if target is not None else set()
+            # Database properties name roles: only a cluster of our own with the set's globals has them.
+            own = drill_postgres is None and manifest.part("globals") is not None
+            if pg_parts and not own:
+                log.info("database properties (owner, privileges, settings) not compared: the drill has no roles "
+                         "of the set (%s)", "a drill server of yours" if drill_postgres else "no globals in the set")
             for part in pg_parts:
                 assert target is not None
-                name = side_name(part.name, f"drill_{manifest.set_id[-6:]}") if drill_postgres else part.name
+                beside = drill_postgres is not None or part.name in taken
+                name = side_name(part.name, f"drill_{manifest.set_id[-6:]}") if beside else part.name
                 t0 = time.monotonic()
                 try:
                     restore_database(part, store, target, name, verify=False, staged_file=staged[part.key].path,
-                                     jobs=jobs)
+                                     jobs=jobs, properties=own)
                     drill_dbs.append(name)
-                    problems += [f"{part.name}: {p}" for p in compare_with_manifest(target, name, part)]
+                    problems += [f"{part.name}: {p}" for p in compare_with_manifest(target, name, part,
+                                                                                   properties=own)]
                     if amcheck:
                         checked = run_amcheck(target, name, heapallindexed=heapallindexed)
                         problems += [f"{part.name}: amcheck: {p}" for p in checked.problems]

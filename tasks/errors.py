@@ -55,3 +55,15 @@ class BaseBackupFailed(RunbookError):
 
 class WalMissing(RestoreFailed):
     """A WAL file the restore needs is not in the archive; the message names it."""
+
+
+class AmcheckFailed(RunbookError):
+    """pg_amcheck could not check (a connection or pattern error), as opposed to finding corruption."""
+
+
+class IntegrityCheckFailed(RunbookError):
+    """db-integrity-check found problems at or above its fail_on severity; ``report`` holds every finding."""
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report

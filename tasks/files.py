@@ -14,7 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.store import BackupStore
-from tasks.errors import ConfigurationError, VerificationFailed
+from tasks.errors import ConfigurationError, PreflightFailed, VerificationFailed
 from tasks.log import run_logger
 from tasks.manifest import FilesSummary, Part, part_key
 from tasks.progress import Progress
@@ -201,3 +201,51 @@ def swap_in_directory(new: str, live: str, keep_as: str) -> SwappedDirectory:
         raise
     run_logger().info("swapped restored files into %s (previous kept as %s)", live, keep_as if moved else "-")
     return SwappedDirectory(path=live, previous_kept_as=str(aside) if moved else None)
+
+
+@task(cache_policy=NO_CACHE)
+def preflight_directory_swap(new: str, live: str, keep_as: str) -> None:
+    """Check, changing nothing, that ``swap_in_directory(new, live, keep_as)`` can run: ``new`` is there,
+    ``keep_as`` is free, the parent of ``live`` is writable and on the same filesystem as ``new``."""
+    new_path, live_path, aside = Path(new), Path(live), Path(keep_as)
+    problems = []
+    if not new_path.is_dir():
+        problems.append(f"the restored copy {new} is missing")
+    if aside.exists():
+        problems.append(f"{aside} already exists")
+    parent = live_path.parent
+    if not parent.is_dir():
+        problems.append(f"{parent} does not exist")
+    elif not os.access(parent, os.W_OK | os.X_OK):
+        problems.append(f"{parent} is not writable by this worker")
+    elif new_path.exists() and os.stat(new_path.parent).st_dev != os.stat(parent).st_dev:
+        problems.append(f"{new} and {live} are on different filesystems")
+    if problems:
+        raise PreflightFailed(f"directory {live} pre-flight: " + "; ".join(problems) + "; nothing was changed")
+
+
+@task(cache_policy=NO_CACHE)
+def swap_out_directory(new: str, live: str, keep_as: str) -> bool:
+    """Undo of ``swap_in_directory``: the restored tree goes back to ``new`` and ``keep_as`` back to ``live``.
+    A swap that never happened (``keep_as`` absent, ``new`` still there) is left alone; returns whether it
+    renamed anything."""
+    new_path, live_path, aside = Path(new), Path(live), Path(keep_as)
+    if new_path.exists() or not (aside.exists() or live_path.exists()):
+        return False
+    if live_path.exists():
+        os.rename(live_path, new_path)
+    if aside.exists():
+        os.rename(aside, live_path)
+    run_logger().info("renamed %s back (the restored copy is at %s again)", live, new)
+    return True
+
+
+@task(cache_policy=NO_CACHE)
+def remove_prepared_tree(path: str) -> bool:
+    """Remove a directory this run extracted beside its target (never a live one); returns whether it existed."""
+    target = Path(path)
+    if not target.exists():
+        return False
+    shutil.rmtree(target)
+    run_logger().info("removed the prepared copy %s", target)
+    return True

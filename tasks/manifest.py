@@ -10,7 +10,7 @@ import json
 import re
 import secrets
 from datetime import UTC, datetime
-from typing import Literal
+from typing import ClassVar, Literal, Self
 from urllib.parse import quote, unquote
 
 from pydantic import BaseModel, Field, ValidationError
@@ -132,6 +132,30 @@ class FilesSummary(BaseModel):
     digest: str
 
 
+class RoleSettings(BaseModel):
+    """``ALTER DATABASE ... SET`` (``role`` None) or ``ALTER ROLE role IN DATABASE ... SET``: ``name=value``
+    entries as ``pg_db_role_setting.setconfig`` stores them."""
+
+    role: str | None = None
+    settings: list[str]
+
+
+class DatabaseProperties(BaseModel):
+    """What a database is beyond its contents, read from the catalogs at dump time, so a restore under
+    another name can be made the same: ``pg_restore`` without ``--create`` restores none of it."""
+
+    encoding: str
+    collate: str
+    ctype: str
+    locale_provider: Literal["libc", "icu"] = "libc"
+    icu_locale: str | None = None
+    owner: str
+    acl: list[str] | None = Field(default=None, description="aclitems; None: the default privileges.")
+    connection_limit: int = -1
+    comment: str | None = None
+    settings: list[RoleSettings] = Field(default_factory=list)
+
+
 class Part(BaseModel):
     """One stored object of a set and what it holds."""
 
@@ -150,6 +174,8 @@ class Part(BaseModel):
     tables: list[TableChecksum] = Field(default_factory=list)
     redis: RedisSummary | None = None
     files: FilesSummary | None = None
+    database: DatabaseProperties | None = Field(default=None, description="PostgreSQL parts: the database's "
+                                                "properties (sets made before they were recorded lack them).")
 
 
 class Manifest(BaseModel):
@@ -195,8 +221,26 @@ class Manifest(BaseModel):
         return manifest
 
 
-class Verification(BaseModel):
+class JsonRecord(BaseModel):
+    """A record kept as one JSON object in the store; a bad one is a StoreError naming where it is."""
+
+    _what: ClassVar[str] = "record"
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.model_dump(mode="json"), indent=2).encode() + b"\n"
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, where: str = "") -> Self:
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise StoreError(f"{cls._what} {where} is not valid: {exc.errors()[0]['msg']}") from None
+
+
+class Verification(JsonRecord):
     """Result of one restore drill of a set (``verification.json``); the newest drill wins."""
+
+    _what: ClassVar[str] = "verification record"
 
     set_id: str
     verified_at: datetime
@@ -204,16 +248,6 @@ class Verification(BaseModel):
     problems: list[str] = Field(default_factory=list)
     seconds: dict[str, float] = Field(default_factory=dict, description="Per component restore/check time.")
     flow_run_id: str | None = None
-
-    def to_bytes(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), indent=2).encode() + b"\n"
-
-    @classmethod
-    def from_bytes(cls, data: bytes, *, where: str = "") -> Verification:
-        try:
-            return cls.model_validate_json(data)
-        except ValidationError as exc:
-            raise StoreError(f"verification record {where} is not valid: {exc.errors()[0]['msg']}") from None
 
 
 def build_manifest(

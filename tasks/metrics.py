@@ -75,23 +75,41 @@ def group_url(gateway: str, runbook: str) -> str:
 
 def push_run_metrics(metrics: RunMetrics, gateway: str | None = None) -> bool:
     """POST (replace only these metric names) to the Pushgateway; False, logged, if it could not be done."""
+    return push_exposition(metrics.runbook, metrics.exposition(), len(metrics.values), gateway)
+
+
+def push_exposition(runbook: str, text: str, count: int, gateway: str | None = None) -> bool:
+    """POST Prometheus text to the runbook's Pushgateway group; False, logged, if it could not be done."""
     gateway = gateway or os.environ.get(PUSHGATEWAY_ENV)
     if not gateway:
         return False
-    url = group_url(gateway, metrics.runbook)
-    request = urllib.request.Request(url, data=metrics.exposition().encode(), method="POST",  # noqa: S310
+    url = group_url(gateway, runbook)
+    request = urllib.request.Request(url, data=text.encode(), method="POST",  # noqa: S310
                                      headers={"Content-Type": "text/plain; version=0.0.4"})
     try:
         with urllib.request.urlopen(request, timeout=PUSH_TIMEOUT) as response:  # noqa: S310 - operator's URL
             ok = 200 <= response.status < 300
     except (urllib.error.URLError, OSError) as exc:
-        log.warning("could not push metrics of %s to the Pushgateway %s: %s", metrics.runbook,
+        log.warning("could not push metrics of %s to the Pushgateway %s: %s", runbook,
                     urllib.parse.urlsplit(gateway).netloc, exc)
         return False
     if ok:
-        log.info("pushed %d metrics of %s to %s", len(metrics.values), metrics.runbook,
-                 urllib.parse.urlsplit(gateway).netloc)
+        log.info("pushed %d metrics of %s to %s", count, runbook, urllib.parse.urlsplit(gateway).netloc)
     return ok
+
+
+def findings_exposition(counts: Mapping[str, int], *, remediated: int, checked_at: float) -> str:
+    """db-integrity-check's own metrics (pure): findings still open by severity, changes made, when it ran."""
+    lines = ["# HELP runbooks_integrity_findings Findings of the last db-integrity-check run still open, by severity.",
+             "# TYPE runbooks_integrity_findings gauge"]
+    lines += [f'runbooks_integrity_findings{{severity="{severity}"}} {float(n)!r}'
+              for severity, n in sorted(counts.items())]
+    lines += ["# HELP runbooks_integrity_remediations Changes the last db-integrity-check run made successfully.",
+              "# TYPE runbooks_integrity_remediations gauge", f"runbooks_integrity_remediations {float(remediated)!r}",
+              "# HELP runbooks_integrity_last_check_timestamp_seconds When db-integrity-check last finished.",
+              "# TYPE runbooks_integrity_last_check_timestamp_seconds gauge",
+              f"runbooks_integrity_last_check_timestamp_seconds {checked_at!r}"]
+    return "\n".join(lines) + "\n"
 
 
 def _size_of(result: Any) -> int | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,9 +19,17 @@ from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
 from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError
 from tasks.archive import METHOD as ARCHIVE_METHOD
+from tasks.databases import (
+    apply_statements,
+    compare_properties,
+    create_statement,
+    missing_roles,
+    read_properties,
+)
 from tasks.errors import ConfigurationError, DumpFailed, RestoreFailed, RunbookError, VerificationFailed
+from tasks.findings import pattern_literal
 from tasks.log import run_logger
-from tasks.manifest import Part, TableChecksum, part_key
+from tasks.manifest import DatabaseProperties, Part, TableChecksum, part_key
 from tasks.process import Child, describe_exit, pg_tool, run, spawn, tool_version
 from tasks.progress import Progress
 from tasks.retry import retry_transient
@@ -51,8 +60,9 @@ def inspect_server(pg: PostgresConnection, databases: list[str] | None = None) -
     with pg.connect() as conn:
         version = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
         rows = conn.execute(
-            "SELECT datname, pg_database_size(datname) FROM pg_database "
-            "WHERE NOT datistemplate AND datallowconn ORDER BY datname"
+            # pg_database_size needs CONNECT: a user allowed into some databases only can back those up.
+            "SELECT datname, CASE WHEN has_database_privilege(datname, 'CONNECT') THEN pg_database_size(datname) "
+            "ELSE 0 END FROM pg_database WHERE NOT datistemplate AND datallowconn ORDER BY datname"
         ).fetchall()
     sizes = {name: size for name, size in rows}
     if databases:
@@ -160,8 +170,8 @@ def _in_threads(work: Callable[[int, threading.Event], None], count: int) -> Non
 
 
 def _table_pattern(schema: str, name: str) -> str:
-    """A pg_dump ``--table`` pattern that matches exactly this table: inside double quotes nothing is special."""
-    return '"{}"."{}"'.format(schema.replace('"', '""'), name.replace('"', '""'))
+    """A pg_dump ``--table`` pattern that matches exactly this table."""
+    return f"{pattern_literal(schema)}.{pattern_literal(name)}"
 
 
 def _digest_dump(pg: PostgresConnection, database: str, patterns: list[str] | None) -> list[TableChecksum]:
@@ -187,24 +197,116 @@ def digest_database(pg: PostgresConnection, database: str, *, workers: int = 2) 
     with pg.connect(database) as conn:
         relations = _relations(conn)
         sequences = [_checksum_relation(conn, *rel, None) for rel in relations if rel[2] == "S"]
-    tables = sorted([rel for rel in relations if rel[2] == "r"], key=lambda rel: -rel[3])
-    groups: list[list[str]] = [[] for _ in range(max(1, min(workers, len(tables))))]
+    tables = [(schema, name, size) for schema, name, kind, size in relations if kind == "r"]
+    found = _digest_tables(pg, database, tables, workers, whole=True)
+    return sorted([*found, *sequences], key=lambda t: (t.schema_name, t.table))
+
+
+def _digest_tables(pg: PostgresConnection, database: str, tables: list[tuple[str, str, int]], workers: int,
+                   *, whole: bool) -> list[TableChecksum]:
+    """``tables`` read in ``workers`` groups of about equal size; ``whole``: the tables are all the database's,
+    so one group may be read as one whole-database dump (no argv of unbounded length)."""
+    if not tables:
+        return []
+    ordered = sorted(tables, key=lambda t: -t[2])
+    groups: list[list[str]] = [[] for _ in range(max(1, min(workers, len(ordered))))]
     sizes = [0] * len(groups)
-    for schema, name, _kind, size in tables:
+    for schema, name, size in ordered:
         smallest = sizes.index(min(sizes))
         groups[smallest].append(_table_pattern(schema, name))
         sizes[smallest] += size
-    if len(groups) == 1 or sum(len(p) for g in groups for p in g) > 64 * 1024:
-        found = _digest_dump(pg, database, None)  # one dump of everything: no argv of unbounded length
-    else:
-        results: list[list[TableChecksum]] = [[] for _ in groups]
+    if whole and (len(groups) == 1 or sum(len(p) for g in groups for p in g) > 64 * 1024):
+        return _digest_dump(pg, database, None)
+    groups = [chunk for group in groups for chunk in _bounded(group)]
+    results: list[list[TableChecksum]] = [[] for _ in groups]
 
-        def work(index: int, _failed: threading.Event) -> None:
-            results[index] = _digest_dump(pg, database, groups[index])
+    def work(index: int, _failed: threading.Event) -> None:
+        results[index] = _digest_dump(pg, database, groups[index])
 
-        _in_threads(work, len(groups))
-        found = [t for group in results for t in group]
-    return sorted([*found, *sequences], key=lambda t: (t.schema_name, t.table))
+    _in_threads(work, len(groups))
+    return [t for group in results for t in group]
+
+
+def _bounded(patterns: list[str], limit: int = 32 * 1024) -> list[list[str]]:
+    """``patterns`` cut into lists whose argv stays under ``limit`` bytes."""
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for pattern in patterns:
+        if chunks[-1] and size + len(pattern) > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(pattern)
+        size += len(pattern) + 10
+    return chunks
+
+
+_TABLE_LOADED = re.compile(r"^pg_restore: finished item \d+ TABLE DATA (.+)$")
+
+
+class _ReadBack:
+    """Reads restored tables back as ``pg_restore --verbose`` reports each one loaded (its COPY committed),
+    beside the restore, with the backup's own scanner; the rest once the restore has ended.
+
+    pg_restore names a loaded table without its schema: a name found in several schemas waits for the end.
+    """
+
+    def __init__(self, pg: PostgresConnection, database: str) -> None:
+        self.pg, self.database = pg, database
+        with pg.connect(database) as conn:
+            relations = _relations(conn)
+        self.tables = [(schema, name, size) for schema, name, kind, size in relations if kind == "r"]
+        self.sequences = [rel for rel in relations if rel[2] == "S"]
+        counts = Counter(name for _schema, name, _size in self.tables)
+        self.by_name = {name: (schema, name) for schema, name, _size in self.tables if counts[name] == 1}
+        self.ready: list[tuple[str, str]] = []
+        self.read: set[tuple[str, str]] = set()
+        self.found: list[TableChecksum] = []
+        self.error: BaseException | None = None
+        self.closed = False
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def loaded(self, line: str) -> None:
+        """pg_restore's stderr, line by line."""
+        match = _TABLE_LOADED.match(line)
+        if match and match.group(1) in self.by_name:
+            with self.cond:
+                self.ready.append(self.by_name[match.group(1)])
+                self.cond.notify()
+
+    def _work(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    while not self.ready and not self.closed:
+                        self.cond.wait()
+                    if self.closed:
+                        return
+                    batch, self.ready = self.ready, []
+                for chunk in _bounded([_table_pattern(*table) for table in batch]):
+                    self.found += _digest_dump(self.pg, self.database, chunk)
+                self.read.update(batch)
+        except BaseException as exc:  # noqa: BLE001 - raised in finish(), in the caller's thread
+            self.error = exc
+
+    def abandon(self) -> None:
+        """The restore failed: stop reading (a read under way ends when its database is dropped)."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+
+    def finish(self, workers: int) -> list[TableChecksum]:
+        """Once the restore has ended: read what is left, and the sequences; the whole database's checksums."""
+        self.abandon()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        rest = [t for t in self.tables if (t[0], t[1]) not in self.read]
+        found = self.found + _digest_tables(self.pg, self.database, rest, workers, whole=not self.read)
+        with self.pg.connect(self.database) as conn:
+            sequences = [_checksum_relation(conn, *rel, None) for rel in self.sequences]
+        return sorted([*found, *sequences], key=lambda t: (t.schema_name, t.table))
 
 
 def checksums_like(
@@ -259,6 +361,7 @@ def dump_database(
         server_version = str(snap_conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
         snap_conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         snapshot = str(snap_conn.execute("SELECT pg_export_snapshot()").fetchone()[0])  # type: ignore[index]
+        properties = read_properties(snap_conn, database)
         relations = _relations(snap_conn) if table_checksums else []
         sequences = [_checksum_relation(snap_conn, *rel, None) for rel in relations if rel[2] == "S"]
         log.info("dumping %s into %s", pg.describe(database), key)
@@ -286,7 +389,7 @@ def dump_database(
         kind="postgres", name=database, key=key, size=stored.size, raw_size=stored.raw_size,
         sha256=stored.sha256, compression_level=level, tool="pg_dump -Fc -Z0",
         tool_version=tool_version(pg_dump), server_version=server_version,
-        seconds=round(time.monotonic() - started, 3), tables=checksums,
+        seconds=round(time.monotonic() - started, 3), tables=checksums, database=properties,
     )
     log.info("dumped %s: %d bytes -> %d stored, %d tables checksummed",
              pg.describe(database), part.raw_size, part.size, len(checksums))
@@ -350,19 +453,6 @@ def dump_globals(
 # ------------------------------------------------------------------------------------------ restore
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
-def check_databases_absent(pg: PostgresConnection, databases: list[str]) -> None:
-    """Refuse, before anything is restored, if any target database already exists."""
-    with pg.connect() as conn:
-        present = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
-    clash = sorted(set(databases) & present)
-    if clash:
-        raise ConfigurationError(
-            f"database(s) {clash} already exist on {pg.describe()}: restore-set only creates new databases "
-            "(choose `databases`, a `database_suffix`, or another server); nothing was changed"
-        )
-
-
 @dataclass(frozen=True)
 class RestoredDatabase:
     database: str
@@ -386,47 +476,91 @@ def restore_database(
     verify: bool = True,
     staged_file: str | None = None,
     jobs: int = 1,
+    properties: bool = True,
 ) -> RestoredDatabase:
     """Create ``database`` (it must not exist) and restore the dump into it, then compare checksums.
 
-    From the store the dump streams into one ``pg_restore``; from a ``staged_file`` (see ``stage_part``,
-    checksum already verified) ``pg_restore -j jobs`` runs in parallel. On any failure the database
-    this step created is dropped again; nothing else is touched.
+    The database is created with the source's encoding and locale; with ``properties`` it also gets the
+    source's owner, privileges, settings, connection limit and comment (their roles must exist: restore the
+    globals first), and ``verify`` compares them too. From the store the dump streams into one
+    ``pg_restore``; from a ``staged_file`` (see ``stage_part``, checksum already verified) ``pg_restore -j
+    jobs`` runs in parallel. On any failure the database this step created is dropped again; nothing else
+    is touched.
     """
     log = run_logger()
     started = time.monotonic()
+    recorded: DatabaseProperties | None = part.database
     with pg.connect(autocommit=True) as admin:
         exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
         if exists:
             raise ConfigurationError(
                 f"database {database!r} already exists on {pg.describe()}; restore into a new name"
             )
-        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(database)))
+        if properties and recorded is not None:
+            missing = missing_roles(admin, recorded)
+            if missing:
+                raise ConfigurationError(
+                    f"roles {missing} named by database {part.name!r}'s owner, privileges or settings do not exist "
+                    f"on {pg.describe()}: restore the set's globals first; nothing was changed")
+        try:
+            admin.execute(create_statement(database, recorded))
+        except psycopg.Error as exc:
+            raise RestoreFailed(f"cannot create {pg.describe(database)} like the backed-up database "
+                                f"({exc.diag.message_primary or exc}); nothing was changed") from None
     log.info("restoring %s into %s", part.key, pg.describe(database))
+    readback: _ReadBack | None = None
     try:
         argv = [pg_tool("pg_restore"), "--exit-on-error", "--no-password",
                 f"--dbname={_conninfo_dbname(database)}"]
-        if staged_file is not None:
-            code, _out, err = run([*argv, f"--jobs={max(jobs, 1)}", staged_file], env=pg.libpq_env(database))
-            if code != 0:
-                raise RestoreFailed(f"pg_restore into {pg.describe(database)} failed ({describe_exit(code)}): "
-                                    f"{err.strip()[-2000:]}")
+        read_beside = (staged_file is not None and verify and jobs > 1
+                       and any((t.checksum or "").startswith(f"{ARCHIVE_METHOD}:") for t in part.tables))
+        if staged_file is not None and read_beside:
+            # Schema first, so the tables are known; then data and indexes in parallel, each table read
+            # back as soon as its data is in, on the core the restore leaves idle.
+            _run_restore(pg, database, [*argv, "--section=pre-data", staged_file])
+            readback = _ReadBack(pg, database)
+            _run_restore(pg, database, [*argv, f"--jobs={jobs}", "--section=data", "--section=post-data",
+                                        "--verbose", staged_file], on_stderr=readback.loaded)
+        elif staged_file is not None:
+            _run_restore(pg, database, [*argv, f"--jobs={max(jobs, 1)}", staged_file])
         else:
             _restore_streamed(part, store, pg, database, argv)
+        if properties and recorded is not None:
+            with pg.connect(autocommit=True) as admin:
+                for statement in apply_statements(database, recorded):
+                    admin.execute(statement)
+                problems = compare_properties(recorded, read_properties(admin, database)) if verify else []
+            if problems:
+                raise VerificationFailed(f"restored {pg.describe(database)} differs from the backup: "
+                                         + "; ".join(problems))
         tables = 0
         if verify and part.tables:
-            problems = compare_checksums(part.tables, checksums_like(pg, database, part.tables, workers=jobs))
+            actual = (readback.finish(jobs) if readback is not None
+                      else checksums_like(pg, database, part.tables, workers=jobs))
+            problems = compare_checksums(part.tables, actual)
             if problems:
                 raise VerificationFailed(
                     f"restored {pg.describe(database)} differs from the backup: " + "; ".join(problems[:10])
                 )
             tables = len([t for t in part.tables if not (t.checksum or "").startswith("seq:")])
     except (RunbookError, OSError, psycopg.Error):
+        if readback is not None:
+            readback.abandon()
         _drop_quietly(pg, database)
         raise
     seconds = round(time.monotonic() - started, 3)
     log.info("restored %s in %.1f s (%d tables verified)", pg.describe(database), seconds, tables)
     return RestoredDatabase(database=database, tables=tables, seconds=seconds)
+
+
+def _run_restore(pg: PostgresConnection, database: str, argv: list[str],
+                 on_stderr: Callable[[str], None] | None = None) -> None:
+    with spawn(argv, env=pg.libpq_env(database), stdout=False, on_stderr=on_stderr) as child:
+        code = child.wait()
+    if code != 0:
+        errors = [line for line in child.stderr_lines if ": error:" in line or "ERROR" in line]
+        detail = "\n".join(errors[-10:]) if errors else child.stderr_tail()
+        raise RestoreFailed(f"pg_restore into {pg.describe(database)} failed ({describe_exit(code)}): {detail[-2000:]}")
 
 
 def _restore_streamed(part: Part, store: BackupStore, pg: PostgresConnection, database: str, argv: list[str]) -> None:
@@ -503,104 +637,7 @@ def restore_globals(part: Part, store: BackupStore, pg: PostgresConnection) -> R
     return RestoredGlobals(roles_kept=kept)
 
 
-# --------------------------------------------------------------------------------- recovery steps
-
-_MAX_IDENT = 63  # NAMEDATALEN - 1, in bytes
-
-
-def side_name(database: str, label: str) -> str:
-    """``<database>__<label>`` cut to PostgreSQL's 63-byte identifier limit (the label is kept whole)."""
-    suffix = f"__{label}"
-    room = _MAX_IDENT - len(suffix.encode())
-    if room < 1:
-        raise ConfigurationError(f"label {label!r} is too long for a database name")
-    head = database.encode()[:room].decode(errors="ignore")
-    return head + suffix
-
-
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
-def existing_databases(pg: PostgresConnection, names: list[str]) -> list[str]:
-    """Which of ``names`` exist on the server."""
-    with pg.connect() as conn:
-        present = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
-    return [n for n in names if n in present]
-
-
-@dataclass(frozen=True)
-class SwapResult:
-    live: str
-    previous_kept_as: str | None
-    terminated_sessions: int
-
-
-@task(cache_policy=NO_CACHE, task_run_name="swap-database-{live}")
-def swap_in_database(
-    pg: PostgresConnection, live: str, restored: str, keep_as: str, *, attempts: int = 20
-) -> SwapResult:
-    """Put ``restored`` in place of ``live`` in one transaction; ``live`` is kept as ``keep_as``.
-
-    Connections to ``live`` are refused, then its sessions terminated, then both renames commit
-    together, so there is never a moment without a database of that name. Nothing is dropped.
-    """
-    log = run_logger()
-    terminated = 0
-    with pg.connect(autocommit=True) as admin:
-        live_exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (live,)).fetchone()
-        if live_exists and admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (keep_as,)).fetchone():
-            raise ConfigurationError(f"{keep_as!r} already exists on {pg.describe()}; nothing was changed")
-        if live_exists:
-            admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(live)))
-        try:
-            for attempt in range(attempts):
-                terminated += admin.execute(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = ANY(%s) AND pid <> pg_backend_pid()", ([live, restored],)
-                ).fetchone()[0]  # type: ignore[index]
-                try:
-                    with admin.transaction():
-                        if live_exists:
-                            admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                                sql.Identifier(live), sql.Identifier(keep_as)))
-                        admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(
-                            sql.Identifier(restored), sql.Identifier(live)))
-                    break
-                except psycopg.errors.ObjectInUse:
-                    if attempt == attempts - 1:
-                        raise RestoreFailed(
-                            f"sessions kept reconnecting to {live!r} on {pg.describe()}; the restored copy "
-                            f"is ready as {restored!r}, the live database is unchanged"
-                        ) from None
-                    time.sleep(0.25)
-        finally:
-            if live_exists:
-                admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(
-                    sql.Identifier(keep_as if _exists(admin, keep_as) else live)))
-    log.info("swapped restored copy into %s; previous database kept as %s (%d sessions ended)",
-             pg.describe(live), keep_as if live_exists else "-", terminated)
-    return SwapResult(live=live, previous_kept_as=keep_as if live_exists else None, terminated_sessions=terminated)
-
-
-def _exists(conn: psycopg.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
-
-
-@task(cache_policy=NO_CACHE, task_run_name="set-aside-database-{database}")
-def set_aside_database(pg: PostgresConnection, database: str, keep_as: str | None) -> str | None:
-    """In-place mode: rename ``database`` to ``keep_as`` (or drop it when ``keep_as`` is None)."""
-    with pg.connect(autocommit=True) as admin:
-        if not _exists(admin, database):
-            return None
-        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(database)))
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
-        if keep_as is None:
-            admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(database)))
-            run_logger().warning("dropped %s (in-place restore without a safety copy)", pg.describe(database))
-            return None
-        admin.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(database),
-                                                                       sql.Identifier(keep_as)))
-        admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(keep_as)))
-    run_logger().info("set %s aside as %s", pg.describe(database), keep_as)
-    return keep_as
+# ------------------------------------------------------------------------------------------- checks
 
 
 @dataclass(frozen=True)
@@ -615,7 +652,7 @@ class AmcheckResult:
 def run_amcheck(pg: PostgresConnection, database: str, *, heapallindexed: bool = False) -> AmcheckResult:
     """``pg_amcheck`` (installing the amcheck extension if missing) on every table and B-tree index."""
     started = time.monotonic()
-    argv = [pg_tool("pg_amcheck"), "--install-missing", "--no-password", f"--database={database}"]
+    argv = [pg_tool("pg_amcheck"), "--install-missing", "--no-password", f"--database={pattern_literal(database)}"]
     if heapallindexed:
         argv.append("--heapallindexed")
     code, out, err = run(argv, env=pg.libpq_env(database))
@@ -627,9 +664,14 @@ def run_amcheck(pg: PostgresConnection, database: str, *, heapallindexed: bool =
 
 
 @task(cache_policy=NO_CACHE, task_run_name="compare-tables-{database}")
-def compare_with_manifest(pg: PostgresConnection, database: str, part: Part) -> list[str]:
-    """Differences between a restored database and what the manifest recorded at dump time."""
-    return compare_checksums(part.tables, checksums_like(pg, database, part.tables))
+def compare_with_manifest(pg: PostgresConnection, database: str, part: Part, *, properties: bool = True) -> list[str]:
+    """Differences between a restored database and what the manifest recorded at dump time: every table's
+    rows and checksum and, with ``properties``, the database's own properties."""
+    problems = compare_checksums(part.tables, checksums_like(pg, database, part.tables))
+    if properties and part.database is not None:
+        with pg.connect() as conn:
+            problems += compare_properties(part.database, read_properties(conn, database))
+    return problems
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)

@@ -92,8 +92,10 @@ def spawn(
     stdin: bool = False,
     stdout: bool = True,
     redact: Callable[[str], str] = lambda s: s,
+    on_stderr: Callable[[str], None] | None = None,
 ) -> Iterator[Child]:
-    """Start ``argv`` (never a shell); stderr is drained in a thread so the pipes cannot deadlock.
+    """Start ``argv`` (never a shell); stderr is drained in a thread so the pipes cannot deadlock, and each
+    of its lines is passed to ``on_stderr`` as it arrives (a tool's progress, say).
 
     On leaving, the child is waited for; if the block raised, it is killed first.
     """
@@ -109,7 +111,10 @@ def spawn(
     def drain() -> None:
         assert proc.stderr is not None
         for raw in proc.stderr:
-            child.stderr_lines.append(redact(raw.decode(errors="replace").rstrip()))
+            line = redact(raw.decode(errors="replace").rstrip())
+            if on_stderr is not None:
+                on_stderr(line)
+            child.stderr_lines.append(line)
             if len(child.stderr_lines) > 200:
                 del child.stderr_lines[:100]
 

@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -34,6 +35,7 @@ from tasks.errors import (
     ConfigurationError,
     ConnectionFailed,
     DumpFailed,
+    PreflightFailed,
     RestoreFailed,
     VerificationFailed,
 )
@@ -567,8 +569,11 @@ def snapshot_redis(
     rdb_path: str | None = None,
     timeout: float = 600,
     level: int = 1,
+    key: str | None = None,
 ) -> Part:
     """Stream an RDB snapshot into the store, and record the digest of what it holds.
+
+    ``key``: where to store it; by default the set's Redis part key (a recovery's safety copy goes elsewhere).
 
     The RDB is also copied to a local temporary file and loaded into a scratch redis-server before the
     store object is committed, so a stored snapshot is one that loads, and a failed attempt leaves
@@ -581,7 +586,7 @@ def snapshot_redis(
     if mode == "bgsave" and not rdb_path:
         raise ConfigurationError("mode='bgsave' needs rdb_path: the RDB file the server writes")
     version = _server_version(conn)
-    key = part_key(set_id, "redis", name)
+    key = key or part_key(set_id, "redis", name)
     client = store.get_client()
     run_logger().info(
         "Redis %s (%s): %s snapshot into %s/%s", conn.describe(), version, mode, store.describe(), key
@@ -736,3 +741,82 @@ def restore_redis(
     if note:
         run_logger().warning("Redis %s: %s", where, note)
     return restored
+
+
+# ------------------------------------------------------------------------------ recovery pre-flight
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
+def check_redis_empty(target: RedisConnection) -> None:
+    """Refuse a target that holds keys: restoring into it would mix the snapshot with what is there."""
+    with _talking_to(target, "counting its keys"):
+        held = _databases(target)
+    if held:
+        raise ConfigurationError(
+            f"Redis {target.describe()} holds {sum(held.values())} keys (per db: {held}): restore-set only "
+            "restores into an empty Redis; give another target, or replace_existing=True to replace them after "
+            "a safety copy; nothing was changed")
+
+
+@dataclass(frozen=True)
+class RedisPreflight:
+    key_count: int
+    note: str
+
+
+_PREFLIGHT_PREFIX = "runbooks:preflight:"
+
+
+@task(cache_policy=NO_CACHE)
+def preflight_redis_restore(part: Part, target: RedisConnection, *, staged_rdb: str) -> RedisPreflight:
+    """Prove, leaving the target as it was, that the snapshot loads and matches its manifest, and that the
+    target takes a RESTORE of one of its real keys (under a temporary name, deleted at once).
+
+    Catches before any change what would stop a restore half way: an older server that cannot read the
+    snapshot's DUMP payloads, an ACL without RESTORE or DEL, a read-only replica. A target whose maxmemory
+    looks too small for the snapshot gets a warning, not a refusal (memory use differs between servers).
+    """
+    if part.kind != "redis" or part.redis is None:
+        raise ConfigurationError(f"part {part.key} is a {part.kind} part without a Redis summary")
+    where = target.describe()
+    with _scratch_with(Path(staged_rdb)) as source:
+        expired = int(source.get_client().info("persistence").get("rdb_last_load_keys_expired", 0))
+        loaded = keyspace_digest(source)
+        _check_restore(where, part.redis, loaded, loaded, expired)
+        sample: tuple[int, bytes, bytes] | None = None
+        for db in sorted(_databases(source)):
+            client = _raw_client(source, db)
+            key = client.execute_command("RANDOMKEY")
+            if key is not None:
+                sample = (db, key, client.execute_command("DUMP", key))
+                break
+        used = int(source.get_client().info("memory")["used_memory"])
+    note = ""
+    with _talking_to(target, "the pre-flight"):
+        info = target.get_client().info()
+        if info.get("role") != "master":
+            raise PreflightFailed(f"Redis {where} is a {info.get('role')}, not a master: it cannot be restored "
+                                  "into; nothing was changed")
+        maxmemory = int(info.get("maxmemory", 0))
+        if maxmemory and used > maxmemory:
+            note = (f"the snapshot used {used} bytes in a scratch server, and {where} has maxmemory {maxmemory}: "
+                    "the restore may run out of memory (it would then be undone)")
+            run_logger().warning("Redis pre-flight: %s", note)
+        if sample is not None:
+            db, key, payload = sample
+            probe = _PREFLIGHT_PREFIX + secrets.token_hex(8)
+            client = _raw_client(target, db)
+            try:
+                client.execute_command("RESTORE", probe, 0, payload)
+            except redis.ResponseError as exc:
+                raise PreflightFailed(
+                    f"Redis {where} db {db} refused to RESTORE a key of the snapshot ({exc}): check the ACL "
+                    "(+restore +del +flushdb), the server version and maxmemory; nothing was changed") from None
+            finally:
+                try:
+                    client.execute_command("DEL", probe)
+                except redis.ResponseError as exc:
+                    run_logger().warning("could not delete the pre-flight key %s on %s: %s", probe, where, exc)
+    run_logger().info("Redis pre-flight of %s passed: snapshot of %d keys loads and matches its manifest; the "
+                      "target took a RESTORE of one of them", where, loaded.key_count)
+    return RedisPreflight(key_count=loaded.key_count, note=note)

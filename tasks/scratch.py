@@ -98,6 +98,8 @@ class ScratchPostgres:
     Run as root, the cluster belongs to the ``postgres`` OS user and every server command goes
     through ``runuser -u postgres --`` (PostgreSQL refuses to run as root).
     ``fast=True`` turns fsync off: only for clusters whose data nobody needs after a crash.
+    ``data_checksums=False`` creates the cluster without page checksums (initdb without ``-k``), as many
+    production clusters are: corruption must then be found by reading the pages (amcheck), not by checksums.
     """
 
     OS_USER = "postgres"
@@ -112,6 +114,7 @@ class ScratchPostgres:
         settings: dict[str, str] | None = None,
         base_dir: str | None = None,
         fast: bool = False,
+        data_checksums: bool = True,
         start_timeout: float = 60.0,
     ) -> None:
         """``password=None`` generates a random one; ``port=None`` picks a free port at start."""
@@ -124,6 +127,7 @@ class ScratchPostgres:
         self._settings = dict(settings or {})
         self._base_dir = base_dir
         self._fast = fast
+        self._data_checksums = data_checksums
         self._start_timeout = start_timeout
         self._tmp: Path | None = None
         self._adopted = False
@@ -248,6 +252,21 @@ class ScratchPostgres:
             else:
                 self._remove_tmp()
 
+    def shutdown(self) -> None:
+        """Clean shutdown (``pg_ctl stop -m fast``) that keeps the data dir: ``start()`` runs it again.
+
+        For tests that change the cluster's files while it is down (writing corruption into a relation).
+        """
+        if not self.is_running():
+            return
+        result = self._run_server_cmd(
+            [str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "60", "stop"],
+            timeout=90,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop on port {self._port} failed (exit {result.returncode}): "
+                               f"{result.stderr.strip()}")
+
     def kill(self, *, backends: bool = True) -> None:
         """SIGKILL the server, as a crash would (fault tests). The data dir stays, ``start()`` recovers it.
 
@@ -333,11 +352,12 @@ class ScratchPostgres:
             f"--pwfile={pwfile}",
             "--auth-local=trust",
             "--auth-host=scram-sha-256",
-            "-k",  # data checksums: restore drills run pg_amcheck/pg_checksums against them
             "-E", "UTF8",
             "--locale=C",
             "--no-instructions",
         ]
+        if self._data_checksums:
+            argv.append("--data-checksums")  # restore drills run pg_amcheck/pg_checksums against them
         if self._fast:
             argv.append("--no-sync")
         try:

@@ -12,12 +12,13 @@ import psycopg
 
 
 class FakeApp:
-    """Serves GET /health (200 when ``db_url`` answers SELECT 1 and ``healthy`` is set) and
+    """Serves GET /health (200 when ``db_url`` answers ``health_sql`` with true and ``healthy`` is set) and
     POST /maintenance/on|off, which need ``Authorization: Bearer <token>``; records every switch."""
 
-    def __init__(self, db_url: str, token: str) -> None:
+    def __init__(self, db_url: str, token: str, health_sql: str = "SELECT true") -> None:
         self.db_url = db_url
         self.token = token
+        self.health_sql = health_sql
         self.healthy = True
         self.maintenance = False
         self.events: list[tuple[str, float]] = []
@@ -38,8 +39,8 @@ class FakeApp:
                     return self._reply(404, {})
                 try:
                     with psycopg.connect(app.db_url, connect_timeout=2) as conn:
-                        conn.execute("SELECT 1")
-                    ok = app.healthy
+                        row = conn.execute(app.health_sql).fetchone()
+                    ok = app.healthy and bool(row and row[0])
                 except psycopg.Error:
                     ok = False
                 self._reply(200 if ok else 503, {"ok": ok, "maintenance": app.maintenance})

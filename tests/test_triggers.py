@@ -351,6 +351,50 @@ def test_served_runs_start_from_a_forkserver(stack: Stack) -> None:
     assert [pid for pid in _children(serve) if "multiprocessing.forkserver" in cmdline(pid)]
 
 
+def shipped_parameters(deployment: str) -> dict[str, Any]:
+    """A deployment's default parameters as prefect.yaml ships them (YAML anchors resolved)."""
+    [entry] = [d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"] if d["name"] == deployment]
+    return dict(entry.get("parameters") or {})
+
+
+def test_the_shipped_nightly_backup_and_its_drill_pass_with_their_defaults(stack: Stack, fresh_pg: Any,
+                                                                           scratch_redis: Any) -> None:
+    """`backup/nightly` then `verify-backup/after-nightly` with exactly the parameters prefect.yaml gives them: the
+    Blocks those name point at a server with `postgres` and an application database, and a Redis. (`runbooks up`
+    leaves out references to Blocks not saved when it started, so the run passes prefect.yaml's own.)"""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from blocks.postgres import PostgresConnection
+    from blocks.redis import RedisConnection
+    from blocks.store import BackupStore
+    from tasks.store import list_sets, read_verification
+
+    pg = PostgresConnection.from_url(fresh_pg.url)
+    with pg.connect(autocommit=True) as conn:
+        conn.execute("CREATE DATABASE shop")
+        conn.execute("CREATE TABLE notes AS SELECT g AS id FROM generate_series(1, 100) g")
+    with pg.connect("shop", autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders AS SELECT g AS id, md5(g::text) AS ref FROM generate_series(1, 1000) g")
+    RedisConnection.from_url(scratch_redis.url).get_client().set("session:1", "user")
+    store = BackupStore(path=str(stack.home / "nightly-store"))
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        store.save("backups", overwrite=True)
+        pg.save("app-db", overwrite=True)
+        RedisConnection.from_url(scratch_redis.url).save("app-redis", overwrite=True)
+        backup_run = run_deployment("backup/nightly", parameters=shipped_parameters("nightly"), timeout=300,
+                                    poll_interval=1)
+        assert backup_run.state.is_completed(), backup_run.state
+        drill_run = run_deployment("verify-backup/after-nightly", parameters=shipped_parameters("after-nightly"),
+                                   timeout=300, poll_interval=1)
+        assert drill_run.state.is_completed(), drill_run.state
+    [manifest] = list_sets(store.get_client())
+    assert {(p.kind, p.name) for p in manifest.parts} >= {("postgres", "postgres"), ("postgres", "shop"),
+                                                          ("globals", "globals"), ("redis", "redis")}
+    record = read_verification(store.get_client(), manifest.set_id)
+    assert record is not None and record.ok and record.problems == []
+
+
 def test_ctrl_c_stops_the_whole_stack(stack: Stack) -> None:
     descendants = _descendants(stack.proc.pid)
     assert len(descendants) >= 3  # server, serve, webhook (and their own children)
