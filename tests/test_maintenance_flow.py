@@ -56,7 +56,8 @@ class Scene:
     def __init__(self, cluster: Any, kube: JobsDouble, app: WindowApp, pg: PostgresConnection, store: BackupStore,
                  am: Alertmanager) -> None:
         self.cluster, self.kube, self.app, self.pg, self.store, self.am = cluster, kube, app, pg, store, am
-        self.broke = False  # set once a pod ran an image tagged `unhealthy` (its damage outlives the rollback)
+        self.broke = False  # set once a pod ran an image tagged `unhealthy` ...
+        self.sticky = True  # ... and its damage outlives the rollback unless this is False
 
     def endpoint(self) -> AppEndpoint:
         return AppEndpoint(base_url=self.app.base_url, auth_value=SecretStr(f"Bearer {APP_TOKEN}"))
@@ -85,9 +86,11 @@ def scene(database: PostgresConnection, alertmanager: Alertmanager, tmp_path: An
             with kube.lock:
                 running = [c["image"] for p in kube.pods.values() if p["metadata"]["labels"].get("app") == "api"
                            for c in p["spec"]["containers"]]
+            scene = cluster_holder["scene"]
             if any(i.endswith(":unhealthy") for i in running):
-                cluster_holder["scene"].broke = True
-            return not cluster_holder["scene"].broke
+                scene.broke = True
+                return False
+            return not (scene.broke and scene.sticky)
 
         with WindowApp(healthy, APP_TOKEN, active=3) as app:
             from blocks.kubernetes import KubernetesCluster
@@ -269,3 +272,93 @@ def test_bad_input_changes_nothing(scene: Scene) -> None:
     with scene.am.block().get_client() as client:
         assert not [s for s in client.get("/silences").json() if s["status"]["state"] == "active"
                     and s["createdBy"].startswith("runbooks/")]
+
+
+# -- a fault at every changing step -------------------------------------------------------------------------------
+
+
+def test_alertmanager_down_changes_nothing(scene: Scene) -> None:
+    from blocks.alertmanager import AlertmanagerAPI
+    from flows.maintenance import maintenance_window
+    from tasks.scratch import free_port
+
+    gone = AlertmanagerAPI(url=f"http://127.0.0.1:{free_port()}")
+    state = maintenance_window(**scene.params(alertmanager=gone, images=[f"api={GOOD_V2}"]), return_state=True)
+    assert state.is_failed() and "Alertmanager" in (state.message or "")
+    assert scene.app.events == [] and scene.image() == GOOD_V1
+
+
+def test_failed_backup_changes_nothing_and_reopens(scene: Scene) -> None:
+    from flows.maintenance import maintenance_window
+
+    state = maintenance_window(**scene.params(images=[f"api={GOOD_V2}"], migration_command=MIGRATE,
+                                              backup_databases=["no_such_database"]), return_state=True)
+    assert state.is_failed()
+    _logs, artifacts, run = run_record(state)
+    assert scene.app.switches() == ["on", "off"]
+    assert not [p for _t, m, p in scene.kube.timeline if m == "PATCH"] and not scene.kube.jobs
+    [silence] = _silences(scene.am, run.name)
+    assert silence["status"]["state"] == "expired"
+    steps = {row["step"]: row["result"] for row in _table(artifacts["maintenance-steps"])}
+    assert steps["backup"].startswith("FAILED") and "update" not in steps
+
+
+def test_rollout_that_never_completes_is_put_back(scene: Scene) -> None:
+    from flows.maintenance import maintenance_window
+
+    broken = GOOD_V2.rsplit(":", 1)[0] + ":broken"
+    state = maintenance_window(**scene.params(images=[f"api={broken}"], migration_command=MIGRATE,
+                                              take_backup=False, restore_point=False), return_state=True)
+    assert state.is_failed()
+    _logs, artifacts, run = run_record(state)
+    assert "ProgressDeadlineExceeded" in (state.message or "")
+    assert "the update was put back to the recorded version" in (state.message or "")
+    assert scene.image() == GOOD_V1 and not scene.kube.jobs  # no migration against a half-rolled-out app
+    assert scene.app.switches() == ["on", "off"]
+    [silence] = _silences(scene.am, run.name)
+    assert silence["status"]["state"] == "expired"
+
+
+def test_unhealthy_update_with_a_healthy_rollback_reopens(scene: Scene) -> None:
+    from flows.maintenance import maintenance_window
+
+    scene.sticky = False
+    unhealthy = GOOD_V2.rsplit(":", 1)[0] + ":unhealthy"
+    state = maintenance_window(**scene.params(images=[f"api={unhealthy}"], take_backup=False, restore_point=False),
+                               return_state=True)
+    assert state.is_failed()
+    _logs, artifacts, run = run_record(state)
+    assert scene.image() == GOOD_V1 and scene.app.switches() == ["on", "off"]
+    assert "maintenance mode is off again" in (state.message or "")
+    [silence] = _silences(scene.am, run.name)
+    assert silence["status"]["state"] == "expired"
+    assert "undo: put shop/api back" in {row["step"] for row in _table(artifacts["maintenance-steps"])}
+
+
+def test_drain_by_sql_waits_for_a_real_session(scene: Scene) -> None:
+    import threading
+
+    from flows.maintenance import maintenance_window
+
+    busy = scene.pg.connect(DB, application_name="busy-worker")
+    closed: list[float] = []
+
+    def finish() -> None:
+        import time
+
+        deadline = time.monotonic() + 30
+        while "on" not in scene.app.switches() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(1.0)  # the session is still busy for a second after maintenance went on
+        closed.append(time.time())
+        busy.close()
+
+    threading.Thread(target=finish, daemon=True).start()
+    query = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'busy-worker'"
+    state = maintenance_window(**scene.params(drain_query=query, take_backup=False, restore_point=False),
+                               return_state=True)
+    assert state.is_completed(), state.message
+    _logs, artifacts, _run = run_record(state)
+    steps = {row["step"]: row for row in _table(artifacts["maintenance-steps"])}
+    assert steps["drain"]["result"].startswith("drained") and float(steps["drain"]["seconds"]) >= 0.5
+    assert closed and scene.app.when("off") > closed[0]
