@@ -7,6 +7,7 @@ import base64
 import json
 import secrets
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,13 @@ class Receiver:
 
     def __init__(self) -> None:
         self.notifications: list[dict[str, Any]] = []
+        self.received: list[float] = []  # time.time() of each notification
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                receiver.received.append(time.time())
                 receiver.notifications.append(json.loads(body or b"{}"))
                 self.send_response(200)
                 self.send_header("Content-Length", "0")

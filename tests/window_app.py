@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class WindowApp:
-    """GET /health: 200 while ``healthy()``; POST /maintenance/on|off; GET /active: ``{"active": N}`` where N
-    is ``active`` (each poll lowers it by ``drain_step`` while maintenance is on). ``events`` holds
-    (what, time.time()) for every switch and for the first poll that answered 0."""
+    """GET /health: 200 while ``healthy()``; GET /metrics: ``app_maintenance 0|1``; POST /maintenance/on|off;
+    GET /active: ``{"active": N}`` where N is ``active`` (each poll lowers it by ``drain_step`` while maintenance
+    is on). ``events`` holds (what, time.time()) for every switch and for the first poll that answered 0."""
 
     def __init__(self, healthy: Callable[[], bool], token: str, active: int = 0, drain_step: int = 1) -> None:
         self.healthy = healthy
@@ -41,6 +41,14 @@ class WindowApp:
                 return True
 
             def do_GET(self) -> None:  # noqa: N802
+                if self.path == "/metrics":  # what Prometheus scrapes (no token, as a metrics port usually is)
+                    data = f"app_maintenance {int(app.maintenance)}\n".encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain; version=0.0.4")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return None
                 if not self._authorized():
                     return self._reply(401, {})
                 if self.path == "/health":
