@@ -44,6 +44,15 @@ from tasks.app import set_maintenance, wait_until_healthy
 from tasks.compose import ComposeProject, check_variables, env_values, pull_and_up, set_env_lines, wait_compose_healthy
 from tasks.drain import DrainTimeout, wait_until_drained
 from tasks.errors import ConfigurationError, RunbookError
+from tasks.housekeeping import (
+    HousekeepingResult,
+    Step,
+    apt_upgrade,
+    check_certificates,
+    check_disk_usage,
+    prune_containers,
+    rotate_logs,
+)
 from tasks.kubernetes import (
     DeploymentState,
     apply_pod_template,
@@ -70,6 +79,10 @@ MAX_LOG_CHARS = 60_000  # per pod/command in the artifact: the end explains a fa
 class WindowFailed(RunbookError):
     """The window failed; the message says what was put back, whether maintenance mode is still on, whether the
     silence is expired, and (after a failed migration) the restore point and backup set to go back to."""
+
+
+class HousekeepingFailed(RunbookError):
+    """A housekeeping command could not run (non-zero exit); its output is in the housekeeping artifact."""
 
 
 class MaintenanceResult(BaseModel):
@@ -121,7 +134,8 @@ class Window:
     migration: str = "not run"
     migration_failed: bool = False
     checks: list[CheckResult] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    housekeeping: list[HousekeepingResult] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)
 
     @contextmanager
     def step(self, name: str) -> Iterator[StepRecord]:
@@ -220,6 +234,18 @@ def maintenance_window(
     restore_point: Annotated[bool, Field(description="pg_create_restore_point('maintenance-<run>').")] = True,
     prometheus: PrometheusAPI | None = None,
     checks: Annotated[list[MetricCheck] | None, Field(description="Each must hold after the update.")] = None,
+    housekeeping: Annotated[list[Step] | None, Field(description="Opt-in steps over SSH (the ssh Block), run "
+                                                                 "after the backup, before the update.")] = None,
+    apt_real_upgrade: Annotated[bool, Field(description="apt-upgrade: really upgrade (default: simulate).")]
+    = False,
+    certificates: Annotated[list[str] | None, Field(description="certificate-expiry: PEM paths on the host.")]
+    = None,
+    certificate_min_days: Annotated[float, Field(ge=0)] = 14,
+    disk_paths: Annotated[list[str] | None, Field(description="disk-usage: paths on the host (default /).")] = None,
+    disk_max_percent: Annotated[float, Field(gt=0, le=100)] = 85,
+    logrotate_config: str = "/etc/logrotate.conf",
+    logrotate_state: Annotated[str, Field(description="logrotate -s STATE; empty: its default.")] = "",
+    logrotate_force: bool = False,
     rollout_timeout_seconds: Annotated[float, Field(gt=0)] = 600,
     poll_seconds: Annotated[float, Field(gt=0)] = 2,
     health_timeout_seconds: Annotated[float, Field(gt=0)] = 120,
@@ -252,6 +278,10 @@ def maintenance_window(
                                  "changed")
     if checks and prometheus is None:
         raise ConfigurationError("checks need the prometheus Block; nothing was changed")
+    if housekeeping and ssh is None:
+        raise ConfigurationError("housekeeping steps run over SSH: give the ssh Block; nothing was changed")
+    if housekeeping and "certificate-expiry" in housekeeping and not certificates:
+        raise ConfigurationError("certificate-expiry needs certificates (paths on the host); nothing was changed")
     wanted = parse_images(images) if images else None
     health = _Health(app, prometheus, checks or [], health_timeout_seconds, poll_seconds, check_interval_seconds)
     window = Window(run_name=_run_name())
@@ -360,6 +390,20 @@ def maintenance_window(
                         record.result = f"{point.name} at {point.lsn}"
                 else:
                     window.skip("restore point", "restore_point=false")
+                # 4b. housekeeping: a step that cannot run stops the window before the update
+                for name in housekeeping or []:
+                    assert ssh is not None
+                    with window.step(f"housekeeping: {name}") as record:
+                        done = _housekeep(name, ssh, apt_real_upgrade, certificates or [], certificate_min_days,
+                                          disk_paths or ["/"], disk_max_percent, logrotate_config, logrotate_state,
+                                          logrotate_force)
+                        window.housekeeping.append(done)
+                        record.result = ("ok: " if not done.finding else "FINDING: ") + done.summary + (
+                            f" ({done.finding})" if done.finding else "")
+                        if done.finding:
+                            window.findings.append(f"{name}: {done.finding}")
+                        if not done.ok:
+                            raise HousekeepingFailed(f"housekeeping step {name} failed: {done.summary}")
                 # 5. the update, each change's undo registered first
                 if target == "kubernetes" and wanted is not None:
                     assert cluster is not None
@@ -423,6 +467,8 @@ def maintenance_window(
         raise WindowFailed(outcome) from failure
     if failure is not None:
         raise failure
+    if window.findings:
+        raise WindowFailed(f"the window closed normally, but housekeeping found: {'; '.join(window.findings)}")
     return MaintenanceResult(outcome=outcome, silence_id=window.silence.id if window.silence else None,
                              backup_set_id=window.backup_set_id, restore_point=window.restore_point,
                              restore_point_lsn=window.restore_point_lsn, images_before=window.before,
@@ -508,6 +554,21 @@ def _migrate(window: Window, target: str, cluster: KubernetesCluster | None, ns:
     return f"succeeded ({where})"
 
 
+def _housekeep(name: str, ssh: SSHHost, real: bool, certificates: list[str], min_days: float, disk_paths: list[str],
+               max_percent: float, config: str, state: str, force: bool) -> HousekeepingResult:
+    if name == "apt-upgrade":
+        return apt_upgrade(ssh, real=real)
+    if name == "container-prune":
+        return prune_containers(ssh)
+    if name == "certificate-expiry":
+        return check_certificates(ssh, certificates, min_days=min_days)
+    if name == "disk-usage":
+        return check_disk_usage(ssh, disk_paths, max_percent=max_percent)
+    if name == "log-rotation":
+        return rotate_logs(ssh, config, state_file=state, force=force)
+    raise ConfigurationError(f"unknown housekeeping step {name!r}")
+
+
 def _images_now(cluster: KubernetesCluster, ns: str, before: list[DeploymentState]) -> dict[str, str]:
     try:
         now = record_deployments(cluster, ns, [s.name for s in before])
@@ -530,7 +591,17 @@ def _safe_read(host: SSHHost, path: str) -> str | None:
 
 def _outcome(window: Window, failure: BaseException | None, undo: UndoStack) -> str:
     if failure is None:
-        return "completed: updated, migrated and healthy; maintenance off, silence expired"
+        done = {s.step: s.result for s in window.steps}
+        parts = [what for step, what in [("update", "updated"), ("migration", "migrated"), ("backup", "backed up")]
+                 if step in done and not done[step].startswith("skipped")]
+        parts.append("healthy")
+        if "maintenance off" in done:
+            parts.append("maintenance off")
+        if window.silence_expired:
+            parts.append("silence expired")
+        if window.findings:
+            parts.append(f"{len(window.findings)} housekeeping finding(s)")
+        return "completed: " + ", ".join(parts)
     parts = [f"FAILED: {failure}"]
     failed_undos = [o for o in undo.outcomes if not o.ok]
     if window.before and undo.outcomes:
@@ -596,6 +667,14 @@ def _summary(window: Window, outcome: str, undo: UndoStack, reason: str) -> None
         lines += ["", "| check | max | worst | result |", "|---|---|---|---|"]
         lines += [f"| `{r.name}` | {r.max:g} | {r.worst if r.worst is not None else '-'} | "
                   f"{'pass' if r.passed else 'FAIL: ' + r.detail} |" for r in window.checks]
+    if window.findings:
+        lines += ["", "Housekeeping findings:", *[f"- {f}" for f in window.findings]]
+    if window.housekeeping:
+        out = ["# Housekeeping output", ""]
+        for h in window.housekeeping:
+            out += [f"## {h.step}: {'ok' if h.ok else 'FAILED'}: {h.summary}", "",
+                    *[f"`{c}`" for c in h.commands], "", "```", h.output.replace("```", "'''"), "```", ""]
+        create_markdown_artifact("\n".join(out), key="maintenance-housekeeping", description="Housekeeping output")
     if undo.outcomes:
         lines += ["", "Undone (newest first):", *[f"- {o.step}: {'ok' if o.ok else 'FAILED: ' + o.error}"
                                                   for o in undo.outcomes]]
