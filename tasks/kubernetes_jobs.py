@@ -39,7 +39,8 @@ def migration_job_body(name: str, template: dict[str, Any], container: str, imag
     """A batch/v1 Job running ``command`` in ``container`` of the Deployment's pod template, with ``image``.
 
     Other containers are dropped (sidecars would keep the pod running); probes and ports go (a migration
-    serves nothing); the environment, volumes and service account stay."""
+    serves nothing); the pod's labels are replaced (no Service selects it, so it gets no traffic); the
+    environment, volumes and service account stay."""
     if not command or not all(isinstance(a, str) and a for a in command):
         raise ConfigurationError("the migration command must be a non-empty argv list, e.g. "
                                  "['alembic', 'upgrade', 'head']")
