@@ -494,8 +494,13 @@ def _expire(am: AlertmanagerAPI, window: Window) -> None:
 
 
 def _off_when_healthy(app: AppEndpoint, health: _Health, window: Window) -> None:
-    """Maintenance off only when the app proves healthy; otherwise it stays ON and this raises."""
-    _prove_healthy(health, window, "maintenance mode stays ON")
+    """Maintenance off only when the app's health endpoint passes; otherwise it stays ON and this raises.
+
+    The Prometheus checks gate the *new* version; after a failure what runs is the recorded version, which
+    was serving before the window, so its health endpoint is the gate (a check still above its threshold on
+    a stale sample would otherwise keep a good old version closed)."""
+    wait_until_healthy(app, timeout_seconds=health.timeout, interval_seconds=min(health.poll, 2),
+                       left_as="maintenance mode stays ON")
     set_maintenance(app, False)
     window.maintenance_on = False
 

@@ -88,3 +88,43 @@ def test_window_alerts_are_suppressed_while_the_silence_is_active(scene: Scene, 
     during = [n for t, n in zip(scene.am.receiver.received, scene.am.receiver.notifications, strict=True)
               if t < ended and any(a["labels"].get("alertname") == RULE for a in n.get("alerts", []))]
     assert during == []  # no receiver heard of it while the silence was active
+
+
+def _latency(scene: Scene) -> str:  # noqa: F811
+    with scene.kube.lock:
+        slow = any(c["image"].endswith(":slow") for p in scene.kube.pods.values()
+                   if p["metadata"]["labels"].get("app") == "api" for c in p["spec"]["containers"])
+    return f"app_latency_seconds {5 if slow else 0.1}\n"
+
+
+CHECKS = [{"query": "app_latency_seconds", "max": 1, "for_seconds": 3, "name": "latency"}]
+
+
+def test_prometheus_checks_gate_the_new_version(scene: Scene, prometheus: MonitoringDaemon) -> None:  # noqa: F811
+    from blocks.prometheus import PrometheusAPI
+    from flows.maintenance import maintenance_window
+    from tests.k8s_scenarios import GOOD_V1, GOOD_V2
+
+    scene.app.extra_metrics = lambda: _latency(scene)
+    common = {"prometheus": PrometheusAPI(url=prometheus.url), "checks": CHECKS, "take_backup": False,
+              "restore_point": False}
+    from tasks.prometheus import query_instant
+
+    block = common["prometheus"]
+    deadline = time.monotonic() + 20
+    with block.get_client() as client:  # setup: Prometheus has scraped the gauge before the window
+        while query_instant(client, block, "app_latency_seconds") != [0.1]:
+            assert time.monotonic() < deadline, "Prometheus did not scrape app_latency_seconds"
+            time.sleep(0.2)
+    slow = GOOD_V2.rsplit(":", 1)[0] + ":slow"
+    state = maintenance_window(**scene.params(images=[f"api={slow}"], **common), return_state=True)
+    assert state.is_failed() and "check 'latency' failed" in (state.message or "")
+    _logs, artifacts, run = run_record(state)
+    assert scene.image() == GOOD_V1 and scene.app.switches() == ["on", "off"]  # put back, healthy, reopened
+    assert _silences(scene.am, run.name)[0]["status"]["state"] == "expired"
+    assert "| `latency` | 1 | 5" in artifacts["maintenance-summary"]
+
+    state = maintenance_window(**scene.params(images=[f"api={GOOD_V2}"], **common), return_state=True)
+    assert state.is_completed(), state.message
+    _logs, artifacts, _run = run_record(state)
+    assert scene.image() == GOOD_V2 and "| `latency` | 1 | 0.1 | pass |" in artifacts["maintenance-summary"]

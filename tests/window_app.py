@@ -23,6 +23,7 @@ class WindowApp:
         self.maintenance = False
         self.events: list[tuple[str, float]] = []
         self.unauthorized = 0
+        self.extra_metrics: Callable[[], str] = lambda: ""  # more exposition lines for /metrics
         app = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,7 +43,7 @@ class WindowApp:
 
             def do_GET(self) -> None:  # noqa: N802
                 if self.path == "/metrics":  # what Prometheus scrapes (no token, as a metrics port usually is)
-                    data = f"app_maintenance {int(app.maintenance)}\n".encode()
+                    data = (f"app_maintenance {int(app.maintenance)}\n" + app.extra_metrics()).encode()
                     self.send_response(200)
                     self.send_header("Content-Type", "text/plain; version=0.0.4")
                     self.send_header("Content-Length", str(len(data)))
