@@ -135,6 +135,10 @@ RUNBOOKS: tuple[Runbook, ...] = (
     Runbook(
         flow="maintenance-window", deployment="maintenance-window", module="flows/maintenance.py",
         description="Silence alerts, maintenance mode, drain, backup, update, migrate, restore service.",
+        # the run's form asks for reason, deployments, images, migration and silence matchers
+        parameters={"cluster": block_ref("kubernetes-cluster/app"), "app": block_ref("app-endpoint/app"),
+                    "alertmanager": block_ref("alertmanager-api/alertmanager"), "postgres": _POSTGRES,
+                    "store": _STORE},
         tags=("deploy",), destructive=True, concurrency_limit=1,
     ),
     Runbook(
