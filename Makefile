@@ -38,7 +38,7 @@ demo: install
 
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -x -p no:cacheprovider
+	$(PY) -m pytest -q -rs -x -p no:cacheprovider
 
 lint: install
 	$(VENV)/bin/ruff check .
