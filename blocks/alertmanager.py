@@ -6,7 +6,7 @@ import httpx
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from tasks.errors import ConfigurationError
+from blocks.http_auth import api_client
 
 
 class AlertmanagerAPI(Block):
@@ -26,13 +26,6 @@ class AlertmanagerAPI(Block):
 
     def get_client(self, timeout: float = 10.0) -> httpx.Client:
         """An httpx client for the API v2; credentials are unwrapped only here."""
-        if self.bearer_token is not None and self.password is not None:
-            raise ConfigurationError("AlertmanagerAPI: give a bearer token or basic auth, not both")
-        headers: dict[str, str] = {}
-        auth = None
-        if self.bearer_token is not None:
-            headers["Authorization"] = f"Bearer {self.bearer_token.get_secret_value()}"
-        elif self.password is not None:
-            auth = httpx.BasicAuth(self.username or "", self.password.get_secret_value())
-        return httpx.Client(base_url=self.url.rstrip("/") + "/api/v2", headers=headers, auth=auth,
-                            timeout=timeout, verify=self.verify_tls)
+        return api_client("AlertmanagerAPI", self.url.rstrip("/") + "/api/v2", username=self.username,
+                          password=self.password, bearer_token=self.bearer_token, verify_tls=self.verify_tls,
+                          timeout=timeout)
