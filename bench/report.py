@@ -208,6 +208,16 @@ def overhead_table(variants: dict[str, Variant]) -> list[str]:
     return lines
 
 
+# The other benchmarks of `make bench`, each writing its own page.
+OTHER_PAGES = [
+    "Other runbooks' benchmarks, each on its own page with its command:",
+    "[disaster-recovery vs `pg_restore -j2`](benchmarks-restore.md) (`bench/restore.py`),",
+    "[PITR: WAL archiving and base backups](benchmarks-pitr.md) (`bench/pitr.py`),",
+    "[alerts in: the bridge](benchmarks-triggers.md) (`bench/webhook.py`),",
+    "[db-integrity-check vs `pg_amcheck`](benchmarks-integrity.md) (`bench/integrity.py`).",
+]
+
+
 def render(meta: dict[str, str], variants: dict[str, Variant], cores: int, method: list[str]) -> str:
     """The whole docs/benchmarks.md."""
     lines = [
@@ -215,6 +225,8 @@ def render(meta: dict[str, str], variants: dict[str, Variant], cores: int, metho
         "",
         "Written by `make bench` (`bench/run.py`); rerun it to refresh this page. Numbers from one machine,",
         "one run: read them as ratios, not as absolute speeds.",
+        "",
+        *OTHER_PAGES,
         "",
         "## Backup: PostgreSQL dump to the local store and to S3",
         "",
