@@ -13,9 +13,7 @@ from typing import Annotated, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
-from prefect.client.schemas.objects import Flow, FlowRun
 from prefect.runtime import flow_run as current_run
-from prefect.states import State
 from pydantic import BaseModel, Field
 
 from blocks.postgres import PostgresConnection
@@ -27,7 +25,7 @@ from tasks.files import archive_directory
 from tasks.log import run_logger
 from tasks.manifest import Manifest, Part, build_manifest, human_size, new_set_id
 from tasks.metrics import push_flow_run_metrics
-from tasks.notify import send_notification
+from tasks.notify import notify_hook
 from tasks.postgres import dump_database, dump_globals, inspect_server
 from tasks.progress import Progress
 from tasks.redis import snapshot_redis
@@ -55,18 +53,9 @@ def runbooks_version() -> str:
         return "dev"
 
 
-def _notify_failure(flow: Flow, flow_run: FlowRun, state: State) -> None:
-    block_ref = (flow_run.parameters or {}).get("notify_block")
-    if block_ref:
-        send_notification.fn(
-            block_ref,
-            subject=f"backup FAILED: {flow_run.name}",
-            body=f"Flow run {flow_run.name} ({flow_run.id}) ended {state.type.value}: {state.message}",
-        )
-
-
 @flow(name="backup", on_completion=[push_flow_run_metrics],
-      on_failure=[_notify_failure, push_flow_run_metrics], on_crashed=[_notify_failure, push_flow_run_metrics],
+      on_failure=[notify_hook("FAILED"), push_flow_run_metrics],
+      on_crashed=[notify_hook("CRASHED"), push_flow_run_metrics],
       log_prints=False)
 def backup(
     store: Annotated[BackupStore | None, Field(description="Where the set goes; empty: " + DEFAULT_STORE)] = None,

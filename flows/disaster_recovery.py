@@ -22,7 +22,6 @@ from typing import Annotated, Literal, get_args
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.client.schemas.objects import Flow, FlowRun
 from prefect.concurrency.sync import concurrency
 from prefect.flow_runs import pause_flow_run
 from prefect.futures import PrefectFuture
@@ -58,7 +57,7 @@ from tasks.locks import ensure_lock, lock_name
 from tasks.log import run_logger
 from tasks.manifest import Manifest, Part, human_size, set_time
 from tasks.metrics import push_flow_run_metrics
-from tasks.notify import send_notification
+from tasks.notify import notify_hook
 from tasks.postgres import restore_database, restore_globals
 from tasks.recovery import Journal, Target, describe, read_journals, safety_copy_key, unfinished, write_journal
 from tasks.redis import preflight_redis_restore, restore_redis, snapshot_redis
@@ -85,15 +84,6 @@ class RecoveryResult(BaseModel):
     redis_safety_copy: str | None = Field(default=None, description="Store key of the live Redis's safety copy.")
 
 
-def _notify(outcome: str):  # noqa: ANN202 - a Prefect state hook
-    def hook(flow: Flow, flow_run: FlowRun, state: State) -> None:
-        block_ref = (flow_run.parameters or {}).get("notify_block")
-        if block_ref:
-            send_notification.fn(block_ref, subject=f"disaster-recovery {outcome}: {flow_run.name}",
-                                 body=f"Flow run {flow_run.name} ended {state.type.value}: {state.message or ''}")
-    return hook
-
-
 @dataclass
 class _Prepared:
     """What phase 1 made beside production, and how phase 2 puts it in."""
@@ -106,9 +96,10 @@ class _Prepared:
     weaviate_part: Part | None = None
 
 
-@flow(name="disaster-recovery", on_completion=[_notify("completed"), push_flow_run_metrics],
-      on_failure=[_notify("FAILED"), push_flow_run_metrics], on_crashed=[_notify("CRASHED"), push_flow_run_metrics],
-      on_cancellation=[_notify("cancelled")])
+@flow(name="disaster-recovery", on_completion=[notify_hook("completed"), push_flow_run_metrics],
+      on_failure=[notify_hook("FAILED"), push_flow_run_metrics],
+      on_crashed=[notify_hook("CRASHED"), push_flow_run_metrics],
+      on_cancellation=[notify_hook("cancelled")])
 def disaster_recovery(
     store: BackupStore,
     backup_id: Annotated[str, Field(description="A set id, or 'latest' (newest complete, preferring "

@@ -18,9 +18,7 @@ from typing import Annotated
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import Flow, FlowRun
 from prefect.concurrency.sync import concurrency
-from prefect.states import State
 from pydantic import BaseModel, Field
 
 from blocks.postgres import PostgresConnection
@@ -53,7 +51,7 @@ from tasks.integrity import (
 from tasks.locks import ensure_lock, lock_name
 from tasks.log import run_logger
 from tasks.metrics import findings_exposition, push_exposition, push_flow_run_metrics
-from tasks.notify import send_notification
+from tasks.notify import notify_hook
 from tasks.remediation import (
     indexes_to_reindex,
     recovery_options,
@@ -87,15 +85,9 @@ def push_findings_metrics(counts: dict[str, int], remediated: int) -> bool:
                            len(counts) + 2)
 
 
-def _notify(flow: Flow, flow_run: FlowRun, state: State) -> None:
-    block_ref = (flow_run.parameters or {}).get("notify_block")
-    if block_ref:
-        send_notification.fn(block_ref, subject=f"{RUNBOOK} FAILED: {flow_run.name}",
-                             body=f"{RUNBOOK} {flow_run.name} ended {state.type.value}: {state.message}")
-
-
-@flow(name=RUNBOOK, on_completion=[push_flow_run_metrics], on_failure=[_notify, push_flow_run_metrics],
-      on_crashed=[_notify, push_flow_run_metrics])
+@flow(name=RUNBOOK, on_completion=[push_flow_run_metrics],
+      on_failure=[notify_hook("FAILED"), push_flow_run_metrics],
+      on_crashed=[notify_hook("CRASHED"), push_flow_run_metrics])
 def db_integrity_check(
     postgres: PostgresConnection,
     databases: Annotated[list[str] | None, Field(

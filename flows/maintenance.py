@@ -25,9 +25,7 @@ from typing import Annotated, Any, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.client.schemas.objects import Flow, FlowRun
 from prefect.concurrency.sync import concurrency
-from prefect.states import State
 from pydantic import BaseModel, Field
 
 from blocks.alertmanager import AlertmanagerAPI
@@ -65,7 +63,7 @@ from tasks.kubernetes_jobs import MigrationFailed, job_logs, job_name, migration
 from tasks.locks import ensure_lock, lock_name
 from tasks.log import run_logger
 from tasks.metrics import push_flow_run_metrics
-from tasks.notify import send_notification
+from tasks.notify import notify_hook
 from tasks.pitr import create_restore_point
 from tasks.prometheus import CheckResult, MetricCheck, MetricCheckFailed, check_metric
 from tasks.ssh import read_remote_file, run_remote, write_remote_file
@@ -94,15 +92,6 @@ class MaintenanceResult(BaseModel):
     images_before: dict[str, str] = Field(default_factory=dict)
     images_after: dict[str, str] = Field(default_factory=dict)
     steps: list[dict[str, Any]] = Field(default_factory=list)
-
-
-def _notify(outcome: str):  # noqa: ANN202 - a Prefect state hook
-    def hook(flow: Flow, flow_run: FlowRun, state: State) -> None:
-        block_ref = (flow_run.parameters or {}).get("notify_block")
-        if block_ref:
-            send_notification.fn(block_ref, subject=f"maintenance-window {outcome}: {flow_run.name}",
-                                 body=f"Flow run {flow_run.name} ended {state.type.value}: {state.message or ''}")
-    return hook
 
 
 # -- the window's record ----------------------------------------------------------------------------------------
@@ -184,9 +173,10 @@ def _prove_healthy(health: _Health, window: Window, left_as: str) -> None:
 # -- the flow ---------------------------------------------------------------------------------------------------
 
 
-@flow(name="maintenance-window", on_completion=[_notify("completed"), push_flow_run_metrics],
-      on_failure=[_notify("FAILED"), push_flow_run_metrics], on_crashed=[_notify("CRASHED"), push_flow_run_metrics],
-      on_cancellation=[_notify("cancelled")])
+@flow(name="maintenance-window", on_completion=[notify_hook("completed"), push_flow_run_metrics],
+      on_failure=[notify_hook("FAILED"), push_flow_run_metrics],
+      on_crashed=[notify_hook("CRASHED"), push_flow_run_metrics],
+      on_cancellation=[notify_hook("cancelled")])
 def maintenance_window(
     reason: Annotated[str, Field(min_length=1, description="Why: shown in the silence, the report, the notice.")],
     expected_minutes: Annotated[float, Field(gt=0, le=1440, description="How long the window should take.")] = 30,

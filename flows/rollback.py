@@ -28,7 +28,6 @@ from typing import Annotated, Any, Literal
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import Flow, FlowRun
 from prefect.concurrency.sync import concurrency
 from prefect.context import get_run_context
 from prefect.flow_runs import pause_flow_run
@@ -74,7 +73,7 @@ from tasks.kubernetes import (
 from tasks.locks import ensure_lock, lock_name
 from tasks.log import run_logger
 from tasks.metrics import push_flow_run_metrics
-from tasks.notify import send_notification
+from tasks.notify import notify_hook
 from tasks.prometheus import CheckResult, MetricCheck, MetricCheckFailed, check_metric, query_instant
 from tasks.ssh import read_remote_file, write_remote_file
 from tasks.undo import UndoStack
@@ -100,18 +99,10 @@ class RollbackResult(BaseModel):
     checks: list[dict[str, Any]] = Field(default_factory=list)
 
 
-def _notify(outcome: str):  # noqa: ANN202 - a Prefect state hook
-    def hook(flow: Flow, flow_run: FlowRun, state: State) -> None:
-        block_ref = (flow_run.parameters or {}).get("notify_block")
-        if block_ref:
-            send_notification.fn(block_ref, subject=f"rollback {outcome}: {flow_run.name}",
-                                 body=f"Flow run {flow_run.name} ended {state.type.value}: {state.message or ''}")
-    return hook
-
-
-@flow(name="rollback", on_completion=[_notify("completed"), push_flow_run_metrics],
-      on_failure=[_notify("FAILED"), push_flow_run_metrics], on_crashed=[_notify("CRASHED"), push_flow_run_metrics],
-      on_cancellation=[_notify("cancelled")])
+@flow(name="rollback", on_completion=[notify_hook("completed"), push_flow_run_metrics],
+      on_failure=[notify_hook("FAILED"), push_flow_run_metrics],
+      on_crashed=[notify_hook("CRASHED"), push_flow_run_metrics],
+      on_cancellation=[notify_hook("cancelled")])
 def rollback(
     target: Annotated[Target, Field(description="kubernetes: Deployments back to a revision or images. "
                                                 "blue-green-kubernetes: switch a Service to the other colour. "

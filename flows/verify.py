@@ -12,9 +12,7 @@ from typing import Annotated
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import Flow, FlowRun
 from prefect.runtime import flow_run as current_run
-from prefect.states import State
 from pydantic import BaseModel, Field
 
 from blocks.postgres import PostgresConnection
@@ -27,7 +25,7 @@ from tasks.files import extract_archive
 from tasks.log import run_logger
 from tasks.manifest import Verification
 from tasks.metrics import push_flow_run_metrics
-from tasks.notify import send_notification
+from tasks.notify import notify_hook
 from tasks.postgres import (
     compare_with_manifest,
     drop_scratch_databases,
@@ -64,15 +62,9 @@ def start_scratch_redis() -> ScratchRedis:
     return server
 
 
-def _notify(flow: Flow, flow_run: FlowRun, state: State) -> None:
-    block_ref = (flow_run.parameters or {}).get("notify_block")
-    if block_ref:
-        send_notification.fn(block_ref, subject=f"verify-backup FAILED: {flow_run.name}",
-                             body=f"Restore drill {flow_run.name} ended {state.type.value}: {state.message}")
-
-
-@flow(name="verify-backup", on_completion=[push_flow_run_metrics], on_failure=[_notify, push_flow_run_metrics],
-      on_crashed=[_notify, push_flow_run_metrics])
+@flow(name="verify-backup", on_completion=[push_flow_run_metrics],
+      on_failure=[notify_hook("FAILED"), push_flow_run_metrics],
+      on_crashed=[notify_hook("CRASHED"), push_flow_run_metrics])
 def verify_backup(
     store: BackupStore,
     backup_id: Annotated[str, Field(description="A set id, or 'latest'.")] = "latest",
