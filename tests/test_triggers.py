@@ -394,6 +394,36 @@ def test_the_shipped_nightly_backup_and_its_drill_pass_with_their_defaults(stack
     record = read_verification(store.get_client(), manifest.set_id)
     assert record is not None and record.ok and record.problems == []
 
+    # The shipped disaster-recovery deployment, with prefect.yaml's parameters plus the targets an operator
+    # picks in the form (the same saved Blocks) and confirm: every database, postgres included, and Redis back.
+    from tasks.postgres import collect_checksums
+    from tasks.redis import keyspace_digest
+
+    redis = RedisConnection.from_url(scratch_redis.url)
+
+    def fingerprint() -> tuple:
+        with pg.connect("shop") as conn:
+            shop = collect_checksums(conn)
+        with pg.connect() as conn:
+            notes = collect_checksums(conn)
+        return shop, notes, keyspace_digest(redis)
+
+    good = fingerprint()
+    with pg.connect("shop", autocommit=True) as conn:
+        conn.execute("DELETE FROM orders WHERE id % 2 = 0")
+    with pg.connect(autocommit=True) as conn:
+        conn.execute("DROP TABLE notes")
+    redis.get_client().flushall()
+    assert fingerprint() != good
+    with temporary_settings({PREFECT_API_URL: stack.api_url}):
+        recovery_run = run_deployment(
+            "disaster-recovery/disaster-recovery", timeout=300, poll_interval=1,
+            parameters={**shipped_parameters("disaster-recovery"), "confirm": True,
+                        "postgres": {"$ref": {"block_document_slug": "postgres-connection/app-db"}},
+                        "redis": {"$ref": {"block_document_slug": "redis-connection/app-redis"}}})
+        assert recovery_run.state.is_completed(), recovery_run.state
+    assert fingerprint() == good
+
 
 def test_ctrl_c_stops_the_whole_stack(stack: Stack) -> None:
     descendants = _descendants(stack.proc.pid)
