@@ -212,6 +212,7 @@ def overhead_table(variants: dict[str, Variant]) -> list[str]:
 OTHER_PAGES = [
     "Other runbooks' benchmarks, each on its own page with its command:",
     "[disaster-recovery vs `pg_restore -j2`](benchmarks-restore.md) (`bench/restore.py`),",
+    "[the Redis part of a backup vs `redis-cli --rdb`](benchmarks-redis.md) (`bench/redis_snapshot.py`),",
     "[PITR: WAL archiving and base backups](benchmarks-pitr.md) (`bench/pitr.py`),",
     "[alerts in: the bridge](benchmarks-triggers.md) (`bench/webhook.py`),",
     "[db-integrity-check vs `pg_amcheck`](benchmarks-integrity.md) (`bench/integrity.py`).",

@@ -698,9 +698,6 @@ class ScratchRedis:
             f"logfile {_redis_conf_quote(str(self.log_file))}",
             'save ""',
             "appendonly no",
-            # Scratch servers are sources of test/demo backups too: start a replication snapshot at once
-            # instead of Redis's default 5 s wait for more replicas.
-            "repl-diskless-sync-delay 0",
         ]
         if self._password is not None:
             lines.append(f"requirepass {_redis_conf_quote(self._password)}")
