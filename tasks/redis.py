@@ -508,7 +508,36 @@ def _hash_batch(client: redis.Redis, db: int, keys: list[bytes]) -> list[int]:
     return hashes
 
 
-def keyspace_digest(conn: RedisConnection, *, count: int = _SCAN_COUNT) -> RedisSummary:
+# Reads a batch of keys in one call: for each key its type, PTTL and value, read as _FETCH reads it.
+_READ_BATCH = """
+local out = {}
+for _, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key)['ok']
+  local value = false
+  if kind == 'string' then value = redis.call('GET', key)
+  elseif kind == 'list' then value = redis.call('LRANGE', key, 0, -1)
+  elseif kind == 'set' then value = redis.call('SMEMBERS', key)
+  elseif kind == 'hash' then value = redis.call('HGETALL', key)
+  elseif kind == 'zset' then value = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+  elseif kind == 'stream' then value = redis.call('XRANGE', key, '-', '+')
+  end
+  out[#out + 1] = kind
+  out[#out + 1] = redis.call('PTTL', key)
+  out[#out + 1] = value
+end
+return out
+"""
+
+
+def _hash_batch_scripted(client: redis.Redis, db: int, keys: list[bytes]) -> list[int]:
+    """`_hash_batch` with one server-side script per batch instead of one or two commands per key."""
+    reply = client.execute_command("EVAL", _READ_BATCH, len(keys), *keys)
+    return [_key_hash(db, key, kind, ttl >= 0, value)
+            for key, kind, ttl, value in zip(keys, reply[0::3], reply[1::3], reply[2::3], strict=True)
+            if kind != b"none"]
+
+
+def keyspace_digest(conn: RedisConnection, *, count: int = _SCAN_COUNT, own_server: bool = False) -> RedisSummary:
     """An order-independent digest of every key in every database: same data, same digest.
 
     Per key: sha256 of db, name, type, whether it has a TTL (not the TTL itself, which moves) and the
@@ -517,7 +546,11 @@ def keyspace_digest(conn: RedisConnection, *, count: int = _SCAN_COUNT) -> Redis
     hashes are added mod 2**256, so SCAN order does not matter. SCAN may return a key twice while the
     server resizes a table, so keys seen are remembered: memory grows with the number of keys (about
     100 bytes each). ``DEBUG DIGEST`` would be simpler but Redis 7 disables DEBUG by default.
+
+    ``own_server``: a scratch server this runbook started; each batch is then read by one Lua script, which
+    blocks the server while it runs and so is never used on a server others use. Same digest either way.
     """
+    hash_batch = _hash_batch_scripted if own_server else _hash_batch
     where = conn.describe()
     total = 0
     databases: dict[str, int] = {}
@@ -531,7 +564,7 @@ def keyspace_digest(conn: RedisConnection, *, count: int = _SCAN_COUNT) -> Redis
                 fresh = [key for key in dict.fromkeys(keys) if key not in seen]
                 seen.update(fresh)
                 try:
-                    hashes = _hash_batch(client, db, fresh) if fresh else []
+                    hashes = hash_batch(client, db, fresh) if fresh else []
                 except redis.ResponseError as exc:
                     raise VerificationFailed(
                         f"Redis {where} db {db}: a key changed while the digest was read ({exc}); "
@@ -562,7 +595,7 @@ def _scratch_with(rdb: Path) -> Iterator[RedisConnection]:
 def _digest_rdb_file(path: Path) -> RedisSummary:
     """Load an RDB file into a scratch server (which proves it loads) and digest what it holds."""
     with _scratch_with(path) as scratch:
-        return keyspace_digest(scratch)
+        return keyspace_digest(scratch, own_server=True)
 
 
 # ----------------------------------------------------------------------------------------- snapshot
@@ -782,7 +815,7 @@ def restore_redis(
                         f"Redis {where} db {db} refused RESTORE ({exc}) after {copied} keys; the target "
                         "holds a partial restore: fix the cause and run again (keys are replaced)"
                     ) from None
-            loaded = keyspace_digest(source)
+            loaded = keyspace_digest(source, own_server=True)
     restored = keyspace_digest(target)
     note = _check_restore(where, part.redis, loaded, restored, expired_on_load)
     if note:
@@ -828,7 +861,7 @@ def preflight_redis_restore(part: Part, target: RedisConnection, *, staged_rdb: 
     where = target.describe()
     with _scratch_with(Path(staged_rdb)) as source:
         expired = int(source.get_client().info("persistence").get("rdb_last_load_keys_expired", 0))
-        loaded = keyspace_digest(source)
+        loaded = keyspace_digest(source, own_server=True)
         _check_restore(where, part.redis, loaded, loaded, expired)
         sample: tuple[int, bytes, bytes] | None = None
         for db in sorted(_databases(source)):

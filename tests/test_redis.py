@@ -113,6 +113,16 @@ def test_digest_counts_every_database(source: ScratchRedis, source_summary: Redi
     assert len(source_summary.digest) == 64
 
 
+def test_the_scripted_read_of_an_own_server_gives_the_same_digest(
+    source: ScratchRedis, source_summary: RedisSummary
+) -> None:
+    stats = _client(source).info("commandstats")
+    evals_before = stats.get("cmdstat_eval", {}).get("calls", 0)
+    scripted = keyspace_digest(_conn(source), own_server=True)
+    assert _client(source).info("commandstats")["cmdstat_eval"]["calls"] > evals_before  # it did use the script
+    assert scripted == source_summary  # every type, binary keys, TTL flags, db 3
+
+
 def test_digest_compares_scores_as_doubles_and_sees_ttl_flag() -> None:
     # 7.0 prints 0.1 as 0.10000000000000001, 7.2 as 0.1: same double, same digest.
     assert _key_hash(0, b"z", b"zset", False, [b"m", b"0.10000000000000001"]) == _key_hash(
