@@ -269,7 +269,7 @@ def api_auth_string(host: str, auth_file: str | None, environ: Mapping[str, str]
     From ``--api-auth-file`` or $PREFECT_SERVER_API_AUTH_STRING / $PREFECT_API_AUTH_STRING. Bound to anything
     but loopback, the API refuses to start without one: whoever reaches an open API can start any runbook."""
     if auth_file:
-        from deployments.webhook import read_secret_file
+        from deployments.bridge.auth import read_secret_file
 
         value, source = read_secret_file(auth_file), auth_file
     else:

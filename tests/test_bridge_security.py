@@ -23,8 +23,11 @@ import yaml
 from pydantic import SecretStr
 from starlette.testclient import TestClient
 
+from deployments.bridge.app import create_app
+from deployments.bridge.config import BridgeConfig
+from deployments.bridge.runs import PrefectRunStarter
 from deployments.routes import compile_routes, printable
-from deployments.webhook import BridgeConfig, PrefectRunStarter, config_from_args, create_app, tls_options
+from deployments.webhook import config_from_args, tls_options
 from tasks.scratch import free_port
 from tests.conftest import MonitoringDaemon
 from tests.tls import TestCA
