@@ -64,7 +64,7 @@ from tasks.locks import ensure_lock, lock_name
 from tasks.log import run_logger
 from tasks.metrics import push_flow_run_metrics
 from tasks.notify import notify_hook
-from tasks.pitr import create_restore_point
+from tasks.pitr.restore_points import create_restore_point
 from tasks.prometheus import CheckResult, MetricCheck, MetricCheckFailed, check_metric
 from tasks.ssh import read_remote_file, run_remote, write_remote_file
 from tasks.undo import UndoStack

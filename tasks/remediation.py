@@ -208,7 +208,7 @@ def vacuum_table(pg: PostgresConnection, finding: Finding) -> Remediation:
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def recovery_options(store: BackupStore | None, heap_findings: list[Finding]) -> str:
     """What to restore from when table data is damaged: the newest verified backup set and the PITR choices."""
-    from tasks.pitr import base_backups
+    from tasks.pitr.planning import base_backups
     from tasks.store import find_set, read_verification
 
     tables = ", ".join(f"`{f.database}`: `{f.object}`" for f in heap_findings)
