@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tasks.errors import ConfigurationError, ObjectExists, StoreError
+from blocks.errors import ConfigurationError, ObjectExists, StoreError
 
 MiB = 1024 * 1024
 _PARTIAL = ".partial-"

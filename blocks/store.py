@@ -11,7 +11,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from blocks.backends import LocalStore, MiB, StoreClient, StoredObject, make_s3_store, parse_store_url
-from tasks.errors import ConfigurationError
+from blocks.errors import ConfigurationError
 
 __all__ = ["BackupStore", "StoreClient", "StoredObject"]
 

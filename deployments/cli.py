@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from tasks.errors import ConfigurationError, RunbookError
+from blocks.errors import ConfigurationError, RunbookError
 
 DEFAULT_STORE = "file:///var/backups/runbooks"
 

@@ -186,7 +186,7 @@ def load_config(config_file: str | None, environ: dict[str, str] | None = None) 
 def open_store(config: WalConfig) -> Any:
     """The store client for ``RUNBOOKS_WAL_STORE`` (parsed like ``BackupStore.from_url``, WAL defaults)."""
     from blocks.backends import LocalStore, MiB, make_s3_store, parse_store_url
-    from tasks.errors import RunbookError
+    from blocks.errors import RunbookError
 
     try:
         url = parse_store_url(config.store_url, credentials_hint="AWS_* variables")
@@ -238,7 +238,7 @@ def read_cluster_identity(pgdata: str) -> dict[str, str]:
 
 def check_cluster(store: Any, identity: dict[str, str], *, create: bool) -> None:
     """The archive belongs to one cluster: record its identity on first push, refuse WAL of another one."""
-    from tasks.errors import ObjectExists, StoreError
+    from blocks.errors import ObjectExists, StoreError
     from tasks.wal import CLUSTER_KEY
 
     try:
@@ -268,7 +268,7 @@ def push_file(store: Any, path: str) -> str:
     """
     import hashlib
 
-    from tasks.errors import ObjectExists
+    from blocks.errors import ObjectExists
     from tasks.stream import compress_into_store
     from tasks.wal import parse_wal_name, wal_key
 
@@ -336,7 +336,7 @@ def fetch_file(store: Any, name: str, dest: str) -> bool:
 
     The zstd frame carries a checksum of the content, checked while decompressing.
     """
-    from tasks.errors import StoreError
+    from blocks.errors import StoreError
     from tasks.wal import wal_key
 
     key = wal_key(name)
@@ -359,7 +359,7 @@ def fetch_file(store: Any, name: str, dest: str) -> bool:
 
 def _run_sync(op: str, config: WalConfig, path: str, name: str | None, pgdata: str) -> int:
     """Do one push or fetch in this process (no daemon)."""
-    from tasks.errors import ChecksumMismatch, ConfigurationError, RunbookError
+    from blocks.errors import ChecksumMismatch, ConfigurationError, RunbookError
 
     store = open_store(config)
     deadline = time.monotonic() + (config.fetch_retry_seconds if op == "fetch" else 0)

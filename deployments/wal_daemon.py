@@ -271,7 +271,7 @@ class WalDaemon:
         return {"ok": True, "found": found}
 
     def _fetch_with_retry(self, name: str, dest: str) -> bool:
-        from tasks.errors import RunbookError
+        from blocks.errors import RunbookError
 
         deadline = time.monotonic() + self.config.fetch_retry_seconds
         delay = 0.5

@@ -31,6 +31,7 @@ from prefect.states import Cancelled, State
 from pydantic import BaseModel, Field
 
 from blocks.app import AppEndpoint
+from blocks.errors import ConfigurationError, RestoreFailed
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
@@ -45,7 +46,6 @@ from tasks.databases import (
     swap_in_databases,
     swap_out_databases,
 )
-from tasks.errors import ConfigurationError, RestoreFailed
 from tasks.files import (
     extract_archive,
     preflight_directory_swap,

@@ -21,9 +21,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from pydantic import BaseModel, Field
 
+from blocks.errors import IntegrityCheckFailed
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
-from tasks.errors import IntegrityCheckFailed
 from tasks.findings import (
     Check,
     Finding,

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from blocks.alertmanager import AlertmanagerAPI
 from blocks.app import AppEndpoint
+from blocks.errors import ConfigurationError, RunbookError
 from blocks.kubernetes import KubernetesCluster
 from blocks.postgres import PostgresConnection
 from blocks.prometheus import PrometheusAPI
@@ -41,7 +42,6 @@ from tasks.alertmanager import Silence, create_silence, expire_silence, matchers
 from tasks.app import set_maintenance, wait_until_healthy
 from tasks.compose import ComposeProject, check_variables, env_values, pull_and_up, set_env_lines, wait_compose_healthy
 from tasks.drain import DrainTimeout, wait_until_drained
-from tasks.errors import ConfigurationError, RunbookError
 from tasks.housekeeping import (
     HousekeepingResult,
     Step,

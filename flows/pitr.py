@@ -21,10 +21,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run as current_run
 from pydantic import BaseModel, Field
 
+from blocks.errors import RestoreFailed
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
 from flows.backup import DEFAULT_STORE, runbooks_version
-from tasks.errors import RestoreFailed
 from tasks.log import run_logger
 from tasks.manifest import PhysicalBackup, build_manifest, human_size, new_set_id
 from tasks.metrics import runbook_metrics_hooks

@@ -13,12 +13,12 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, Field
 
+from blocks.errors import ConfigurationError
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
 from blocks.weaviate import WeaviateConnection
 from tasks.databases import existing_databases, side_name
-from tasks.errors import ConfigurationError
 from tasks.files import extract_archive
 from tasks.log import run_logger
 from tasks.manifest import encode_name

@@ -15,12 +15,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_run
 from pydantic import BaseModel, Field
 
+from blocks.errors import ConfigurationError, RunbookError, VerificationFailed
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
 from blocks.weaviate import WeaviateConnection
 from tasks.databases import existing_databases, side_name
-from tasks.errors import ConfigurationError, RunbookError, VerificationFailed
 from tasks.files import extract_archive
 from tasks.log import run_logger
 from tasks.manifest import Verification

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import IO
 
-from tasks.errors import ConfigurationError
+from blocks.errors import ConfigurationError
 
 # Only these variables of our own environment reach child tools; the rest (tokens, API keys) stay here.
 _PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY", "PGPASSFILE")

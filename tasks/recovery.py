@@ -14,8 +14,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
+from blocks.errors import ConfigurationError
 from blocks.store import BackupStore, StoreClient
-from tasks.errors import ConfigurationError
 from tasks.manifest import JsonRecord, Part
 from tasks.retry import retry_transient
 

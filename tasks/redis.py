@@ -29,9 +29,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
 
-from blocks.redis import RedisConnection
-from blocks.store import BackupStore
-from tasks.errors import (
+from blocks.errors import (
     ConfigurationError,
     ConnectionFailed,
     DumpFailed,
@@ -39,6 +37,8 @@ from tasks.errors import (
     RestoreFailed,
     VerificationFailed,
 )
+from blocks.redis import RedisConnection
+from blocks.store import BackupStore
 from tasks.log import run_logger
 from tasks.manifest import Part, RedisSummary, part_key
 from tasks.retry import retry_transient

@@ -21,9 +21,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 
+from blocks.errors import RunbookError
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
-from tasks.errors import RunbookError
 from tasks.findings import Finding, Remediation, qualified
 from tasks.integrity import RUNBOOK_APPLICATION
 from tasks.log import run_logger

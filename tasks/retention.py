@@ -14,8 +14,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from blocks.errors import ConfigurationError, RunbookError
 from blocks.store import BackupStore, StoredObject
-from tasks.errors import ConfigurationError, RunbookError
 from tasks.log import run_logger
 from tasks.manifest import (
     SETS_PREFIX,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.errors import (
+from blocks.errors import (
     BackupNotFound,
     ChecksumMismatch,
     ConfigurationError,

@@ -14,8 +14,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.backends import private_makedirs
+from blocks.errors import BackupNotFound, ChecksumMismatch, StoreError
 from blocks.store import BackupStore, StoreClient
-from tasks.errors import BackupNotFound, ChecksumMismatch, StoreError
 from tasks.log import run_logger
 from tasks.manifest import (
     Manifest,

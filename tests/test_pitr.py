@@ -16,8 +16,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from blocks.errors import PreflightFailed, RestoreFailed, WalMissing
 from blocks.postgres import PostgresConnection
-from tasks.errors import PreflightFailed, RestoreFailed, WalMissing
 from tasks.pitr.restore_points import create_restore_point
 from tasks.pitr.retention import expire_pitr_backups
 from tasks.pitr.tar import TarStream, check_backup_manifest
@@ -161,8 +161,8 @@ def test_pg_basebackup_and_the_replication_protocol_give_the_same_backup(source)
 def test_a_base_backup_cut_off_or_with_tablespaces_stores_nothing(fresh_pg, faulty_proxy, tmp_path):
     import threading
 
+    from blocks.errors import BaseBackupFailed
     from blocks.store import BackupStore
-    from tasks.errors import BaseBackupFailed
     from tasks.manifest import new_set_id
     from tasks.pitr.base_backup import take_base_backup
 
@@ -202,8 +202,8 @@ def test_an_explicit_restore_command_is_an_argv_postgres_runs_quoted_and_shell_s
     through it. Shell syntax in any word is refused before the target directory is made."""
     import shlex
 
+    from blocks.errors import ConfigurationError
     from flows.pitr import pitr_restore
-    from tasks.errors import ConfigurationError
 
     argv = shlex.split(source.archive.restore_command)
     target_dir, port = restores()

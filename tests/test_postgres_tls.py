@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from blocks.errors import ConnectionFailed
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
-from tasks.errors import ConnectionFailed
 from tasks.scratch import ScratchPostgres
 from tests.tls import Issued, TestCA
 

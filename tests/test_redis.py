@@ -21,9 +21,9 @@ import redis
 from pydantic import SecretStr
 
 import tasks.redis as redis_tasks
+from blocks.errors import ChecksumMismatch, ConfigurationError, ConnectionFailed, DumpFailed, VerificationFailed
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
-from tasks.errors import ChecksumMismatch, ConfigurationError, ConnectionFailed, DumpFailed, VerificationFailed
 from tasks.manifest import RedisSummary, new_set_id
 from tasks.redis import (
     _key_hash,

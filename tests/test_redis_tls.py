@@ -13,9 +13,9 @@ import pytest
 import redis
 from pydantic import SecretStr
 
+from blocks.errors import ConnectionFailed
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
-from tasks.errors import ConnectionFailed
 from tasks.scratch import ScratchRedis
 from tests.tls import TestCA
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import ConfigurationError, StoreError
+from blocks.errors import ConfigurationError, StoreError
 from tasks.manifest import Manifest, Part, build_manifest, part_key, part_key_problem
 from tasks.wal import RecoveryTarget, restore_command_argv, restore_command_for, restore_command_line
 

@@ -48,7 +48,7 @@ def test_flow_hooks_push_success_then_failure_keeps_last_success(
         pushgateway: MonitoringDaemon, prefect_harness: None, monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect import flow
 
-    from tasks.errors import DumpFailed
+    from blocks.errors import DumpFailed
 
     monkeypatch.setenv("RUNBOOKS_PUSHGATEWAY_URL", pushgateway.url)
 

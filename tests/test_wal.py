@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from blocks.backends import LocalStore
+from blocks.errors import ConfigurationError
 from deployments.wal import (
     EXIT_ABORT,
     EXIT_FAILED,
@@ -24,7 +25,6 @@ from deployments.wal import (
     read_env_file,
 )
 from deployments.wal import main as wal_main
-from tasks.errors import ConfigurationError
 from tasks.wal import (
     BaseBackupRef,
     RecoveryTarget,

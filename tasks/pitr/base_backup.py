@@ -14,13 +14,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from blocks.postgres import PostgresConnection
-from blocks.store import BackupStore
-from tasks.errors import (
+from blocks.errors import (
     BaseBackupFailed,
     ConfigurationError,
     VerificationFailed,
 )
+from blocks.postgres import PostgresConnection
+from blocks.store import BackupStore
 from tasks.log import run_logger
 from tasks.manifest import (
     BACKUP_MANIFEST,

@@ -15,12 +15,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from blocks.store import BackupStore
-from tasks.errors import (
+from blocks.errors import (
     ConfigurationError,
     RestoreFailed,
     VerificationFailed,
 )
+from blocks.store import BackupStore
 from tasks.log import run_logger
 from tasks.manifest import (
     BACKUP_MANIFEST,

@@ -6,13 +6,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from blocks.store import BackupStore, StoreClient
-from tasks.errors import (
+from blocks.errors import (
     BackupNotFound,
     ConfigurationError,
     StoreError,
     WalMissing,
 )
+from blocks.store import BackupStore, StoreClient
 from tasks.log import run_logger
 from tasks.manifest import (
     Manifest,

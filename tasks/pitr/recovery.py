@@ -9,7 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from tasks.errors import (
+from blocks.errors import (
     RestoreFailed,
     WalMissing,
 )

@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.errors import (
+from blocks.errors import (
     ConfigurationError,
     RestoreFailed,
 )

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from tasks.errors import (
+from blocks.errors import (
     BaseBackupFailed,
 )
 from tasks.manifest import (

@@ -5,11 +5,11 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from blocks.postgres import PostgresConnection
-from blocks.store import BackupStore, StoreClient
-from tasks.errors import (
+from blocks.errors import (
     ConfigurationError,
 )
+from blocks.postgres import PostgresConnection
+from blocks.store import BackupStore, StoreClient
 from tasks.log import run_logger
 from tasks.manifest import (
     RestorePointRecord,

@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Any
 
-from tasks.errors import (
+from blocks.errors import (
     ChecksumMismatch,
 )
 from tasks.manifest import (
