@@ -23,8 +23,8 @@ from pydantic import BaseModel, Field
 
 from blocks.errors import RestoreFailed
 from blocks.postgres import PostgresConnection
-from blocks.store import BackupStore
-from flows.backup import DEFAULT_STORE, runbooks_version
+from blocks.store import DEFAULT_STORE, BackupStore
+from flows.backup import runbooks_version
 from tasks.log import run_logger
 from tasks.manifest import PhysicalBackup, build_manifest, human_size, new_set_id
 from tasks.metrics import runbook_metrics_hooks

@@ -109,6 +109,12 @@ def unfinished(journals: list[Journal], lives: set[str]) -> list[Journal]:
             and any(t.live in lives and t.state != "untouched" for t in j.targets)]
 
 
+@task(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
+def find_unfinished_recoveries(store: BackupStore, lives: set[str]) -> list[Journal]:
+    """``unfinished`` over the store's journals: recoveries of ``lives`` that stopped while changing them."""
+    return unfinished(read_journals(store.get_client()), lives)
+
+
 def describe(journal: Journal) -> str:
     """The journal as the few lines an operator needs (the CLI and the flow's error text use it)."""
     lines = [f"recovery {journal.recovery_id} of set {journal.set_id}: phase {journal.phase}"
