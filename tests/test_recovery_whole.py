@@ -395,7 +395,8 @@ def test_the_drill_of_a_default_set_restores_every_database_beside_and_passes(pr
 
 def test_restore_set_keeps_database_properties_and_restores_existing_names_beside(production, prefect_harness,
                                                                                     tmp_path):
-    from tasks.scratch import ScratchPostgres, ScratchRedis
+    from tasks.scratch import ScratchPostgres
+    from tasks.scratch_redis import ScratchRedis
 
     s = production
     good = fingerprint(s)
