@@ -14,34 +14,17 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from blocks.errors import (
-    BaseBackupFailed,
-    ConfigurationError,
-    VerificationFailed,
-)
+from blocks.errors import BaseBackupFailed, ConfigurationError, VerificationFailed
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
 from tasks.log import run_logger
-from tasks.manifest import (
-    BACKUP_MANIFEST,
-    Part,
-    base_backup_key,
-    human_size,
-)
+from tasks.manifest import BACKUP_MANIFEST, Part, base_backup_key, human_size
 from tasks.pitr.replication import ReplicationBaseBackup
 from tasks.pitr.tar import TarStream, check_backup_manifest
 from tasks.process import describe_exit, pg_tool, spawn, tool_version
 from tasks.retry import retry_transient
 from tasks.stream import CHUNK, StreamResult, compress_into_store, open_compressed_writer, open_decompressed_reader
-from tasks.wal import (
-    format_lsn,
-    label_start,
-    parse_backup_label,
-    parse_lsn,
-    segment_name,
-    segment_of_lsn,
-    wal_key,
-)
+from tasks.wal import format_lsn, label_start, parse_backup_label, parse_lsn, segment_name, segment_of_lsn, wal_key
 
 
 class BaseBackupTaken(BaseModel):

@@ -15,18 +15,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from blocks.errors import (
-    ConfigurationError,
-    RestoreFailed,
-    VerificationFailed,
-)
+from blocks.errors import ConfigurationError, RestoreFailed, VerificationFailed
 from blocks.store import BackupStore
 from tasks.log import run_logger
-from tasks.manifest import (
-    BACKUP_MANIFEST,
-    Part,
-    human_size,
-)
+from tasks.manifest import BACKUP_MANIFEST, Part, human_size
 from tasks.process import describe_exit, pg_tool, run
 from tasks.retry import retry_unless_permanent
 from tasks.scratch import LOOPBACK

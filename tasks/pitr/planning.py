@@ -6,18 +6,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from blocks.errors import (
-    BackupNotFound,
-    ConfigurationError,
-    StoreError,
-    WalMissing,
-)
+from blocks.errors import BackupNotFound, ConfigurationError, StoreError, WalMissing
 from blocks.store import BackupStore, StoreClient
 from tasks.log import run_logger
-from tasks.manifest import (
-    Manifest,
-    Part,
-)
+from tasks.manifest import Manifest, Part
 from tasks.pitr.restore_points import find_restore_point
 from tasks.retry import retry_unless_permanent
 from tasks.store import list_sets

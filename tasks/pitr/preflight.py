@@ -9,18 +9,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from blocks.errors import (
-    PreflightFailed,
-    StoreError,
-)
+from blocks.errors import PreflightFailed, StoreError
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
 from tasks.log import run_logger
 from tasks.retry import retry_transient
-from tasks.wal import (
-    CLUSTER_KEY,
-    wal_key,
-)
+from tasks.wal import CLUSTER_KEY, wal_key
 
 
 class ArchivingStatus(BaseModel):

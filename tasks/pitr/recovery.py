@@ -9,18 +9,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from blocks.errors import (
-    RestoreFailed,
-    WalMissing,
-)
+from blocks.errors import RestoreFailed, WalMissing
 from tasks.log import run_logger
 from tasks.pitr.planning import RestorePlan
 from tasks.scratch import ScratchPostgres
-from tasks.wal import (
-    RecoveryLog,
-    RecoveryTarget,
-    parse_recovery_log,
-)
+from tasks.wal import RecoveryLog, RecoveryTarget, parse_recovery_log
 
 
 @task(retries=0, cache_policy=NO_CACHE)

@@ -11,18 +11,12 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from blocks.errors import (
-    ConfigurationError,
-    RestoreFailed,
-)
+from blocks.errors import ConfigurationError, RestoreFailed
 from tasks.log import run_logger
 from tasks.pitr.extract import check_os_user
 from tasks.process import describe_exit
 from tasks.scratch import LOOPBACK
-from tasks.wal import (
-    parse_wal_name,
-    restore_command_argv,
-)
+from tasks.wal import parse_wal_name, restore_command_argv
 
 
 def _conf_line(key: str, value: str) -> str:

@@ -7,12 +7,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from blocks.errors import (
-    BaseBackupFailed,
-)
-from tasks.manifest import (
-    BACKUP_MANIFEST,
-)
+from blocks.errors import BaseBackupFailed
+from tasks.manifest import BACKUP_MANIFEST
 from tasks.pitr.tar import TAR_END
 
 

@@ -5,21 +5,13 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from blocks.errors import (
-    ConfigurationError,
-)
+from blocks.errors import ConfigurationError
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore, StoreClient
 from tasks.log import run_logger
-from tasks.manifest import (
-    RestorePointRecord,
-    encode_name,
-)
+from tasks.manifest import RestorePointRecord, encode_name
 from tasks.retry import retry_transient
-from tasks.wal import (
-    RESTORE_POINTS_PREFIX,
-    parse_lsn,
-)
+from tasks.wal import RESTORE_POINTS_PREFIX, parse_lsn
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)

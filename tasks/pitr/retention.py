@@ -10,17 +10,10 @@ from pydantic import BaseModel
 
 from blocks.store import BackupStore
 from tasks.log import run_logger
-from tasks.manifest import (
-    manifest_key,
-    set_prefix,
-)
+from tasks.manifest import manifest_key, set_prefix
 from tasks.pitr.planning import backup_ref, base_backups
 from tasks.retry import retry_transient
-from tasks.wal import (
-    WAL_PREFIX,
-    name_of_key,
-    plan_pitr_retention,
-)
+from tasks.wal import WAL_PREFIX, name_of_key, plan_pitr_retention
 
 
 class PitrRetention(BaseModel):

@@ -6,19 +6,22 @@ import hashlib
 import json
 from typing import Any
 
-from blocks.errors import (
-    ChecksumMismatch,
-)
-from tasks.manifest import (
-    BACKUP_MANIFEST,
-)
+from blocks.errors import ChecksumMismatch
+from tasks.manifest import BACKUP_MANIFEST
 
 TAR_END = b"\0" * 1024  # two zero blocks end a tar
 
 
 class TarStream:
     """Follows a tar byte stream as it flows past (no seeking): member names and sizes, the content of a
-    few small members, and optionally a sha256 of every member. PostgreSQL writes plain ustar members."""
+    few small members, and optionally a sha256 of every member. PostgreSQL writes plain ustar members.
+
+    Chunks are pushed in (``feed``), so the base backup goes to the store and through this in one pass.
+    ``tarfile``'s stream mode (``r|``) does the same job from a file object and is kept out for speed:
+    on a 260 MiB tar of 8,205 files in 1 MiB chunks it took 1.95 s against 0.26 s here for names and
+    sizes (7.7x), and 4.37 s against 1.22 s with a sha256 of every member (3.6x); bench/tarstream.py,
+    docs/benchmarks-tarstream.md.
+    """
 
     def __init__(self, capture: tuple[str, ...] = (), *, hash_members: bool = False) -> None:
         self.capture = set(capture)
