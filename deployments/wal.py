@@ -549,4 +549,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Through the importable module, which deployments.wal_daemon imports too: one WalCommandError class.
+    from deployments.wal import main as _main
+
+    sys.exit(_main(sys.argv[1:]))
