@@ -50,6 +50,7 @@ bench: install
 	$(PY) bench/webhook.py
 	$(PY) bench/integrity.py
 	$(PY) bench/redis_snapshot.py
+	$(PY) bench/tarstream.py
 
 clean:
 	rm -rf $(VENV) .demo .bench

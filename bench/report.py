@@ -215,7 +215,8 @@ OTHER_PAGES = [
     "[the Redis part of a backup vs `redis-cli --rdb`](benchmarks-redis.md) (`bench/redis_snapshot.py`),",
     "[PITR: WAL archiving and base backups](benchmarks-pitr.md) (`bench/pitr.py`),",
     "[alerts in: the bridge](benchmarks-triggers.md) (`bench/webhook.py`),",
-    "[db-integrity-check vs `pg_amcheck`](benchmarks-integrity.md) (`bench/integrity.py`).",
+    "[db-integrity-check vs `pg_amcheck`](benchmarks-integrity.md) (`bench/integrity.py`),",
+    "[base-backup tar: TarStream vs `tarfile`](benchmarks-tarstream.md) (`bench/tarstream.py`).",
 ]
 
 

@@ -10,7 +10,7 @@ from kubernetes import config as k8s_config
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from tasks.errors import ConfigurationError
+from blocks.errors import ConfigurationError
 
 
 class KubernetesCluster(Block):

@@ -9,8 +9,8 @@ import psycopg
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from blocks.errors import ConfigurationError, ConnectionFailed
 from blocks.tlsfiles import pem_file
-from tasks.errors import ConfigurationError, ConnectionFailed
 
 
 class PostgresConnection(Block):

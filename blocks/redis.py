@@ -8,8 +8,8 @@ import redis
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, model_validator
 
+from blocks.errors import ConfigurationError
 from blocks.tlsfiles import pem_file
-from tasks.errors import ConfigurationError
 
 
 class RedisConnection(Block):

@@ -13,7 +13,7 @@ from paramiko.hostkeys import HostKeyEntry, InvalidHostKey
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
-from tasks.errors import ConfigurationError, ConnectionFailed
+from blocks.errors import ConfigurationError, ConnectionFailed
 
 
 class HostKeyRejected(ConnectionFailed):
