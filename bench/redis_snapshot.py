@@ -37,7 +37,7 @@ from blocks.store import BackupStore  # noqa: E402
 from deployments.demo import seed_redis  # noqa: E402
 from tasks.manifest import new_set_id  # noqa: E402
 from tasks.redis import keyspace_digest, snapshot_redis  # noqa: E402
-from tasks.scratch import ScratchRedis  # noqa: E402
+from tasks.scratch_redis import ScratchRedis  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".bench" / "redis"
