@@ -3,7 +3,8 @@
 `runbooks serve` builds one deployment per registry entry whose flow exists (schedules in
 $RUNBOOKS_TIMEZONE, default parameters, tags, a concurrency limit) and serves them with Prefect's
 ``serve()``, polling every ``--poll`` seconds so a click in the UI or an alert starts within seconds.
-Default parameters that point at saved Blocks which do not exist are left out, with one log line each.
+Default parameters that point at saved Blocks which do not exist are left out, with one log line each; every
+Block type of `blocks` is registered first, so the Blocks catalog offers all of them.
 
 `runbooks up` is the whole local stack in one command: a Prefect server on SQLite (UI included) under
 ``--home``, `runbooks serve` and the Alertmanager bridge, each its own process; Ctrl-C (or SIGTERM)
@@ -23,7 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,19 @@ def existing_block_slugs(slugs: set[str]) -> set[str]:
                 continue
             found.add(slug)
     return found
+
+
+def register_block_types() -> list[str]:
+    """Register every Block type of ``blocks`` with the server, so the Blocks catalog offers each (App Endpoint
+    included) before any is saved; a type registered before is updated to its current schema. Returns the slugs."""
+    import blocks
+
+    slugs = []
+    for name in blocks.BLOCK_TYPES:
+        block_type = getattr(blocks, name)
+        block_type.register_type_and_schema()
+        slugs.append(block_type.get_block_type_slug())
+    return slugs
 
 
 def usable_parameters(parameters: Mapping[str, Any], blocks: set[str], deployment: str) -> dict[str, Any]:
@@ -142,6 +156,7 @@ def serve_main(args: argparse.Namespace) -> int:
     if not found:
         print("runbooks serve: no runbook to serve", file=sys.stderr)
         return 2
+    log.info("block types registered: %s", ", ".join(register_block_types()))
     slugs = {s for item in found for v in item.runbook.parameters.values() if (s := block_slug(v))}
     blocks = existing_block_slugs(slugs)
     log.info("serving %d runbooks (schedules in %s, poll every %.1f s, runs start by %s): %s", len(found), timezone,
@@ -295,7 +310,10 @@ def _raise_stop(signum: int, _frame: Any) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
-def up_main(args: argparse.Namespace) -> int:
+def up_main(args: argparse.Namespace, *, before_serve: Callable[[Mapping[str, str]], None] | None = None,
+            on_ready: Callable[[], None] | None = None) -> int:
+    """The stack until Ctrl-C/SIGTERM. ``before_serve(env)`` runs once the server answers and before the runbooks
+    are served (`runbooks sandbox` saves its Blocks there); ``on_ready()`` once everything has started."""
     home = Path(args.home).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     api_url = f"http://{args.host}:{args.port}/api"
@@ -331,6 +349,8 @@ def up_main(args: argparse.Namespace) -> int:
                                                 args.host, "--port", str(args.port)], env, nice=args.server_nice)
         wait_for_api(api_url, server, SERVER_START_TIMEOUT)
         log.info("Prefect server and UI on http://%s:%d (%.1f s)", args.host, args.port, time.monotonic() - started)
+        if before_serve is not None:
+            before_serve(env)
         serve_argv = [*runbooks, "serve", "--poll", str(args.poll), "--start-method", args.start_method]
         for name in args.only or []:
             serve_argv += ["--only", name]
@@ -349,6 +369,8 @@ def up_main(args: argparse.Namespace) -> int:
         print(f"runbooks up: UI http://{args.host}:{args.port}  bridge "
               f"{scheme}://{args.webhook_host}:{args.webhook_port}/alertmanager ({token_note}); {auth_note};  "
               f"logs in {home}; Ctrl-C stops everything", flush=True)
+        if on_ready is not None:
+            on_ready()
         while True:
             gone = stack.exited()
             if gone:
