@@ -6,12 +6,14 @@ import httpx
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from blocks._reference import REFERENCEABLE
 from blocks.http_auth import api_client
 
 
 class AlertmanagerAPI(Block):
     """An Alertmanager's HTTP API v2 (``/api/v2/silences``, ``/api/v2/alerts``)."""
 
+    model_config = REFERENCEABLE
     _block_type_name = "Alertmanager API"
     _description = "An Alertmanager: base URL, optional basic auth or bearer token (API v2)."
 

@@ -8,10 +8,13 @@ import httpx
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from blocks._reference import REFERENCEABLE
+
 
 class AppEndpoint(Block):
     """The application in front of the data: health check and maintenance mode over HTTP."""
 
+    model_config = REFERENCEABLE
     _block_type_name = "App Endpoint"
     _description = "An application's base URL, health path and maintenance on/off requests."
 

@@ -9,6 +9,7 @@ import psycopg
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from blocks._reference import REFERENCEABLE
 from blocks.tlsfiles import pem_file
 from tasks.errors import ConfigurationError, ConnectionFailed
 
@@ -16,6 +17,7 @@ from tasks.errors import ConfigurationError, ConnectionFailed
 class PostgresConnection(Block):
     """Where a PostgreSQL server is and how to log in to it."""
 
+    model_config = REFERENCEABLE
     _block_type_name = "Postgres Connection"
     _description = "A PostgreSQL server: host, port, user, password and default database."
 

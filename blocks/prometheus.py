@@ -6,12 +6,14 @@ import httpx
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from blocks._reference import REFERENCEABLE
 from blocks.http_auth import api_client
 
 
 class PrometheusAPI(Block):
     """A Prometheus (or compatible: Thanos, Mimir, VictoriaMetrics) query endpoint."""
 
+    model_config = REFERENCEABLE
     _block_type_name = "Prometheus API"
     _description = "A Prometheus query API: base URL, optional basic auth or bearer token."
 

@@ -8,6 +8,7 @@ import redis
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, model_validator
 
+from blocks._reference import REFERENCEABLE
 from blocks.tlsfiles import pem_file
 from tasks.errors import ConfigurationError
 
@@ -15,6 +16,7 @@ from tasks.errors import ConfigurationError
 class RedisConnection(Block):
     """Where a Redis server is and how to authenticate to it."""
 
+    model_config = REFERENCEABLE
     _block_type_name = "Redis Connection"
     _description = "A Redis server: host, port, database number, ACL user/password, TLS."
 

@@ -13,6 +13,7 @@ from paramiko.hostkeys import HostKeyEntry, InvalidHostKey
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from blocks._reference import REFERENCEABLE
 from tasks.errors import ConfigurationError, ConnectionFailed
 
 
@@ -26,6 +27,7 @@ _KEY_TYPES: tuple[type[paramiko.PKey], ...] = (paramiko.Ed25519Key, paramiko.ECD
 class SSHHost(Block):
     """A host the runbooks reach over SSH (docker compose, nginx)."""
 
+    model_config = REFERENCEABLE
     _block_type_name = "SSH Host"
     _description = "An SSH host: address, user, private key or password (secret), known_hosts content."
 

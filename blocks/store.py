@@ -10,6 +10,7 @@ from typing import Literal
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from blocks._reference import REFERENCEABLE
 from blocks.backends import LocalStore, MiB, StoreClient, StoredObject, make_s3_store, parse_store_url
 from tasks.errors import ConfigurationError
 
@@ -22,6 +23,7 @@ _S3_CLIENTS_LOCK = threading.Lock()
 class BackupStore(Block):
     """Where backups go: a local directory or an S3 bucket (any S3-compatible endpoint)."""
 
+    model_config = REFERENCEABLE
     _block_type_name = "Backup Store"
     _description = "A local directory or an S3 bucket/prefix that holds backup sets."
 

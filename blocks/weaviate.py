@@ -8,10 +8,13 @@ import httpx
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from blocks._reference import REFERENCEABLE
+
 
 class WeaviateConnection(Block):
     """A Weaviate server and the backup module (backend) it has enabled."""
 
+    model_config = REFERENCEABLE
     _block_type_name = "Weaviate Connection"
     _description = "A Weaviate server: URL, API key and the backup backend (s3 or filesystem) it writes to."
 
