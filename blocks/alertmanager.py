@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import httpx
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field
 
 from blocks._reference import REFERENCEABLE
+from blocks._secret import OptionalSecret
 from blocks.http_auth import api_client
 
 
@@ -19,8 +20,8 @@ class AlertmanagerAPI(Block):
 
     url: str = Field(description="e.g. http://alertmanager.monitoring:9093")
     username: str | None = Field(default=None, description="Basic auth user (with password).")
-    password: SecretStr | None = None
-    bearer_token: SecretStr | None = Field(default=None, description="Sent as 'Authorization: Bearer ...'.")
+    password: OptionalSecret = None
+    bearer_token: OptionalSecret = Field(default=None, description="Sent as 'Authorization: Bearer ...'.")
     verify_tls: bool = True
 
     def describe(self) -> str:

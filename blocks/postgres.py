@@ -10,6 +10,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from blocks._reference import REFERENCEABLE
+from blocks._secret import OptionalSecret
 from blocks.tlsfiles import pem_file
 from tasks.errors import ConfigurationError, ConnectionFailed
 
@@ -24,7 +25,7 @@ class PostgresConnection(Block):
     host: str = Field(default="127.0.0.1", description="Host name or IP address (or a Unix socket dir).")
     port: int = Field(default=5432, ge=1, le=65535)
     user: str = Field(default="postgres")
-    password: SecretStr | None = Field(default=None, description="Left empty: libpq's ~/.pgpass is used.")
+    password: OptionalSecret = Field(default=None, description="Left empty: libpq's ~/.pgpass is used.")
     database: str = Field(default="postgres", description="Database to connect to for server-wide work.")
     sslmode: str | None = Field(default=None, description=(
         "libpq sslmode: disable, allow, prefer, require, verify-ca, verify-full. Empty: verify-full when "

@@ -9,6 +9,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, model_validator
 
 from blocks._reference import REFERENCEABLE
+from blocks._secret import OptionalSecret
 from blocks.tlsfiles import pem_file
 from tasks.errors import ConfigurationError
 
@@ -24,7 +25,7 @@ class RedisConnection(Block):
     port: int = Field(default=6379, ge=1, le=65535)
     db: int = Field(default=0, ge=0)
     username: str | None = Field(default=None, description="ACL user; empty for the default user.")
-    password: SecretStr | None = None
+    password: OptionalSecret = None
     tls: bool = Field(default=False, description="Connect with TLS (rediss://).")
     tls_ca_file: str | None = Field(default=None, description="CA bundle to verify the server with (a file "
                                                               "path or PEM text); the host name is checked too.")

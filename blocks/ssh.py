@@ -14,6 +14,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from blocks._reference import REFERENCEABLE
+from blocks._secret import OptionalSecret
 from tasks.errors import ConfigurationError, ConnectionFailed
 
 
@@ -35,8 +36,8 @@ class SSHHost(Block):
     port: int = Field(default=22, ge=1, le=65535)
     user: str = Field(default="root")
     private_key: SecretStr | None = Field(default=None, description="OpenSSH private key (PEM/OpenSSH text).")
-    private_key_passphrase: SecretStr | None = None
-    password: SecretStr | None = None
+    private_key_passphrase: OptionalSecret = None
+    password: OptionalSecret = None
     known_hosts: str = Field(description="known_hosts lines for this host (ssh-keyscan -p PORT HOST, checked "
                                          "out of band). Keys not listed here are refused.")
     connect_timeout: float = Field(default=10, gt=0)
