@@ -153,7 +153,7 @@ def _custom_run(page: Any) -> None:
     page.get_by_role("button", name="Submit", exact=True).wait_for()
 
 
-RUN_PAGE = re.compile(r".*/runs/flow-run/[0-9a-f-]+.*")
+RUN_PAGE = re.compile(r".*/runs/flow-run/([0-9a-f-]+).*")
 
 
 def _submit_run(page: Any) -> None:
@@ -202,21 +202,31 @@ def _pick_block(page: Any, title: str, block_type: str, name: str) -> None:
     """The parameter ``title`` (a Block or None) set to the saved Block ``name`` with its picker."""
     field = _field(page, title)
     field.get_by_role("tab", name=block_type, exact=True).click()
-    picker = field.get_by_role("combobox").first
-    picker.click()
+    field.get_by_role("button", name="Select a block").click()
     page.get_by_role("option", name=name, exact=True).click()
+    field.get_by_role("button", name="Select a block").filter(has_text=name).wait_for()
 
 
-def _wait_for_state(page: Any, wanted: str) -> None:
-    """The run page shows the state ``wanted``; Failed or Crashed ends the wait at once."""
+def _run_state(sandbox: Sandbox, run_id: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{sandbox.about['api']}/flow_runs/{run_id}", timeout=10) as response:  # noqa: S310
+        return str(json.load(response)["state"]["name"])
+
+
+def _wait_for_state(page: Any, sandbox: Sandbox, wanted: str) -> None:
+    """The open run reaches ``wanted`` (read from the API) and its page shows it; Failed or Crashed fail at once."""
+    run_id = RUN_PAGE.match(page.url).group(1)  # type: ignore[union-attr]
     deadline = time.monotonic() + RUN_TIMEOUT / 1000
+    state = ""
     while time.monotonic() < deadline:
-        for state in (wanted, "Failed", "Crashed"):
-            if page.get_by_text(state, exact=True).filter(visible=True).count():
-                assert state == wanted, f"the run ended {state}"
-                return
+        state = _run_state(sandbox, run_id)
+        if state == wanted:
+            page.get_by_text(wanted, exact=True).filter(visible=True).first.wait_for()
+            return
+        assert state not in ("Failed", "Crashed", "Completed", "Cancelled"), f"the run ended {state}"
         page.wait_for_timeout(1000)
-    raise AssertionError(f"the run page did not show {wanted} within {RUN_TIMEOUT / 1000:.0f} s")
+    raise AssertionError(f"the run did not reach {wanted} within {RUN_TIMEOUT / 1000:.0f} s (it is {state})")
 
 
 def _database_checksums(block: Any) -> dict[str, Any]:
@@ -272,7 +282,7 @@ def test_backup_from_its_run_form(page: Any, sandbox: Sandbox, shots: Path, sand
     _custom_run(page)
     _snap(page, shots, "04-backup-run-form")
     _submit_run(page)
-    _wait_for_state(page, "Completed")
+    _wait_for_state(page, sandbox, "Completed")
     _snap(page, shots, "05-backup-completed")
     page.get_by_role("tab", name="Artifacts").click()
     for key in ("backup-summary", "backup-parts"):
@@ -302,15 +312,20 @@ def test_disaster_recovery_rejected_changes_nothing(page: Any, sandbox: Sandbox,
     _pick_block(page, "Redis server", "RedisConnection", "app-redis")
     _snap(page, shots, "07-disaster-recovery-run-form")
     _submit_run(page)
-    _wait_for_state(page, "Paused")
-    page.get_by_role("button", name="Resume").click()
+    _wait_for_state(page, sandbox, "Paused")
+    page.get_by_role("button", name="Open menu").first.click()  # the run's menu, top right
+    page.get_by_role("menuitem", name="Resume").click()
     dialog = page.get_by_role("dialog")
-    dialog.wait_for()
+    dialog.get_by_text("Decision", exact=True).wait_for()
     _snap(page, shots, "08-disaster-recovery-approval")
-    dialog.get_by_text("reject", exact=True).click()
+    dialog.get_by_role("button", name="Resume", exact=True).click()  # no decision chosen: refused
+    page.wait_for_timeout(2000)
+    assert dialog.is_visible() and page.get_by_text("Paused", exact=True).filter(visible=True).count()
+    dialog.get_by_role("button", name="Select Decision").click()
+    page.get_by_role("option", name="reject", exact=True).click()
     _snap(page, shots, "09-disaster-recovery-reject")
-    dialog.get_by_role("button", name="Submit").click()
-    _wait_for_state(page, "Cancelled")
+    dialog.get_by_role("button", name="Resume", exact=True).click()
+    _wait_for_state(page, sandbox, "Cancelled")
     _snap(page, shots, "10-disaster-recovery-cancelled")
 
     assert _database_checksums(postgres) == tables_before
