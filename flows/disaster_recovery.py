@@ -608,7 +608,7 @@ def _report(journal: Journal, manifest: Manifest, mode: str, rto: dict[str, floa
     lines = [f"# Recovery `{journal.recovery_id}` from `{manifest.set_id}` ({mode})", "",
              f"**{_OUTCOME.get(journal.phase, journal.phase)}**", ""]
     if journal.error:
-        lines += [f"Error at: {journal.error}", ""]
+        lines += ["Error at: `" + journal.error.replace("`", "'") + "`", ""]  # as code: hosts are no mail links
     lines += ["| target | state | restored copy beside | replaced data kept as |", "|---|---|---|---|"]
     for t in journal.targets:
         lines.append(f"| {t.kind} `{t.live}` | {t.state} | {f'`{t.beside}`' if t.beside else '-'} | "

@@ -600,12 +600,12 @@ def _migrate(window: Window, target: str, cluster: KubernetesCluster | None, ns:
             else list(command)
         result = run_remote(ssh, argv, check=False, timeout_seconds=timeout)
         logs = {ssh.describe(): result.stdout + result.stderr}
-        where, ok, why = f"`{' '.join(command)}` on {ssh.describe()}", result.exit_code == 0, \
+        where, ok, why = f"`{' '.join(command)}` on `{ssh.describe()}`", result.exit_code == 0, \
             f"exit {result.exit_code}"
     lines = [f"# Migration: {where}: {'succeeded' if ok else 'FAILED (' + why + ')'}", ""]
     for source, text in logs.items():
         tail = text[-MAX_LOG_CHARS:]
-        lines += [f"## {source}", "", "```", tail.replace("```", "'''"), "```", ""]
+        lines += [f"## `{source}`", "", "```", tail.replace("```", "'''"), "```", ""]
     create_markdown_artifact("\n".join(lines), key="maintenance-migration-logs",
                              description="Migration output")
     window.migration = f"{where}: {'succeeded' if ok else 'FAILED: ' + why}"

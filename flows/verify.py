@@ -76,7 +76,7 @@ def verify_backup(
         "Drill PostgreSQL server", "A drill server to restore into (scratch databases, dropped after). "
         "Empty (default): a temporary cluster started on this host, removed after.")] = None,
     amcheck: Annotated[bool, param(
-        "amcheck", "Run pg_amcheck on the restored databases. On by default.")] = True,
+        "Run amcheck", "Run pg_amcheck on the restored databases. On by default.")] = True,
     heapallindexed: Annotated[bool, param(
         "amcheck: every heap tuple indexed", "pg_amcheck --heapallindexed: also checks that every row is in "
         "its indexes; slower. Off by default.")] = False,
