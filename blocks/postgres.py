@@ -10,8 +10,8 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from blocks._reference import REFERENCEABLE
+from blocks.errors import ConfigurationError, ConnectionFailed
 from blocks.tlsfiles import pem_file
-from tasks.errors import ConfigurationError, ConnectionFailed
 
 
 class PostgresConnection(Block):

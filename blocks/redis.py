@@ -9,8 +9,8 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, model_validator
 
 from blocks._reference import REFERENCEABLE
+from blocks.errors import ConfigurationError
 from blocks.tlsfiles import pem_file
-from tasks.errors import ConfigurationError
 
 
 class RedisConnection(Block):

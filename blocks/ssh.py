@@ -14,7 +14,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from blocks._reference import REFERENCEABLE
-from tasks.errors import ConfigurationError, ConnectionFailed
+from blocks.errors import ConfigurationError, ConnectionFailed
 
 
 class HostKeyRejected(ConnectionFailed):

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.registry import Discovered, block_slug, discover, schedule_timezone
+from tasks.process import stop_process
 
 log = logging.getLogger("runbooks.serve")
 
@@ -245,7 +246,7 @@ def _set_parent_death_signal() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
-class Stack:
+class ChildProcesses:
     """Child processes started in order and stopped in reverse; each in its own process group."""
 
     def __init__(self, home: Path) -> None:
@@ -276,19 +277,8 @@ class Stack:
 
     def stop(self) -> None:
         for name, proc in reversed(self.children):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    log.warning("%s did not stop within %.0f s: killing it", name, STOP_TIMEOUT)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            # whatever the child left in its group (a flow run subprocess, uvicorn workers)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            if stop_process(proc, timeout=STOP_TIMEOUT, group=True):
+                log.warning("%s did not stop within %.0f s: killed", name, STOP_TIMEOUT)
             log.info("%s stopped (exit %s)", name, proc.returncode)
 
 
@@ -352,7 +342,7 @@ def api_auth_string(host: str, auth_file: str | None, environ: Mapping[str, str]
     From ``--api-auth-file`` or $PREFECT_SERVER_API_AUTH_STRING / $PREFECT_API_AUTH_STRING. Bound to anything
     but loopback, the API refuses to start without one: whoever reaches an open API can start any runbook."""
     if auth_file:
-        from deployments.webhook import read_secret_file
+        from deployments.bridge.auth import read_secret_file
 
         value, source = read_secret_file(auth_file), auth_file
     else:
@@ -404,20 +394,19 @@ def up_main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
-    stack = Stack(home)
+    children = ChildProcesses(home)
     started = time.monotonic()
     try:
         # --server-nice > 0: the server yields the CPU to the bridge when a burst of alerts makes it create runs.
-        # Not the default: with 5, alert -> Running p95 measured 5.3 and 9.8 s (4.6, 4.8, 5.6 s without), and the
-        # bridge's p99 showed no clear gain over the noise of a 2-core machine.
-        server = stack.start("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host",
-                                                args.host, "--port", str(args.port)], env, nice=args.server_nice)
+        # Off by default: it delays alert -> Running, and the bridge gains no clear margin from it.
+        server = children.start("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host",
+                                                   args.host, "--port", str(args.port)], env, nice=args.server_nice)
         wait_for_api(api_url, server, SERVER_START_TIMEOUT)
         log.info("Prefect server and UI on http://%s:%d (%.1f s)", args.host, args.port, time.monotonic() - started)
         serve_argv = [*runbooks, "serve", "--poll", str(args.poll), "--start-method", args.start_method]
         for name in args.only or []:
             serve_argv += ["--only", name]
-        stack.start("serve", serve_argv, env)
+        children.start("serve", serve_argv, env)
         webhook_argv = [*runbooks, "webhook", "--host", args.webhook_host, "--port", str(args.webhook_port)]
         if token_file is not None:
             webhook_argv += ["--token-file", token_file]
@@ -427,13 +416,13 @@ def up_main(args: argparse.Namespace) -> int:
                             ("--tls-client-ca", args.webhook_tls_client_ca)):
             if value:
                 webhook_argv += [flag, value]  # file names, not secrets
-        stack.start("webhook", webhook_argv, env)
+        children.start("webhook", webhook_argv, env)
         scheme = "https" if args.webhook_tls_cert else "http"
         print(f"runbooks up: UI http://{args.host}:{args.port}  bridge "
               f"{scheme}://{args.webhook_host}:{args.webhook_port}/alertmanager ({token_note}); {auth_note};  "
               f"logs in {home}; Ctrl-C stops everything", flush=True)
         while True:
-            gone = stack.exited()
+            gone = children.exited()
             if gone:
                 log.error("%s exited with %s; stopping the stack (see %s)", gone[0], gone[1],
                           home / f"{gone[0]}.log")
@@ -448,7 +437,7 @@ def up_main(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stack.stop()
+        children.stop()
 
 
 # -- command line ------------------------------------------------------------------------------------------

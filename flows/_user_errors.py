@@ -1,6 +1,6 @@
 """A runbook's own errors are logged without a traceback; bugs keep theirs.
 
-A :class:`tasks.errors.RunbookError` (an unknown backup id, a refused configuration, a failed check) is
+A :class:`blocks.errors.RunbookError` (an unknown backup id, a refused configuration, a failed check) is
 raised on purpose with a message that says what is wrong and what was left untouched: Prefect's engine
 logs it with the full Python traceback (``Encountered exception during execution`` for a flow, ``Task run
 failed with exception`` for a task), which buries the message. This filter on Prefect's flow-run and
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from tasks.errors import RunbookError
+from blocks.errors import RunbookError
 
 ENGINE_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
 

@@ -21,11 +21,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from pydantic import BaseModel, Field
 
+from blocks.errors import IntegrityCheckFailed
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
 from flows._form import DANGER, param
 from tasks.approval import refused_at_start
-from tasks.errors import IntegrityCheckFailed
 from tasks.findings import (
     Check,
     Finding,
@@ -52,7 +52,7 @@ from tasks.integrity import (
 )
 from tasks.locks import ensure_lock, lock_name
 from tasks.log import run_logger
-from tasks.metrics import findings_exposition, push_exposition, push_flow_run_metrics
+from tasks.metrics import findings_registry, push_flow_run_metrics, push_metrics
 from tasks.notify import notify_hook
 from tasks.remediation import (
     indexes_to_reindex,
@@ -83,7 +83,7 @@ class IntegrityReport(BaseModel):
 @task(cache_policy=NO_CACHE)
 def push_findings_metrics(counts: dict[str, int], remediated: int) -> bool:
     """Open findings by severity to the Pushgateway (best effort, as every runbook metric)."""
-    return push_exposition(RUNBOOK, findings_exposition(counts, remediated=remediated, checked_at=time.time()),
+    return push_metrics(RUNBOOK, findings_registry(counts, remediated=remediated, checked_at=time.time()),
                            len(counts) + 2)
 
 

@@ -17,8 +17,12 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 from starlette.testclient import TestClient
 
+from deployments.bridge.app import create_app
+from deployments.bridge.approval import APPROVAL_PAUSE_KEY
+from deployments.bridge.auth import authorized
+from deployments.bridge.config import BridgeConfig
+from deployments.bridge.runs import PrefectRunStarter
 from deployments.routes import compile_routes
-from deployments.webhook import APPROVAL_PAUSE_KEY, BridgeConfig, PrefectRunStarter, authorized, create_app
 
 TOKEN = "test-token-" + "x" * 20
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -71,7 +75,9 @@ def test_the_bridge_process_freezes_its_startup_objects_once_warmed_up() -> None
         import gc, json, time
         from starlette.testclient import TestClient
         from deployments.routes import compile_routes
-        from deployments.webhook import BridgeConfig, PrefectRunStarter, create_app
+        from deployments.bridge.app import create_app
+        from deployments.bridge.config import BridgeConfig
+        from deployments.bridge.runs import PrefectRunStarter
         from pydantic import SecretStr
         routes = compile_routes({{"routes": {OFFLINE_ROUTES!r}}}, lambda _n: False)
         config = BridgeConfig(routes=routes, tokens=[SecretStr("t" * 20)])
