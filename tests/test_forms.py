@@ -183,3 +183,17 @@ def test_sigterm_stops_serve_cleanly(served: dict[str, Any]) -> None:
     log = served["log"].read_text()
     assert "SIGTERM received" in log
     assert "never awaited" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_hosts_in_the_integrity_report_are_code_not_mail_links() -> None:
+    from tasks.findings import summary_markdown
+    from tasks.integrity import Check, SessionRow, Severity, Thresholds, session_findings
+
+    idle = SessionRow(pid=42, database="app", user="postgres", application="psql", client="127.0.0.1",
+                      state="idle in transaction", xact_seconds=7200, state_seconds=7200, backend_start="", query="-")
+    findings = session_findings([idle], Thresholds())
+    assert findings and "postgres@127.0.0.1" in findings[0].object
+    text = summary_markdown(findings, [], databases=["app"], checks=[Check.sessions], fail_on=Severity.critical,
+                            recovery=None)
+    [row] = [line for line in text.splitlines() if "postgres@127.0.0.1" in line]
+    assert "`pid 42 (postgres@127.0.0.1, application 'psql')`" in row  # a code span: no mailto link
