@@ -58,6 +58,7 @@ bench: install
 	$(PY) bench/pitr.py
 	$(PY) bench/webhook.py
 	$(PY) bench/integrity.py
+	$(PY) bench/tarstream.py
 
 clean:
 	rm -rf $(VENV) .demo .bench

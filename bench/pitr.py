@@ -438,7 +438,7 @@ def run(args: argparse.Namespace) -> str:
         stack.enter_context(_quiet_prefect())
         from flows.pitr import pitr_base_backup, pitr_restore
         from tasks.manifest import new_set_id
-        from tasks.pitr import take_base_backup, wait_for_backup_wal
+        from tasks.pitr.base_backup import take_base_backup, wait_for_backup_wal
 
         baseline, flow_plain, flow_verify = Timed("baseline"), Timed("flow"), Timed("verify")
         # The step as the flow runs it, then the choices it makes against (docs/pitr.md, "Base backup cost").

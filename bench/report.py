@@ -214,7 +214,8 @@ OTHER_PAGES = [
     "[disaster-recovery vs `pg_restore -j2`](benchmarks-restore.md) (`bench/restore.py`),",
     "[PITR: WAL archiving and base backups](benchmarks-pitr.md) (`bench/pitr.py`),",
     "[alerts in: the bridge](benchmarks-triggers.md) (`bench/webhook.py`),",
-    "[db-integrity-check vs `pg_amcheck`](benchmarks-integrity.md) (`bench/integrity.py`).",
+    "[db-integrity-check vs `pg_amcheck`](benchmarks-integrity.md) (`bench/integrity.py`),",
+    "[base-backup tar: TarStream vs `tarfile`](benchmarks-tarstream.md) (`bench/tarstream.py`).",
 ]
 
 

@@ -5,8 +5,13 @@ Block, ``{"$ref": {"block_document_id": ...}}`` (what Prefect's block picker sen
 ``{"$ref": {"block_document_slug": ...}}`` (what prefect.yaml holds). Prefect 3.8's parameter check (the
 run form's "Validate parameters" box, ``enforce_parameter_schema``) accepts a reference through a
 ``oneOf`` of the Block's schema and a reference schema; every field of our Blocks has a default, so a
-reference also matched the Block's schema and the ``oneOf`` failed. ``not: {required: ["$ref"]}`` keeps a
-reference out of the Block's own schema, so exactly one branch matches.
+reference also matched the Block's schema and the ``oneOf`` failed. ``propertyNames: {not: {const: "$ref"}}``
+keeps a reference out of the Block's own schema, so exactly one branch matches. (Not ``not: {required:
+[...]}``: the server drops every ``required`` keyword when it checks a deployment's defaults.)
+
+Prefect checks the defaults of a NEW deployment with an older validator that knows no references; a
+deployment with Block defaults is therefore created with enforcement off and switched on after
+(deployments/serve.py).
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from pydantic import ConfigDict
 
 
 def referenceable_schema(schema: dict[str, Any], model: type[Block]) -> None:
-    """Prefect's Block schema, plus: an object holding ``$ref`` is a reference, not the Block's fields."""
+    """Prefect's Block schema, plus: an object with a ``$ref`` key is a reference, not the Block's fields."""
     schema_extra(schema, model)
-    schema["not"] = {"required": ["$ref"]}
+    schema["propertyNames"] = {"not": {"const": "$ref"}}
 
 
 REFERENCEABLE = ConfigDict(json_schema_extra=referenceable_schema)  # type: ignore[typeddict-item]

@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from tasks.errors import ConfigurationError, ObjectExists, StoreError
+from blocks.errors import ConfigurationError, ObjectExists, StoreError
+
+DEFAULT_STORE_DIR = "/var/backups/runbooks"
+DEFAULT_STORE = f"file://{DEFAULT_STORE_DIR}"  # where backups go when no store is given (flows, the CLI)
 
 MiB = 1024 * 1024
 _PARTIAL = ".partial-"
@@ -406,9 +409,9 @@ class _MultipartWriter:
         self.part_size = store.part_size
         # Parts are allocated whole and filled in place, and a full part is handed to the upload as it is. With
         # parts over 16 MiB the first one starts at 4 MiB and doubles as it fills, so a small object never pays
-        # for a whole part: zero-filling the WAL store's 64 MiB parts cost ~36 ms per segment here, more than
-        # compressing and PUTting it. Parts of 16 MiB or less (the backups' 8 MiB) start whole, as they always
-        # did: growing them too saves ~4 ms per object, and the backup bench's peak memory is kept as it was.
+        # for zero-filling a whole part (for a WAL segment that would cost more than compressing and PUTting it).
+        # Parts of 16 MiB or less (the backups' 8 MiB) start whole: growing them gains little and would change
+        # the backups' peak memory.
         # (Buffers of 4 MiB and up are mmapped, see _map_big_buffers: a grown-out buffer goes back to the OS.)
         self.buffer = bytearray(self.part_size if self.part_size <= WHOLE_FIRST_PART else FIRST_BUFFER)
         self.filled = 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 from pydantic import SecretStr
 
-from tasks.errors import ConfigurationError
+from blocks.errors import ConfigurationError
 
 
 def api_client(what: str, base_url: str, *, username: str | None, password: SecretStr | None,

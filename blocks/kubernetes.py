@@ -11,7 +11,7 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
 from blocks._reference import REFERENCEABLE
-from tasks.errors import ConfigurationError
+from blocks.errors import ConfigurationError
 
 
 class KubernetesCluster(Block):

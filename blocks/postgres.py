@@ -11,8 +11,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from blocks._reference import REFERENCEABLE
 from blocks._secret import OptionalSecret
+from blocks.errors import ConfigurationError, ConnectionFailed
 from blocks.tlsfiles import pem_file
-from tasks.errors import ConfigurationError, ConnectionFailed
 
 
 class PostgresConnection(Block):

@@ -10,8 +10,8 @@ from pydantic import Field, SecretStr, model_validator
 
 from blocks._reference import REFERENCEABLE
 from blocks._secret import OptionalSecret
+from blocks.errors import ConfigurationError
 from blocks.tlsfiles import pem_file
-from tasks.errors import ConfigurationError
 
 
 class RedisConnection(Block):

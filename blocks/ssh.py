@@ -15,7 +15,7 @@ from pydantic import Field, SecretStr
 
 from blocks._reference import REFERENCEABLE
 from blocks._secret import OptionalSecret
-from tasks.errors import ConfigurationError, ConnectionFailed
+from blocks.errors import ConfigurationError, ConnectionFailed
 
 
 class HostKeyRejected(ConnectionFailed):

@@ -12,10 +12,19 @@ from pydantic import Field, SecretStr
 
 from blocks._reference import REFERENCEABLE
 from blocks._secret import OptionalSecret
-from blocks.backends import LocalStore, MiB, StoreClient, StoredObject, make_s3_store, parse_store_url
-from tasks.errors import ConfigurationError
+from blocks.backends import (
+    DEFAULT_STORE,
+    DEFAULT_STORE_DIR,
+    LocalStore,
+    MiB,
+    StoreClient,
+    StoredObject,
+    make_s3_store,
+    parse_store_url,
+)
+from blocks.errors import ConfigurationError
 
-__all__ = ["BackupStore", "StoreClient", "StoredObject"]
+__all__ = ["DEFAULT_STORE", "BackupStore", "StoreClient", "StoredObject"]
 
 _S3_CLIENTS: dict[str, StoreClient] = {}
 _S3_CLIENTS_LOCK = threading.Lock()
@@ -29,7 +38,7 @@ class BackupStore(Block):
     _description = "A local directory or an S3 bucket/prefix that holds backup sets."
 
     backend: Literal["local", "s3"] = Field(default="local")
-    path: str = Field(default="/var/backups/runbooks", description="Local backend: the directory.")
+    path: str = Field(default=DEFAULT_STORE_DIR, description="Local backend: the directory.")
     bucket: str | None = Field(default=None, description="S3 backend: bucket name.")
     prefix: str = Field(default="", description="S3 backend: key prefix inside the bucket.")
     endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint; empty for AWS.")

@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from tasks.errors import ConfigurationError, RunbookError
-
-DEFAULT_STORE = "file:///var/backups/runbooks"
+from blocks.backends import DEFAULT_STORE
+from blocks.errors import ConfigurationError, RunbookError
 
 
 def _looks_like_url(text: str) -> bool:

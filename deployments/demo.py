@@ -142,7 +142,8 @@ def run_demo() -> int:
     from tasks.files import tree_digest
     from tasks.postgres import collect_checksums
     from tasks.redis import keyspace_digest
-    from tasks.scratch import ScratchPostgres, ScratchRedis
+    from tasks.scratch import ScratchPostgres
+    from tasks.scratch_redis import ScratchRedis
 
     started = time.monotonic()
     work = Path(os.environ.get("RUNBOOKS_DEMO_DIR", ".demo")).resolve()

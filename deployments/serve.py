@@ -3,8 +3,10 @@
 `runbooks serve` builds one deployment per registry entry whose flow exists (schedules in
 $RUNBOOKS_TIMEZONE, default parameters, tags, a concurrency limit) and serves them with Prefect's
 ``serve()``, polling every ``--poll`` seconds so a click in the UI or an alert starts within seconds.
-Default parameters that point at saved Blocks which do not exist are left out, with one log line each; every
-Block type of `blocks` is registered first, so the Blocks catalog offers all of them.
+Default parameters that point at saved Blocks are sent by block document id (what the run form's block picker
+shows); those whose Block is not saved yet are left out, with one log line each, and filled in once it is saved.
+The server checks each run's parameters against the flow's schema before the run is created.
+Every Block type of `blocks` is registered first, so the Blocks catalog offers all of them.
 
 `runbooks up` is the whole local stack in one command: a Prefect server on SQLite (UI included) under
 ``--home``, `runbooks serve` and the Alertmanager bridge, each its own process; Ctrl-C (or SIGTERM)
@@ -21,6 +23,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.registry import Discovered, block_slug, discover, schedule_timezone
+from tasks.process import stop_process
 
 log = logging.getLogger("runbooks.serve")
 
@@ -41,20 +45,20 @@ STOP_TIMEOUT = 20.0
 # -- serve -------------------------------------------------------------------------------------------------
 
 
-def existing_block_slugs(slugs: set[str]) -> set[str]:
-    """Which of ``slugs`` (``<block-type-slug>/<name>``) are saved on the Prefect server."""
+def saved_block_ids(slugs: set[str]) -> dict[str, str]:
+    """``{slug: block document id}`` for those of ``slugs`` (``<block-type-slug>/<name>``) saved on the server."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    found = set()
+    found = {}
     with get_client(sync_client=True) as client:
         for slug in sorted(slugs):
             type_slug, _, name = slug.partition("/")
             try:
-                client.read_block_document_by_name(name=name, block_type_slug=type_slug)
+                document = client.read_block_document_by_name(name=name, block_type_slug=type_slug)
             except ObjectNotFound:
                 continue
-            found.add(slug)
+            found[slug] = str(document.id)
     return found
 
 
@@ -71,20 +75,60 @@ def register_block_types() -> list[str]:
     return slugs
 
 
-def usable_parameters(parameters: Mapping[str, Any], blocks: set[str], deployment: str) -> dict[str, Any]:
-    """Default parameters without references to Blocks that are not saved (a run would fail to load them)."""
+def usable_parameters(parameters: Mapping[str, Any], blocks: Mapping[str, str], deployment: str) -> dict[str, Any]:
+    """Default parameters with each saved-Block reference by id, without those whose Block is not saved.
+
+    By id, because the run form's block picker shows a default only as ``{"$ref": {"block_document_id": ...}}``
+    (a reference by slug works for runs, but the picker shows it empty). A Block that is not saved would fail
+    the run: that default is left out until it is saved (:func:`fill_block_defaults`)."""
     kept = {}
     for name, value in parameters.items():
         slug = block_slug(value)
-        if slug is not None and slug not in blocks:
-            log.info("%s: no default for %r: block %s is not saved (create it, or fill the field per run)",
-                     deployment, name, slug)
-            continue
+        if slug is not None:
+            if slug not in blocks:
+                log.info("%s: no default for %r yet: block %s is not saved (it is filled in once saved; or fill "
+                         "the field per run)", deployment, name, slug)
+                continue
+            value = {"$ref": {"block_document_id": blocks[slug]}}
         kept[name] = value
     return kept
 
 
-def deployment_options(item: Discovered, timezone: str, blocks: set[str]) -> dict[str, Any]:
+def fill_block_defaults(found: Sequence[Discovered], missing: set[str], every: float = 5.0,
+                        stop: threading.Event | None = None) -> None:
+    """Until every Block in ``missing`` is saved: each one saved since serve started becomes its deployments'
+    default (the deployment's parameters are updated through the API)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    stop = stop or threading.Event()
+    while missing and not stop.wait(every):
+        try:
+            saved = saved_block_ids(missing)
+            if not saved:
+                continue
+            with get_client(sync_client=True) as client:
+                for item in found:
+                    rb = item.runbook
+                    new = {k: {"$ref": {"block_document_id": saved[s]}} for k, v in rb.parameters.items()
+                           if (s := block_slug(v)) in saved}
+                    if not new:
+                        continue
+                    try:
+                        deployment = client.read_deployment_by_name(rb.name)
+                    except ObjectNotFound:
+                        continue  # not applied yet: the runner applies it with the Block's id
+                    client.update_deployment(deployment.id, DeploymentUpdate(
+                        parameters={**deployment.parameters, **new}))
+                    log.info("%s: default %s now the saved block(s) %s", rb.name, ", ".join(sorted(new)),
+                             ", ".join(sorted(block_slug(rb.parameters[k]) or "" for k in new)))
+            missing -= set(saved)
+        except Exception as exc:  # noqa: BLE001 - an unreachable API now is retried on the next round
+            log.warning("filling in block defaults failed (retried in %.0f s): %s", every, exc)
+
+
+def deployment_options(item: Discovered, timezone: str, blocks: Mapping[str, str]) -> dict[str, Any]:
     """How a discovered runbook is deployed: name, schedules in ``timezone``, defaults, tags, concurrency."""
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
@@ -99,11 +143,50 @@ def deployment_options(item: Discovered, timezone: str, blocks: set[str]) -> dic
                       for cron in rb.schedules],
         "concurrency_limit": rb.concurrency_limit,
         "entrypoint_type": EntrypointType.MODULE_PATH,  # importable by module path, so any cwd works
-        # Prefect 3.8's server-side check rejects every {"$ref": ...} Block parameter of our Blocks (all
-        # their fields have defaults, so the reference also matches the Block's own schema and the oneOf
-        # fails). The flow validates its parameters when the run starts, Block references included.
+        # Off only while the deployment is created: Prefect 3.8.8 checks a new deployment's defaults with a
+        # validator that knows no Block references. serve_flows switches it on right after (enforce_schemas).
         "enforce_parameter_schema": False,
     }
+
+
+def enforce_schemas(deployment_ids: Sequence[Any]) -> None:
+    """The server checks every run's parameters against the flow's schema before the run is created.
+
+    A form's mistake (``compression_level=40``) is refused with the field and the reason, whether or not
+    the form's "Validate parameters" box is ticked (it starts ticked); saved-Block references pass
+    (blocks/_reference.py)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    with get_client(sync_client=True) as client:
+        for deployment_id in deployment_ids:
+            client.update_deployment(deployment_id, DeploymentUpdate(enforce_parameter_schema=True))
+
+
+def _runner_class() -> type:
+    from prefect.runner import Runner
+
+    class QuietStopRunner(Runner):
+        """Prefect's Runner, stopped on SIGTERM by awaiting its ``astop()`` on the runner's loop.
+
+        Prefect 3.8.8's own handler calls ``stop()`` from inside the running loop, where it dispatches to
+        ``astop()`` and returns a coroutine nobody awaits ("coroutine 'Runner.astop' was never awaited"),
+        then exits the process mid-loop."""
+
+        def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+            import asyncio
+
+            self._logger.info("SIGTERM received, shutting down")
+            if not self.started:
+                raise KeyboardInterrupt  # not polling yet: unwound like Ctrl-C
+            loop = asyncio.get_event_loop()  # the runner's, running in this (the main) thread
+
+            def stop() -> None:
+                self._stopping = loop.create_task(self.astop())
+
+            loop.call_soon_threadsafe(stop)  # wakes the loop
+
+    return QuietStopRunner
 
 
 def serve_flows(flows: Sequence[tuple[Any, dict[str, Any]]], *, poll: float, limit: int | None,
@@ -118,22 +201,20 @@ def serve_flows(flows: Sequence[tuple[Any, dict[str, Any]]], *, poll: float, lim
     import asyncio
 
     from prefect.exceptions import TerminationSignal
-    from prefect.runner import Runner
 
     from deployments import forkserver
 
-    runner = Runner(query_seconds=poll, limit=limit)
+    runner = _runner_class()(query_seconds=poll, limit=limit)
     if not forkserver.pickle_flows_by_reference():
         # Pickled by value, a runbook's Annotated parameters would not validate: Prefect's own serve() path.
         log.warning("runs start as `python -m prefect.engine` (handing flows to the runner is not checked for this "
                     "Prefect version)")
-        for flow, options in flows:
-            runner.add_deployment(flow.to_deployment(**options))
+        ids = [runner.add_deployment(flow.to_deployment(**options)) for flow, options in flows]
     else:
         if start_method == "forkserver" and not forkserver.install(sorted({f.fn.__module__ for f, _ in flows})):
             log.warning("flow runs start with Prefect's spawn (forkserver start not checked for this Prefect)")
-        for flow, options in flows:
-            runner.add_flow(flow, **options)
+        ids = [runner.add_flow(flow, **options) for flow, options in flows]
+    enforce_schemas(ids)
     try:
         asyncio.run(runner.start())
     except (KeyboardInterrupt, TerminationSignal) as exc:
@@ -158,7 +239,10 @@ def serve_main(args: argparse.Namespace) -> int:
         return 2
     log.info("block types registered: %s", ", ".join(register_block_types()))
     slugs = {s for item in found for v in item.runbook.parameters.values() if (s := block_slug(v))}
-    blocks = existing_block_slugs(slugs)
+    blocks = saved_block_ids(slugs)
+    if slugs - set(blocks):
+        threading.Thread(target=fill_block_defaults, args=(found, slugs - set(blocks)), name="block-defaults",
+                         daemon=True).start()
     log.info("serving %d runbooks (schedules in %s, poll every %.1f s, runs start by %s): %s", len(found), timezone,
              args.poll, args.start_method, ", ".join(item.runbook.name for item in found))
     serve_flows([(item.flow, deployment_options(item, timezone, blocks)) for item in found], poll=args.poll,
@@ -177,7 +261,7 @@ def _set_parent_death_signal() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
-class Stack:
+class ChildProcesses:
     """Child processes started in order and stopped in reverse; each in its own process group."""
 
     def __init__(self, home: Path) -> None:
@@ -208,19 +292,8 @@ class Stack:
 
     def stop(self) -> None:
         for name, proc in reversed(self.children):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    log.warning("%s did not stop within %.0f s: killing it", name, STOP_TIMEOUT)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            # whatever the child left in its group (a flow run subprocess, uvicorn workers)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            if stop_process(proc, timeout=STOP_TIMEOUT, group=True):
+                log.warning("%s did not stop within %.0f s: killed", name, STOP_TIMEOUT)
             log.info("%s stopped (exit %s)", name, proc.returncode)
 
 
@@ -284,7 +357,7 @@ def api_auth_string(host: str, auth_file: str | None, environ: Mapping[str, str]
     From ``--api-auth-file`` or $PREFECT_SERVER_API_AUTH_STRING / $PREFECT_API_AUTH_STRING. Bound to anything
     but loopback, the API refuses to start without one: whoever reaches an open API can start any runbook."""
     if auth_file:
-        from deployments.webhook import read_secret_file
+        from deployments.bridge.auth import read_secret_file
 
         value, source = read_secret_file(auth_file), auth_file
     else:
@@ -339,14 +412,13 @@ def up_main(args: argparse.Namespace, *, before_serve: Callable[[Mapping[str, st
 
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
-    stack = Stack(home)
+    children = ChildProcesses(home)
     started = time.monotonic()
     try:
         # --server-nice > 0: the server yields the CPU to the bridge when a burst of alerts makes it create runs.
-        # Not the default: with 5, alert -> Running p95 measured 5.3 and 9.8 s (4.6, 4.8, 5.6 s without), and the
-        # bridge's p99 showed no clear gain over the noise of a 2-core machine.
-        server = stack.start("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host",
-                                                args.host, "--port", str(args.port)], env, nice=args.server_nice)
+        # Off by default: it delays alert -> Running, and the bridge gains no clear margin from it.
+        server = children.start("prefect-server", [sys.executable, "-m", "prefect", "server", "start", "--host",
+                                                   args.host, "--port", str(args.port)], env, nice=args.server_nice)
         wait_for_api(api_url, server, SERVER_START_TIMEOUT)
         log.info("Prefect server and UI on http://%s:%d (%.1f s)", args.host, args.port, time.monotonic() - started)
         if before_serve is not None:
@@ -354,7 +426,7 @@ def up_main(args: argparse.Namespace, *, before_serve: Callable[[Mapping[str, st
         serve_argv = [*runbooks, "serve", "--poll", str(args.poll), "--start-method", args.start_method]
         for name in args.only or []:
             serve_argv += ["--only", name]
-        stack.start("serve", serve_argv, env)
+        children.start("serve", serve_argv, env)
         webhook_argv = [*runbooks, "webhook", "--host", args.webhook_host, "--port", str(args.webhook_port)]
         if token_file is not None:
             webhook_argv += ["--token-file", token_file]
@@ -364,7 +436,7 @@ def up_main(args: argparse.Namespace, *, before_serve: Callable[[Mapping[str, st
                             ("--tls-client-ca", args.webhook_tls_client_ca)):
             if value:
                 webhook_argv += [flag, value]  # file names, not secrets
-        stack.start("webhook", webhook_argv, env)
+        children.start("webhook", webhook_argv, env)
         scheme = "https" if args.webhook_tls_cert else "http"
         print(f"runbooks up: UI http://{args.host}:{args.port}  bridge "
               f"{scheme}://{args.webhook_host}:{args.webhook_port}/alertmanager ({token_note}); {auth_note};  "
@@ -372,7 +444,7 @@ def up_main(args: argparse.Namespace, *, before_serve: Callable[[Mapping[str, st
         if on_ready is not None:
             on_ready()
         while True:
-            gone = stack.exited()
+            gone = children.exited()
             if gone:
                 log.error("%s exited with %s; stopping the stack (see %s)", gone[0], gone[1],
                           home / f"{gone[0]}.log")
@@ -387,7 +459,7 @@ def up_main(args: argparse.Namespace, *, before_serve: Callable[[Mapping[str, st
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stack.stop()
+        children.stop()
 
 
 # -- command line ------------------------------------------------------------------------------------------

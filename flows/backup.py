@@ -16,13 +16,13 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.runtime import flow_run as current_run
 from pydantic import BaseModel
 
+from blocks.errors import ConfigurationError
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
-from blocks.store import BackupStore
+from blocks.store import DEFAULT_STORE, BackupStore
 from blocks.weaviate import WeaviateConnection
 from flows._form import param
 from tasks.approval import refused_at_start
-from tasks.errors import ConfigurationError
 from tasks.files import archive_directory
 from tasks.log import run_logger
 from tasks.manifest import Manifest, Part, build_manifest, human_size, new_set_id
@@ -34,8 +34,6 @@ from tasks.redis import snapshot_redis
 from tasks.store import discard_incomplete_set, write_manifest
 from tasks.validate import check_database_name, check_local_path, check_tag
 from tasks.weaviate import snapshot_weaviate
-
-DEFAULT_STORE = "file:///var/backups/runbooks"
 
 
 class BackupResult(BaseModel):

@@ -29,6 +29,7 @@ from prefect.states import Cancelled, State
 from pydantic import BaseModel, Field
 
 from blocks.app import AppEndpoint
+from blocks.errors import ConfigurationError, RestoreFailed
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
@@ -45,7 +46,6 @@ from tasks.databases import (
     swap_in_databases,
     swap_out_databases,
 )
-from tasks.errors import ConfigurationError, RestoreFailed
 from tasks.files import (
     extract_archive,
     preflight_directory_swap,
@@ -59,9 +59,9 @@ from tasks.manifest import Manifest, Part, human_size, set_time
 from tasks.metrics import push_flow_run_metrics
 from tasks.notify import notify_hook
 from tasks.postgres import restore_database, restore_globals
-from tasks.recovery import Journal, Target, describe, read_journals, safety_copy_key, unfinished, write_journal
+from tasks.recovery import Journal, Target, describe, find_unfinished_recoveries, safety_copy_key, write_journal
 from tasks.redis import preflight_redis_restore, restore_redis, snapshot_redis
-from tasks.store import StagedPart, find_set, stage_part
+from tasks.store import StagedPart, find_backup_set, stage_part
 from tasks.undo import UndoStack
 from tasks.weaviate import drop_collections, preflight_weaviate_restore, restore_weaviate
 
@@ -155,7 +155,7 @@ def disaster_recovery(
         raise ConfigurationError("mode=in-place needs confirm=True; nothing was changed")
     if not keep_safety_copy and mode != "in-place":
         raise ConfigurationError("keep_safety_copy=False is for mode=in-place; nothing was changed")
-    manifest = find_set(store.get_client(), backup_id, prefer_verified=True)
+    manifest = find_backup_set(store, backup_id, prefer_verified=True)
     parts = _choose_parts(manifest, components, databases)
     _check_targets(parts, postgres, redis, weaviate)
     lock_targets = _target_names(parts, postgres, redis, files_targets, weaviate)
@@ -290,7 +290,7 @@ def _new_journal(manifest: Manifest, parts: list[Part], postgres: PostgresConnec
 
 
 def _refuse_after_a_dead_recovery(store: BackupStore, journal: Journal) -> None:
-    stuck = unfinished(read_journals(store.get_client()), {t.live for t in journal.targets})
+    stuck = find_unfinished_recoveries(store, {t.live for t in journal.targets})
     if stuck:
         raise ConfigurationError(
             "an earlier recovery of these targets stopped while changing them; production may be mixed. "
@@ -608,7 +608,7 @@ def _report(journal: Journal, manifest: Manifest, mode: str, rto: dict[str, floa
     lines = [f"# Recovery `{journal.recovery_id}` from `{manifest.set_id}` ({mode})", "",
              f"**{_OUTCOME.get(journal.phase, journal.phase)}**", ""]
     if journal.error:
-        lines += [f"Error at: {journal.error}", ""]
+        lines += ["Error at: `" + journal.error.replace("`", "'") + "`", ""]  # as code: hosts are no mail links
     lines += ["| target | state | restored copy beside | replaced data kept as |", "|---|---|---|---|"]
     for t in journal.targets:
         lines.append(f"| {t.kind} `{t.live}` | {t.state} | {f'`{t.beside}`' if t.beside else '-'} | "

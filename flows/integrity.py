@@ -21,11 +21,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from pydantic import BaseModel, Field
 
+from blocks.errors import IntegrityCheckFailed
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
 from flows._form import DANGER, param
 from tasks.approval import refused_at_start
-from tasks.errors import IntegrityCheckFailed
 from tasks.findings import (
     Check,
     Finding,
@@ -52,7 +52,7 @@ from tasks.integrity import (
 )
 from tasks.locks import ensure_lock, lock_name
 from tasks.log import run_logger
-from tasks.metrics import findings_exposition, push_exposition, push_flow_run_metrics
+from tasks.metrics import findings_registry, push_flow_run_metrics, push_metrics
 from tasks.notify import notify_hook
 from tasks.remediation import (
     indexes_to_reindex,
@@ -83,7 +83,7 @@ class IntegrityReport(BaseModel):
 @task(cache_policy=NO_CACHE)
 def push_findings_metrics(counts: dict[str, int], remediated: int) -> bool:
     """Open findings by severity to the Pushgateway (best effort, as every runbook metric)."""
-    return push_exposition(RUNBOOK, findings_exposition(counts, remediated=remediated, checked_at=time.time()),
+    return push_metrics(RUNBOOK, findings_registry(counts, remediated=remediated, checked_at=time.time()),
                            len(counts) + 2)
 
 
@@ -102,11 +102,12 @@ def db_integrity_check(
     install_amcheck: Annotated[bool, param(
         "Create amcheck", "CREATE EXTENSION amcheck where it is missing. Off by default: such a database is "
         "reported as not checked.")] = False,
-    amcheck: Annotated[AmcheckOptions, param(
-        "amcheck options", "pg_amcheck depth (light by default) and parallel jobs.")] = AmcheckOptions(),  # noqa: B008
-    thresholds: Annotated[Thresholds, param(
-        "Thresholds", "When a risk becomes a finding (transaction ages, wraparound, sequence use, ...); the "
-        "defaults are in docs/integrity.md.")] = Thresholds(),  # noqa: B008
+    amcheck: Annotated[AmcheckOptions | None, param(
+        "amcheck options", "pg_amcheck depth and parallel jobs. Empty: the defaults (light checks, 2 "
+        "jobs).")] = None,
+    thresholds: Annotated[Thresholds | None, param(
+        "Thresholds", "When a risk becomes a finding (transaction ages, wraparound, sequence use, ...). Empty: "
+        "the defaults in docs/integrity.md.")] = None,
     reindex: Annotated[bool, param(
         DANGER + "reindex damaged indexes", "REINDEX INDEX CONCURRENTLY the indexes amcheck flags or that "
         "are invalid. Off by default: they are only reported.")] = False,
@@ -136,6 +137,8 @@ def db_integrity_check(
     if (refused := refused_at_start()) is not None:  # an alert's approval form said reject
         return refused
     log = run_logger()
+    amcheck = amcheck or AmcheckOptions()
+    thresholds = thresholds or Thresholds()
     chosen = list(dict.fromkeys(checks or list(Check)))
     dbs = list_databases(postgres, databases)
     findings: list[Finding] = []
@@ -215,10 +218,10 @@ def db_integrity_check(
     rows = [{**f.row(), "status": "open"} for f in remaining] + [{**f.row(), "status": "fixed"} for f in resolved]
     create_table_artifact(rows or [{"severity": "-", "check": "-", "database": "-", "object": "-",
                                     "detail": "no findings", "action": "-", "status": "-"}],
-                          key="integrity-findings", description=f"{RUNBOOK} of {postgres.describe()}")
+                          key="integrity-findings", description=f"{RUNBOOK} of `{postgres.describe()}`")
     create_markdown_artifact(
         summary_markdown(remaining, remediations, databases=dbs, checks=chosen, fail_on=fail_on, recovery=recovery),
-        key="integrity-report", description=f"{RUNBOOK} of {postgres.describe()}")
+        key="integrity-report", description=f"{RUNBOOK} of `{postgres.describe()}`")
     log.info("%s of %s: %s open (%s), %d change(s) made", RUNBOOK, postgres.describe(), len(remaining), counts,
              len(remediations))
     if failing:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, Field
 
 from blocks.alertmanager import AlertmanagerAPI
 from blocks.app import AppEndpoint
+from blocks.errors import ConfigurationError, RunbookError
 from blocks.kubernetes import KubernetesCluster
 from blocks.postgres import PostgresConnection
 from blocks.prometheus import PrometheusAPI
@@ -43,7 +44,6 @@ from tasks.app import set_maintenance, wait_until_healthy
 from tasks.approval import refused_at_start
 from tasks.compose import ComposeProject, check_variables, env_values, pull_and_up, set_env_lines, wait_compose_healthy
 from tasks.drain import DrainTimeout, wait_until_drained
-from tasks.errors import ConfigurationError, RunbookError
 from tasks.housekeeping import (
     HousekeepingResult,
     Step,
@@ -66,7 +66,7 @@ from tasks.locks import ensure_lock, lock_name
 from tasks.log import run_logger
 from tasks.metrics import push_flow_run_metrics
 from tasks.notify import notify_hook
-from tasks.pitr import create_restore_point
+from tasks.pitr.restore_points import create_restore_point
 from tasks.prometheus import CheckResult, MetricCheck, MetricCheckFailed, check_metric
 from tasks.ssh import read_remote_file, run_remote, write_remote_file
 from tasks.undo import UndoStack
@@ -600,12 +600,12 @@ def _migrate(window: Window, target: str, cluster: KubernetesCluster | None, ns:
             else list(command)
         result = run_remote(ssh, argv, check=False, timeout_seconds=timeout)
         logs = {ssh.describe(): result.stdout + result.stderr}
-        where, ok, why = f"`{' '.join(command)}` on {ssh.describe()}", result.exit_code == 0, \
+        where, ok, why = f"`{' '.join(command)}` on `{ssh.describe()}`", result.exit_code == 0, \
             f"exit {result.exit_code}"
     lines = [f"# Migration: {where}: {'succeeded' if ok else 'FAILED (' + why + ')'}", ""]
     for source, text in logs.items():
         tail = text[-MAX_LOG_CHARS:]
-        lines += [f"## {source}", "", "```", tail.replace("```", "'''"), "```", ""]
+        lines += [f"## `{source}`", "", "```", tail.replace("```", "'''"), "```", ""]
     create_markdown_artifact("\n".join(lines), key="maintenance-migration-logs",
                              description="Migration output")
     window.migration = f"{where}: {'succeeded' if ok else 'FAILED: ' + why}"

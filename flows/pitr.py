@@ -21,31 +21,22 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run as current_run
 from pydantic import BaseModel, Field
 
+from blocks.errors import RestoreFailed
 from blocks.postgres import PostgresConnection
-from blocks.store import BackupStore
+from blocks.store import DEFAULT_STORE, BackupStore
 from flows._form import DANGER, param
-from flows.backup import DEFAULT_STORE, runbooks_version
+from flows.backup import runbooks_version
 from tasks.approval import refused_at_start
-from tasks.errors import RestoreFailed
 from tasks.log import run_logger
 from tasks.manifest import PhysicalBackup, build_manifest, human_size, new_set_id
 from tasks.metrics import runbook_metrics_hooks
-from tasks.pitr import (
-    check_pitr_ready,
-    check_restore_command,
-    check_restore_target,
-    configure_recovery,
-    expire_pitr_backups,
-    extract_base_backup,
-    plan_restore,
-    start_restored_cluster,
-    take_base_backup,
-    target_problems,
-    verify_base_backup,
-    verify_restored_files,
-    wait_for_backup_wal,
-    wait_for_recovery,
-)
+from tasks.pitr.base_backup import take_base_backup, verify_base_backup, wait_for_backup_wal
+from tasks.pitr.extract import check_restore_target, extract_base_backup, verify_restored_files
+from tasks.pitr.planning import plan_restore
+from tasks.pitr.preflight import check_pitr_ready
+from tasks.pitr.recovery import start_restored_cluster, target_problems, wait_for_recovery
+from tasks.pitr.recovery_config import check_restore_command, configure_recovery
+from tasks.pitr.retention import expire_pitr_backups
 from tasks.store import discard_incomplete_set, write_manifest
 from tasks.wal import (
     RecoveryTarget,

@@ -13,6 +13,7 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
+from blocks.errors import ConfigurationError
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
@@ -20,14 +21,13 @@ from blocks.weaviate import WeaviateConnection
 from flows._form import DANGER, param
 from tasks.approval import refused_at_start
 from tasks.databases import existing_databases, side_name
-from tasks.errors import ConfigurationError
 from tasks.files import extract_archive
 from tasks.log import run_logger
 from tasks.manifest import encode_name
 from tasks.postgres import restore_database, restore_globals
 from tasks.recovery import safety_copy_key
 from tasks.redis import check_redis_empty, restore_redis, snapshot_redis
-from tasks.store import find_set
+from tasks.store import find_backup_set
 from tasks.weaviate import preflight_weaviate_restore, restore_weaviate
 
 
@@ -77,7 +77,7 @@ def restore_set(
         return refused
     log = run_logger()
     started = time.monotonic()
-    manifest = find_set(store.get_client(), backup_id)
+    manifest = find_backup_set(store, backup_id)
     log.info("restoring set %s from %s", manifest.set_id, store.describe())
     wanted = {p.kind for p in manifest.parts}
     if wanted == {"pgbase"}:

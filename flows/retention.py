@@ -19,7 +19,7 @@ from tasks.approval import refused_at_start
 from tasks.log import run_logger
 from tasks.manifest import human_size
 from tasks.metrics import runbook_metrics_hooks
-from tasks.pitr import PitrRetention, expire_pitr_backups
+from tasks.pitr.retention import PitrRetention, expire_pitr_backups
 from tasks.retention import (
     Decision,
     RetentionPolicy,

@@ -34,6 +34,7 @@ from prefect.states import Cancelled, State
 from pydantic import BaseModel, Field
 
 from blocks.app import AppEndpoint
+from blocks.errors import ConfigurationError, RunbookError
 from blocks.kubernetes import KubernetesCluster
 from blocks.prometheus import PrometheusAPI
 from blocks.ssh import SSHHost
@@ -52,7 +53,6 @@ from tasks.compose import (
     stop_project,
     wait_compose_healthy,
 )
-from tasks.errors import ConfigurationError, RunbookError
 from tasks.kubernetes import (
     DeploymentState,
     RollbackPlan,

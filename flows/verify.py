@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_run
 from pydantic import BaseModel
 
+from blocks.errors import ConfigurationError, RunbookError, VerificationFailed
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
@@ -22,7 +23,6 @@ from blocks.weaviate import WeaviateConnection
 from flows._form import param
 from tasks.approval import refused_at_start
 from tasks.databases import existing_databases, side_name
-from tasks.errors import ConfigurationError, RunbookError, VerificationFailed
 from tasks.files import extract_archive
 from tasks.log import run_logger
 from tasks.manifest import Verification
@@ -36,8 +36,9 @@ from tasks.postgres import (
     run_amcheck,
 )
 from tasks.redis import restore_redis
-from tasks.scratch import ScratchPostgres, ScratchRedis
-from tasks.store import find_set, record_verification, stage_part
+from tasks.scratch import ScratchPostgres
+from tasks.scratch_redis import ScratchRedis
+from tasks.store import find_backup_set, record_verification, stage_part
 from tasks.weaviate import check_weaviate_backup, drop_collections, preflight_weaviate_restore, restore_weaviate
 
 
@@ -76,7 +77,7 @@ def verify_backup(
         "Drill PostgreSQL server", "A drill server to restore into (scratch databases, dropped after). "
         "Empty (default): a temporary cluster started on this host, removed after.")] = None,
     amcheck: Annotated[bool, param(
-        "amcheck", "Run pg_amcheck on the restored databases. On by default.")] = True,
+        "Run amcheck", "Run pg_amcheck on the restored databases. On by default.")] = True,
     heapallindexed: Annotated[bool, param(
         "amcheck: every heap tuple indexed", "pg_amcheck --heapallindexed: also checks that every row is in "
         "its indexes; slower. Off by default.")] = False,
@@ -95,7 +96,7 @@ def verify_backup(
     if (refused := refused_at_start()) is not None:  # an alert's approval form said reject
         return refused
     log = run_logger()
-    manifest = find_set(store.get_client(), backup_id)
+    manifest = find_backup_set(store, backup_id)
     if {p.kind for p in manifest.parts} == {"pgbase"}:
         raise ConfigurationError(f"set {manifest.set_id} is a PITR base backup: pitr-base-backup verifies it "
                                  "against backup_manifest, and pitr-restore restores it")

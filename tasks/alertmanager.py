@@ -18,7 +18,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.alertmanager import AlertmanagerAPI
-from tasks.errors import ConfigurationError, ConnectionFailed, RunbookError
+from blocks.errors import ConfigurationError, ConnectionFailed, RunbookError
 from tasks.log import run_logger
 
 _MATCHER = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*(.*?)\s*$")

@@ -10,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.app import AppEndpoint
-from tasks.errors import RunbookError
+from blocks.errors import RunbookError
 from tasks.log import run_logger
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from blocks.errors import ConfigurationError, RunbookError
 from blocks.ssh import SSHHost
-from tasks.errors import ConfigurationError, RunbookError
 from tasks.log import run_logger
 from tasks.ssh import run_remote
 

@@ -17,8 +17,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 
+from blocks.errors import ConfigurationError, PreflightFailed, RestoreFailed
 from blocks.postgres import PostgresConnection
-from tasks.errors import ConfigurationError, PreflightFailed, RestoreFailed
 from tasks.log import run_logger
 from tasks.manifest import DatabaseProperties, RoleSettings
 from tasks.retry import retry_transient

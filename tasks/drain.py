@@ -13,8 +13,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.app import AppEndpoint
+from blocks.errors import ConfigurationError, RunbookError
 from blocks.postgres import PostgresConnection
-from tasks.errors import ConfigurationError, RunbookError
 from tasks.log import run_logger
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from blocks.errors import ConfigurationError, PreflightFailed, VerificationFailed
 from blocks.store import BackupStore
-from tasks.errors import ConfigurationError, PreflightFailed, VerificationFailed
 from tasks.log import run_logger
 from tasks.manifest import FilesSummary, Part, part_key
 from tasks.progress import Progress

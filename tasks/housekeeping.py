@@ -16,8 +16,8 @@ from typing import Literal
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from blocks.errors import ConfigurationError, RunbookError
 from blocks.ssh import SSHHost
-from tasks.errors import ConfigurationError, RunbookError
 from tasks.log import run_logger
 from tasks.ssh import run_remote
 

@@ -20,8 +20,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
+from blocks.errors import AmcheckFailed, ConfigurationError, RunbookError
 from blocks.postgres import PostgresConnection
-from tasks.errors import AmcheckFailed, ConfigurationError, RunbookError
 from tasks.findings import (
     Check,
     Finding,

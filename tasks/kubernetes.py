@@ -23,8 +23,8 @@ from kubernetes.client.exceptions import ApiException
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from blocks.errors import ConfigurationError, RunbookError
 from blocks.kubernetes import KubernetesCluster
-from tasks.errors import ConfigurationError, RunbookError
 from tasks.log import run_logger
 
 REVISION = "deployment.kubernetes.io/revision"

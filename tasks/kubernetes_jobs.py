@@ -16,8 +16,8 @@ from kubernetes.client.exceptions import ApiException
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from blocks.errors import ConfigurationError, RunbookError
 from blocks.kubernetes import KubernetesCluster
-from tasks.errors import ConfigurationError, RunbookError
 from tasks.kubernetes import _api_error, _json
 from tasks.log import run_logger
 

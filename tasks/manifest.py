@@ -15,7 +15,7 @@ from urllib.parse import quote, unquote
 
 from pydantic import BaseModel, Field, ValidationError
 
-from tasks.errors import ConfigurationError, StoreError
+from blocks.errors import ConfigurationError, StoreError
 
 MANIFEST_NAME = "manifest.json"
 VERIFICATION_NAME = "verification.json"

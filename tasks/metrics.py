@@ -19,12 +19,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, generate_latest, pushadd_to_gateway
 
 PUSHGATEWAY_ENV = "RUNBOOKS_PUSHGATEWAY_URL"
 JOB = "runbooks"
@@ -40,12 +40,16 @@ class RunMetrics:
     runbook: str
     values: Mapping[str, tuple[str, float]]
 
+    def registry(self) -> CollectorRegistry:
+        """The values as gauges in a registry of their own (what ``push_metrics`` sends)."""
+        registry = CollectorRegistry()
+        for name, (help_text, value) in sorted(self.values.items()):
+            Gauge(name, help_text, registry=registry).set(value)
+        return registry
+
     def exposition(self) -> str:
         """Prometheus text format (what the Pushgateway takes)."""
-        lines = []
-        for name, (help_text, value) in sorted(self.values.items()):
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value!r}"]
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry()).decode()
 
 
 def run_metrics(runbook: str, *, success: bool, finished_at: float, duration_seconds: float | None,
@@ -68,48 +72,40 @@ def run_metrics(runbook: str, *, success: bool, finished_at: float, duration_sec
     return RunMetrics(runbook, values)
 
 
-def group_url(gateway: str, runbook: str) -> str:
-    """The Pushgateway group URL for one runbook (label values path-escaped)."""
-    return f"{gateway.rstrip('/')}/metrics/job/{JOB}/runbook/{urllib.parse.quote(runbook, safe='')}"
-
-
 def push_run_metrics(metrics: RunMetrics, gateway: str | None = None) -> bool:
     """POST (replace only these metric names) to the Pushgateway; False, logged, if it could not be done."""
-    return push_exposition(metrics.runbook, metrics.exposition(), len(metrics.values), gateway)
+    return push_metrics(metrics.runbook, metrics.registry(), len(metrics.values), gateway)
 
 
-def push_exposition(runbook: str, text: str, count: int, gateway: str | None = None) -> bool:
-    """POST Prometheus text to the runbook's Pushgateway group; False, logged, if it could not be done."""
+def push_metrics(runbook: str, registry: CollectorRegistry, count: int, gateway: str | None = None) -> bool:
+    """POST a registry to the runbook's Pushgateway group (``job="runbooks", runbook=<name>``), replacing only
+    the metric names it holds; False, logged, if it could not be done."""
     gateway = gateway or os.environ.get(PUSHGATEWAY_ENV)
     if not gateway:
         return False
-    url = group_url(gateway, runbook)
-    request = urllib.request.Request(url, data=text.encode(), method="POST",  # noqa: S310
-                                     headers={"Content-Type": "text/plain; version=0.0.4"})
+    where = urllib.parse.urlsplit(gateway).netloc or gateway
     try:
-        with urllib.request.urlopen(request, timeout=PUSH_TIMEOUT) as response:  # noqa: S310 - operator's URL
-            ok = 200 <= response.status < 300
-    except (urllib.error.URLError, OSError) as exc:
-        log.warning("could not push metrics of %s to the Pushgateway %s: %s", runbook,
-                    urllib.parse.urlsplit(gateway).netloc, exc)
+        pushadd_to_gateway(gateway, job=JOB, registry=registry, grouping_key={"runbook": runbook},
+                           timeout=PUSH_TIMEOUT)
+    except OSError as exc:  # URLError, an HTTP error status, a refused connection
+        log.warning("could not push metrics of %s to the Pushgateway %s: %s", runbook, where, exc)
         return False
-    if ok:
-        log.info("pushed %d metrics of %s to %s", count, runbook, urllib.parse.urlsplit(gateway).netloc)
-    return ok
+    log.info("pushed %d metrics of %s to %s", count, runbook, where)
+    return True
 
 
-def findings_exposition(counts: Mapping[str, int], *, remediated: int, checked_at: float) -> str:
+def findings_registry(counts: Mapping[str, int], *, remediated: int, checked_at: float) -> CollectorRegistry:
     """db-integrity-check's own metrics (pure): findings still open by severity, changes made, when it ran."""
-    lines = ["# HELP runbooks_integrity_findings Findings of the last db-integrity-check run still open, by severity.",
-             "# TYPE runbooks_integrity_findings gauge"]
-    lines += [f'runbooks_integrity_findings{{severity="{severity}"}} {float(n)!r}'
-              for severity, n in sorted(counts.items())]
-    lines += ["# HELP runbooks_integrity_remediations Changes the last db-integrity-check run made successfully.",
-              "# TYPE runbooks_integrity_remediations gauge", f"runbooks_integrity_remediations {float(remediated)!r}",
-              "# HELP runbooks_integrity_last_check_timestamp_seconds When db-integrity-check last finished.",
-              "# TYPE runbooks_integrity_last_check_timestamp_seconds gauge",
-              f"runbooks_integrity_last_check_timestamp_seconds {checked_at!r}"]
-    return "\n".join(lines) + "\n"
+    registry = CollectorRegistry()
+    findings = Gauge("runbooks_integrity_findings", "Findings of the last db-integrity-check run still open, "
+                     "by severity.", ["severity"], registry=registry)
+    for severity, n in sorted(counts.items()):
+        findings.labels(severity).set(n)
+    Gauge("runbooks_integrity_remediations", "Changes the last db-integrity-check run made successfully.",
+          registry=registry).set(remediated)
+    Gauge("runbooks_integrity_last_check_timestamp_seconds", "When db-integrity-check last finished.",
+          registry=registry).set(checked_at)
+    return registry
 
 
 def _size_of(result: Any) -> int | None:

@@ -15,6 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 
+from blocks.errors import ConfigurationError, DumpFailed, RestoreFailed, RunbookError, VerificationFailed
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
 from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError
@@ -26,7 +27,6 @@ from tasks.databases import (
     missing_roles,
     read_properties,
 )
-from tasks.errors import ConfigurationError, DumpFailed, RestoreFailed, RunbookError, VerificationFailed
 from tasks.findings import pattern_literal
 from tasks.log import run_logger
 from tasks.manifest import DatabaseProperties, Part, TableChecksum, part_key

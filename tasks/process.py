@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import cache
-from typing import IO
+from types import TracebackType
+from typing import IO, Any, Self
 
-from tasks.errors import ConfigurationError
+from blocks.errors import ConfigurationError
 
 # Only these variables of our own environment reach child tools; the rest (tokens, API keys) stay here.
 _PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY", "PGPASSFILE")
@@ -146,3 +148,50 @@ def run(argv: list[str], *, env: Mapping[str, str], input_bytes: bytes | None = 
 
 def describe_exit(code: int) -> str:
     return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
+class Service:
+    """Something a test, a drill or the demo starts and stops (a scratch server, the S3 sandbox, a fault proxy):
+    ``start()`` returns once it serves, ``stop()`` is safe to call twice; as a context manager it is started on
+    entry and stopped on exit."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def stop_process(proc: subprocess.Popen[Any], *, timeout: float, group: bool = False) -> bool:
+    """SIGTERM ``proc``, SIGKILL it if it has not exited after ``timeout`` seconds, and reap it. With ``group``
+    (a child started with ``start_new_session=True``) the signals go to its process group, and whatever the
+    leader left in the group is killed as well. Returns True when SIGKILL was needed. Safe to call twice."""
+
+    def send(signum: int) -> None:
+        with suppress(ProcessLookupError, PermissionError):
+            if group:
+                os.killpg(proc.pid, signum)
+            elif proc.poll() is None:
+                proc.send_signal(signum)
+
+    killed = False
+    if proc.poll() is None:
+        send(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            send(signal.SIGKILL)
+            killed = True
+    if group:
+        send(signal.SIGKILL)  # the rest of the group: a flow run's subprocess, uvicorn workers, weed's children
+    with suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+    return killed

@@ -12,8 +12,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
+from blocks.errors import ConfigurationError, ConnectionFailed, RunbookError
 from blocks.prometheus import PrometheusAPI
-from tasks.errors import ConfigurationError, ConnectionFailed, RunbookError
 from tasks.log import run_logger
 
 

@@ -14,8 +14,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
+from blocks.errors import ConfigurationError
 from blocks.store import BackupStore, StoreClient
-from tasks.errors import ConfigurationError
 from tasks.manifest import JsonRecord, Part
 from tasks.retry import retry_transient
 
@@ -107,6 +107,12 @@ def unfinished(journals: list[Journal], lives: set[str]) -> list[Journal]:
     mixed, so no new recovery of those targets may start before an operator looked."""
     return [j for j in journals if j.phase in ("commit", "undo", "mixed")
             and any(t.live in lives and t.state != "untouched" for t in j.targets)]
+
+
+@task(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
+def find_unfinished_recoveries(store: BackupStore, lives: set[str]) -> list[Journal]:
+    """``unfinished`` over the store's journals: recoveries of ``lives`` that stopped while changing them."""
+    return unfinished(read_journals(store.get_client()), lives)
 
 
 def describe(journal: Journal) -> str:

@@ -21,9 +21,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 
+from blocks.errors import RunbookError
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
-from tasks.errors import RunbookError
 from tasks.findings import Finding, Remediation, qualified
 from tasks.integrity import RUNBOOK_APPLICATION
 from tasks.log import run_logger
@@ -208,7 +208,7 @@ def vacuum_table(pg: PostgresConnection, finding: Finding) -> Remediation:
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def recovery_options(store: BackupStore | None, heap_findings: list[Finding]) -> str:
     """What to restore from when table data is damaged: the newest verified backup set and the PITR choices."""
-    from tasks.pitr import base_backups
+    from tasks.pitr.planning import base_backups
     from tasks.store import find_set, read_verification
 
     tables = ", ".join(f"`{f.database}`: `{f.object}`" for f in heap_findings)

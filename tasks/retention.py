@@ -14,8 +14,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
+from blocks.errors import ConfigurationError, RunbookError
 from blocks.store import BackupStore, StoredObject
-from tasks.errors import ConfigurationError, RunbookError
 from tasks.log import run_logger
 from tasks.manifest import (
     SETS_PREFIX,
@@ -331,6 +331,6 @@ def abort_stale_uploads(store: BackupStore, older_than: timedelta) -> int:
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def physical_backup_ids(store: BackupStore) -> list[str]:
     """Sets that are PITR base backups: the PITR policy (``expire_pitr_backups``) decides about those."""
-    from tasks.pitr import base_backups
+    from tasks.pitr.planning import base_backups
 
     return [m.set_id for m in base_backups(store.get_client())]

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.errors import BackupNotFound, ChecksumMismatch, ConfigurationError, ObjectExists, VerificationFailed
+from blocks.errors import (
+    BackupNotFound,
+    ChecksumMismatch,
+    ConfigurationError,
+    ObjectExists,
+    RestoreFailed,
+    VerificationFailed,
+)
 
 PERMANENT = (BackupNotFound, ChecksumMismatch, ConfigurationError, ObjectExists, VerificationFailed)
 
@@ -22,3 +29,14 @@ def retry_transient(_task: Any, _task_run: Any, state: Any) -> bool:
     except Exception:  # noqa: BLE001 - anything else is worth another try
         return True
     return True
+
+
+def retry_unless_permanent(task: Any, task_run: Any, state: Any) -> bool:
+    """``retry_transient``, and never after a failed restore check (a missing WAL segment stays missing)."""
+    try:
+        state.result()
+    except RestoreFailed:
+        return False
+    except Exception:  # noqa: BLE001 - judged by retry_transient below
+        pass
+    return retry_transient(task, task_run, state)

@@ -13,8 +13,8 @@ import paramiko
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from blocks.errors import ConnectionFailed, RunbookError
 from blocks.ssh import SSHHost
-from tasks.errors import ConnectionFailed, RunbookError
 from tasks.log import run_logger
 
 

@@ -14,8 +14,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.backends import private_makedirs
+from blocks.errors import BackupNotFound, ChecksumMismatch, StoreError
 from blocks.store import BackupStore, StoreClient
-from tasks.errors import BackupNotFound, ChecksumMismatch, StoreError
 from tasks.log import run_logger
 from tasks.manifest import (
     Manifest,
@@ -81,6 +81,14 @@ def find_set(client: StoreClient, wanted: str, *, prefer_verified: bool = False)
     hint = f"; nearest: {', '.join(nearest)}" if nearest else "; the store has no complete set"
     what = "no complete backup set" if is_set_id(wanted) else "not a backup set id"
     raise BackupNotFound(f"{what} {wanted!r} in {client.description}{hint}")
+
+
+@task(retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
+def find_backup_set(store: BackupStore, wanted: str, *, prefer_verified: bool = False) -> Manifest:
+    """``find_set`` in the store: the set a restore or drill works from (``latest`` or a set id)."""
+    manifest = find_set(store.get_client(), wanted, prefer_verified=prefer_verified)
+    run_logger().info("backup set %s (%s) in %s", manifest.set_id, wanted, store.get_client().description)
+    return manifest
 
 
 def _drill_passed(client: StoreClient, set_id: str) -> bool:

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from blocks.backends import StoreClient
-from tasks.errors import ChecksumMismatch
+from blocks.errors import ChecksumMismatch
 
 CHUNK = 1024 * 1024
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from tasks.errors import ConfigurationError
+from blocks.errors import ConfigurationError
 
 
 def _control(text: str) -> bool:

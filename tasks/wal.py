@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from tasks.errors import ConfigurationError
+from blocks.errors import ConfigurationError
 
 WAL_PREFIX = "wal/"
 CLUSTER_KEY = "wal/cluster.json"  # which cluster (system identifier) this archive belongs to

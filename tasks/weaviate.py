@@ -19,9 +19,7 @@ import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from blocks.store import BackupStore
-from blocks.weaviate import WeaviateConnection
-from tasks.errors import (
+from blocks.errors import (
     ConfigurationError,
     ConnectionFailed,
     DumpFailed,
@@ -30,6 +28,8 @@ from tasks.errors import (
     RunbookError,
     VerificationFailed,
 )
+from blocks.store import BackupStore
+from blocks.weaviate import WeaviateConnection
 from tasks.log import run_logger
 from tasks.manifest import Part, WeaviateSummary, part_key, set_prefix
 from tasks.retry import retry_transient

@@ -12,7 +12,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from deployments.sandbox import SeaweedS3
-from tasks.scratch import ScratchPostgres, ScratchRedis
+from tasks.process import stop_process
+from tasks.scratch import ScratchPostgres
+from tasks.scratch_redis import ScratchRedis
 from tests.faults import FaultyProxy
 
 S3_BUCKET = "runbooks-test"
@@ -235,13 +237,8 @@ class MonitoringDaemon:
     def stop(self) -> None:
         import shutil
 
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, timeout=10)
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 

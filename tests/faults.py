@@ -12,9 +12,9 @@ import socket
 import struct
 import threading
 import time
-from types import TracebackType
 from typing import Self
 
+from tasks.process import Service
 from tasks.scratch import LOOPBACK
 
 _CHUNK = 64 * 1024
@@ -76,7 +76,7 @@ class _Link:
                 sock.shutdown(socket.SHUT_RD)
 
 
-class FaultyProxy:
+class FaultyProxy(Service):
     """A threaded TCP proxy on a free 127.0.0.1 port in front of ``target_host:target_port``.
 
     Bounded: it stops by itself after ``max_lifetime`` seconds, and all its threads are daemons.
@@ -193,17 +193,6 @@ class FaultyProxy:
         with self._lock:
             self._trip_remaining = n
             self._trip_down_for = down_for_seconds
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- internals ----------------------------------------------------------------------------
     def _drop_all(self) -> None:

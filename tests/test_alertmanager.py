@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import SecretStr
 
+from blocks.errors import ConfigurationError
 from tasks.alertmanager import (
     create_silence,
     expire_silence,
@@ -20,7 +21,6 @@ from tasks.alertmanager import (
     silence_end,
     suppressed_by,
 )
-from tasks.errors import ConfigurationError
 from tests.alertmanager_fixture import Alertmanager
 
 

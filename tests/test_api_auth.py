@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import secrets
-import signal
 import ssl
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tasks.process import stop_process
 from tasks.scratch import free_port
 from tests.tls import TestCA
 
@@ -148,10 +148,4 @@ def test_with_api_auth_unauthenticated_calls_get_401_and_runbooks_bridge_and_ui_
                     if "auth-e2e" in m.tags]
         assert backup.part("files") is not None
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process(proc, timeout=60, group=True)

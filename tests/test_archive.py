@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from blocks.errors import DumpFailed
 from blocks.postgres import PostgresConnection
 from tasks._copyhash import xxh64
 from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError
-from tasks.errors import DumpFailed
 from tasks.manifest import TableChecksum
 from tasks.postgres import _ExitChecked, checksums_like, collect_checksums, compare_checksums, digest_database
 from tasks.process import child_env, pg_tool, spawn

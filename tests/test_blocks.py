@@ -8,10 +8,10 @@ import pytest
 from pydantic import SecretStr
 
 from blocks.backends import StoreURL, parse_store_url
+from blocks.errors import ConfigurationError, ConnectionFailed
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
-from tasks.errors import ConfigurationError, ConnectionFailed
 
 MIB = 1024 * 1024
 

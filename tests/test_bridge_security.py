@@ -23,8 +23,12 @@ import yaml
 from pydantic import SecretStr
 from starlette.testclient import TestClient
 
+from deployments.bridge.app import create_app
+from deployments.bridge.config import BridgeConfig
+from deployments.bridge.runs import PrefectRunStarter
 from deployments.routes import compile_routes, printable
-from deployments.webhook import BridgeConfig, PrefectRunStarter, config_from_args, create_app, tls_options
+from deployments.webhook import config_from_args, tls_options
+from tasks.process import stop_process
 from tasks.scratch import free_port
 from tests.conftest import MonitoringDaemon
 from tests.tls import TestCA
@@ -202,13 +206,7 @@ class BridgeProcess:
         return 0.0
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=10)
 
 
 @pytest.mark.e2e

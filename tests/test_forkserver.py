@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tasks.process import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,12 +69,7 @@ def served_probe(method: str, work: Path) -> Iterator[tuple[subprocess.Popen[byt
         assert state.is_completed(), log_path.read_text()[-3000:]
         yield proc, json.loads(out.read_text())
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_process(proc, timeout=30, group=True)
 
 
 @pytest.mark.usefixtures("prefect_harness")

@@ -15,8 +15,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from blocks.errors import AmcheckFailed, ConfigurationError
 from blocks.postgres import PostgresConnection
-from tasks.errors import AmcheckFailed, ConfigurationError
 from tasks.findings import Check, Finding, Severity
 from tasks.integrity import (
     AmcheckOptions,

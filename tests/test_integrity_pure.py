@@ -28,7 +28,7 @@ from tasks.integrity import (
     session_findings,
     settle_checksum_failures,
 )
-from tasks.metrics import findings_exposition
+from tasks.metrics import findings_registry
 from tasks.remediation import indexes_to_reindex, tables_to_vacuum
 
 
@@ -178,8 +178,11 @@ def test_indexes_to_reindex_never_touches_indexes_of_damaged_tables() -> None:
     assert skipped == [on_damaged]
 
 
-def test_findings_exposition_has_every_severity() -> None:
-    text = findings_exposition({"critical": 2, "info": 0, "warning": 1}, remediated=3, checked_at=1700000000.0)
+def test_findings_metrics_have_every_severity() -> None:
+    from prometheus_client import generate_latest
+
+    registry = findings_registry({"critical": 2, "info": 0, "warning": 1}, remediated=3, checked_at=1700000000.0)
+    text = generate_latest(registry).decode()
     assert 'runbooks_integrity_findings{severity="critical"} 2.0' in text
     assert 'runbooks_integrity_findings{severity="info"} 0.0' in text
     assert "runbooks_integrity_remediations 3.0" in text

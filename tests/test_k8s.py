@@ -131,7 +131,8 @@ def test_secrets_configmaps_and_service_accounts_referenced_exist() -> None:
 
 
 def test_the_bridge_runs_our_cli_with_a_mounted_token_and_routes() -> None:
-    from deployments.webhook import MIN_SECRET_LENGTH, build_parser
+    from deployments.bridge.auth import MIN_SECRET_LENGTH
+    from deployments.webhook import build_parser
 
     [bridge] = _containers("Deployment", "runbooks-bridge")
     assert bridge["command"][:2] == ["runbooks", "webhook"]

@@ -259,8 +259,8 @@ def test_drain_timeout_with_proceed_goes_on(scene: Scene) -> None:
 
 
 def test_bad_input_changes_nothing(scene: Scene) -> None:
+    from blocks.errors import ConfigurationError
     from flows.maintenance import maintenance_window
-    from tasks.errors import ConfigurationError
 
     for bad in [{"silence_matchers": ["env!=prod"]}, {"images": ["api"]}, {"images": ["worker=x:1"]},
                 {"expected_minutes": 2000}]:

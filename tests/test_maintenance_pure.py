@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from blocks.errors import ConfigurationError, RunbookError
 from tasks.drain import count_of
-from tasks.errors import ConfigurationError, RunbookError
 from tasks.kubernetes_jobs import job_name, job_state, migration_job_body
 
 SECRET_ENV = [{"name": "DB", "valueFrom": {"secretKeyRef": {"name": "db", "key": "url"}}}]

@@ -4,7 +4,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tasks.errors import ConfigurationError, StoreError
+from blocks.errors import ConfigurationError, StoreError
 from tasks.manifest import (
     Manifest,
     Part,

@@ -16,9 +16,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from blocks.errors import PreflightFailed, RestoreFailed, WalMissing
 from blocks.postgres import PostgresConnection
-from tasks.errors import PreflightFailed, RestoreFailed, WalMissing
-from tasks.pitr import TarStream, check_backup_manifest, create_restore_point, expire_pitr_backups
+from tasks.pitr.restore_points import create_restore_point
+from tasks.pitr.retention import expire_pitr_backups
+from tasks.pitr.tar import TarStream, check_backup_manifest
 from tasks.scratch import ScratchPostgres, free_port
 from tasks.wal import wal_key
 from tests.test_wal_commands import pgbench, sql, switch_and_wait_archived
@@ -108,7 +110,7 @@ def restored_url(source: Source, port: int) -> str:
 
 
 def test_base_backup_is_complete_verified_and_consistent_with_the_archive(source):
-    from tasks.pitr import base_backups
+    from tasks.pitr.planning import base_backups
 
     [manifest] = [b for b in base_backups(source.archive.client) if b.set_id == source.set_id]
     info = manifest.pitr
@@ -128,7 +130,8 @@ def test_pg_basebackup_and_the_replication_protocol_give_the_same_backup(source)
     import tarfile
 
     from tasks.manifest import BACKUP_MANIFEST, new_set_id
-    from tasks.pitr import base_backups, take_base_backup, verify_base_backup
+    from tasks.pitr.base_backup import take_base_backup, verify_base_backup
+    from tasks.pitr.planning import base_backups
     from tasks.store import discard_incomplete_set
     from tasks.stream import open_decompressed_reader
 
@@ -158,10 +161,10 @@ def test_pg_basebackup_and_the_replication_protocol_give_the_same_backup(source)
 def test_a_base_backup_cut_off_or_with_tablespaces_stores_nothing(fresh_pg, faulty_proxy, tmp_path):
     import threading
 
+    from blocks.errors import BaseBackupFailed
     from blocks.store import BackupStore
-    from tasks.errors import BaseBackupFailed
     from tasks.manifest import new_set_id
-    from tasks.pitr import take_base_backup
+    from tasks.pitr.base_backup import take_base_backup
 
     store = BackupStore.from_url(f"file://{tmp_path / 'store'}")
     conn = PostgresConnection.from_url(fresh_pg.url)
@@ -199,8 +202,8 @@ def test_an_explicit_restore_command_is_an_argv_postgres_runs_quoted_and_shell_s
     through it. Shell syntax in any word is refused before the target directory is made."""
     import shlex
 
+    from blocks.errors import ConfigurationError
     from flows.pitr import pitr_restore
-    from tasks.errors import ConfigurationError
 
     argv = shlex.split(source.archive.restore_command)
     target_dir, port = restores()
@@ -277,7 +280,7 @@ def test_restore_to_an_lsn(source, restores):
 
 def test_a_missing_segment_fails_the_restore_naming_it(source, restores):
     from flows.pitr import pitr_restore
-    from tasks.pitr import base_backups
+    from tasks.pitr.planning import base_backups
 
     client = source.archive.client
     [info] = [b.pitr for b in base_backups(client) if b.set_id == source.set_id]
@@ -357,7 +360,7 @@ def test_tar_stream_follows_members_and_checks_backup_manifest():
 
 def test_retention_expires_old_base_backups_and_only_the_wal_they_needed(source, prefect_harness):
     from flows.pitr import pitr_base_backup
-    from tasks.pitr import base_backups
+    from tasks.pitr.planning import base_backups
 
     client = source.archive.client
     second = pitr_base_backup(postgres=PostgresConnection.from_url(source.pg.url), store=source.store, verify=False)

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from blocks.errors import ConnectionFailed
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
-from tasks.errors import ConnectionFailed
 from tasks.scratch import ScratchPostgres
 from tests.tls import Issued, TestCA
 
@@ -91,7 +91,7 @@ def test_wrong_ca_wrong_host_missing_client_cert_and_plaintext_fail_with_clear_e
 
 def test_pg_dump_pg_restore_and_pg_basebackup_use_the_same_tls_settings(tls_pg, tmp_path):
     from tasks.manifest import new_set_id
-    from tasks.pitr import take_base_backup
+    from tasks.pitr.base_backup import take_base_backup
     from tasks.postgres import collect_checksums, dump_database, restore_database
 
     block = tls_pg.block()

@@ -23,6 +23,7 @@ import pytest
 from pydantic import SecretStr
 
 from blocks.app import AppEndpoint
+from blocks.errors import PreflightFailed
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
@@ -31,7 +32,6 @@ from flows.backup import backup
 from flows.disaster_recovery import disaster_recovery
 from flows.restore import restore_set
 from tasks.databases import Swap, preflight_swap, read_properties
-from tasks.errors import PreflightFailed
 from tasks.files import tree_digest
 from tasks.postgres import collect_checksums
 from tasks.recovery import read_journal, read_journals
@@ -395,7 +395,8 @@ def test_the_drill_of_a_default_set_restores_every_database_beside_and_passes(pr
 
 def test_restore_set_keeps_database_properties_and_restores_existing_names_beside(production, prefect_harness,
                                                                                     tmp_path):
-    from tasks.scratch import ScratchPostgres, ScratchRedis
+    from tasks.scratch import ScratchPostgres
+    from tasks.scratch_redis import ScratchRedis
 
     s = production
     good = fingerprint(s)
@@ -453,7 +454,7 @@ def test_tables_are_read_back_while_the_restore_runs_and_a_difference_still_fail
     """The parallel restore reads each table back as pg_restore reports it loaded; names pg_restore gives
     without a schema that exist in two schemas are read at the end. A checksum that differs fails either way."""
     import tasks.postgres as postgres_tasks
-    from tasks.errors import VerificationFailed
+    from blocks.errors import VerificationFailed
     from tasks.postgres import dump_database, restore_database
     from tasks.store import stage_part
 

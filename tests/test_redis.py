@@ -21,9 +21,9 @@ import redis
 from pydantic import SecretStr
 
 import tasks.redis as redis_tasks
+from blocks.errors import ChecksumMismatch, ConfigurationError, ConnectionFailed, DumpFailed, VerificationFailed
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
-from tasks.errors import ChecksumMismatch, ConfigurationError, ConnectionFailed, DumpFailed, VerificationFailed
 from tasks.manifest import RedisSummary, new_set_id
 from tasks.redis import (
     _key_hash,
@@ -31,9 +31,10 @@ from tasks.redis import (
     keyspace_digest,
     restore_redis,
     snapshot_redis,
-    stream_rdb,
 )
-from tasks.scratch import ScratchRedis, free_port
+from tasks.redis_replication import stream_rdb
+from tasks.scratch import free_port
+from tasks.scratch_redis import ScratchRedis
 from tests.faults import FaultyProxy
 
 SOURCE_PASSWORD = "s0urce-pw-Zq8"
@@ -311,14 +312,14 @@ def test_cut_connection_mid_snapshot_stores_nothing_and_the_retry_succeeds(
     conn = RedisConnection(host=proxy.host, port=proxy.port, password=SecretStr(SOURCE_PASSWORD))
     store = BackupStore.from_url(f"file://{tmp_path / 'store'}")
     set_id = new_set_id()
-    tee_write = redis_tasks._Tee.write
+    tee_write = redis_tasks._StoreAndCopy.write
 
-    def cut_after_a_megabyte(self: redis_tasks._Tee, data: bytes | memoryview) -> int:
+    def cut_after_a_megabyte(self: redis_tasks._StoreAndCopy, data: bytes | memoryview) -> int:
         if proxy.bytes_down > 1024 * 1024 and proxy.resets == 0:
             proxy.go_down()  # RST on the replication connection, mid-RDB
         return tee_write(self, data)
 
-    monkeypatch.setattr(redis_tasks._Tee, "write", cut_after_a_megabyte)
+    monkeypatch.setattr(redis_tasks._StoreAndCopy, "write", cut_after_a_megabyte)
     with pytest.raises(ConnectionFailed, match="while receiving the snapshot"):
         snapshot_redis.fn(conn, store, set_id, timeout=10)
     assert store.get_client().list() == []  # no object, no partial upload left behind

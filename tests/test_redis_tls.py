@@ -13,10 +13,10 @@ import pytest
 import redis
 from pydantic import SecretStr
 
+from blocks.errors import ConnectionFailed
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
-from tasks.errors import ConnectionFailed
-from tasks.scratch import ScratchRedis
+from tasks.scratch_redis import ScratchRedis
 from tests.tls import TestCA
 
 pytestmark = pytest.mark.e2e
@@ -61,7 +61,7 @@ def test_rediss_with_a_client_certificate_and_the_snapshot_over_the_same_tls(tls
 
 
 def test_wrong_ca_wrong_host_and_no_client_certificate_are_refused(tls_redis):
-    from tasks.redis import stream_rdb
+    from tasks.redis_replication import stream_rdb
 
     server, ca, other = tls_redis
     wrong_ca = _block(server, ca, tls_ca_file=Path(other.cert).read_text())

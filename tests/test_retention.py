@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from blocks.backends import LocalStore
+from blocks.errors import ConfigurationError
 from blocks.store import BackupStore, StoreClient
-from tasks.errors import ConfigurationError
 from tasks.manifest import (
     Part,
     Verification,

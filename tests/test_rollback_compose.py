@@ -74,7 +74,7 @@ def test_a_changed_host_key_is_refused_before_any_command(sshd: SshServer, proje
 
 
 def test_empty_known_hosts_and_missing_credentials_are_refused(sshd: SshServer) -> None:
-    from tasks.errors import ConfigurationError
+    from blocks.errors import ConfigurationError
 
     with pytest.raises(ConfigurationError, match="known_hosts is empty"):
         sshd.block(known_hosts="# nothing\n").connect()
@@ -162,8 +162,8 @@ def test_compose_pin_to_a_broken_version_puts_the_env_file_back(sshd, project, p
 
 
 def test_compose_bad_input_changes_nothing(sshd, project, prefect_harness) -> None:
+    from blocks.errors import ConfigurationError
     from flows.rollback import rollback
-    from tasks.errors import ConfigurationError
 
     for kwargs in ({"variables": {"API VERSION": "x"}}, {"variables": {"API_VERSION": "a\nDB_PASSWORD=x"}},
                    {"variables": {"API_VERSION": "v1"}, "compose_env_file": "missing.env"}):

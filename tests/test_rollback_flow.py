@@ -154,8 +154,8 @@ def test_previous_rolls_back_template_and_env_and_reports_before_after(kube, pre
 
 
 def test_a_second_previous_is_refused_instead_of_flapping(kube, prefect_harness) -> None:
+    from blocks.errors import ConfigurationError
     from flows.rollback import rollback
-    from tasks.errors import ConfigurationError
 
     cluster, double, app = kube
     assert rollback(cluster=cluster, deployment="api", return_state=True, **FAST).is_completed()
@@ -241,8 +241,8 @@ def test_prometheus_check_below_threshold_passes(kube, prometheus, prefect_harne
 
 
 def test_bad_input_changes_nothing(kube, prefect_harness) -> None:
+    from blocks.errors import ConfigurationError
     from flows.rollback import rollback
-    from tasks.errors import ConfigurationError
 
     cluster, double, app = kube
     for kwargs in ({"deployment": "api", "to": "yesterday"}, {"deployment": "api", "images": ["web=x:1"]},

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from blocks.errors import ConfigurationError
 from blocks.kubernetes import KubernetesCluster
-from tasks.errors import ConfigurationError
 from tasks.kubernetes import (
     REVISION,
     RolloutFailed,

@@ -19,7 +19,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from deployments.sandbox import SeaweedS3
-from tasks.scratch import ScratchPostgres, ScratchRedis, free_port
+from tasks.scratch import ScratchPostgres, free_port
+from tasks.scratch_redis import ScratchRedis
 from tests.faults import FaultyProxy
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import ConfigurationError, StoreError
+from blocks.errors import ConfigurationError, StoreError
 from tasks.manifest import Manifest, Part, build_manifest, part_key, part_key_problem
 from tasks.wal import RecoveryTarget, restore_command_argv, restore_command_for, restore_command_line
 
@@ -86,7 +86,7 @@ def test_a_tampered_archive_command_in_a_manifest_gives_no_restore_command():
 def test_a_restore_point_name_cannot_break_out_of_postgresql_auto_conf():
     with pytest.raises(ConfigurationError, match="control characters"):
         RecoveryTarget("name", name="x'\nrestore_command = 'id")
-    from tasks.pitr import _conf_line
+    from tasks.pitr.recovery_config import _conf_line
 
     with pytest.raises(ConfigurationError, match="control character"):
         _conf_line("recovery_target_name", "a\nb")
@@ -94,7 +94,7 @@ def test_a_restore_point_name_cannot_break_out_of_postgresql_auto_conf():
 
 
 def test_os_user_must_be_a_plain_existing_account():
-    from tasks.pitr import check_os_user
+    from tasks.pitr.extract import check_os_user
 
     assert check_os_user("root") == "root"
     for bad in ("root; id", "-u", "a b", "../x", "Root", ""):

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
+from blocks.errors import ChecksumMismatch, ObjectExists
 from blocks.store import BackupStore
-from tasks.errors import ChecksumMismatch, ObjectExists
 from tasks.stream import compress_into_store, open_compressed_writer, open_decompressed_reader, verify_object
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.metrics import group_url, push_run_metrics, run_metrics, runbook_metrics_hooks
+from tasks.metrics import push_run_metrics, run_metrics, runbook_metrics_hooks
 from tests.conftest import MonitoringDaemon
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +35,19 @@ def test_run_metrics_success_and_failure_name_different_things() -> None:
     assert "runbooks_last_success_timestamp_seconds" not in bad.values  # a failure keeps the last success
     assert bad.values["runbooks_last_failure_timestamp_seconds"][1] == 2000.0
     assert "# TYPE runbooks_last_run_success gauge\nrunbooks_last_run_success 0.0" in bad.exposition()
-    assert group_url("http://pg:9091/", "a b/c") == "http://pg:9091/metrics/job/runbooks/runbook/a%20b%2Fc"
     assert push_run_metrics(ok, gateway=None) is False  # not configured: nothing to do, no error
+
+
+def test_a_push_reaches_the_pushgateway_under_its_runbook_label(pushgateway: MonitoringDaemon) -> None:
+    metrics = run_metrics("a b/c", success=True, finished_at=1700000000.0, duration_seconds=2.5, size_bytes=10)
+    assert push_run_metrics(metrics, gateway=pushgateway.url) is True
+    assert scrape(pushgateway, "a b/c") == {k: v for k, (_h, v) in metrics.values.items()}
+    failed = run_metrics("a b/c", success=False, finished_at=1700000100.0, duration_seconds=None)
+    assert push_run_metrics(failed, gateway=pushgateway.url) is True
+    after = scrape(pushgateway, "a b/c")  # a push replaces only the names it holds
+    assert after["runbooks_last_success_timestamp_seconds"] == 1700000000.0
+    assert after["runbooks_last_failure_timestamp_seconds"] == 1700000100.0
+    assert after["runbooks_last_run_success"] == 0.0
 
 
 def test_unreachable_pushgateway_never_fails_the_run() -> None:
@@ -48,7 +59,7 @@ def test_flow_hooks_push_success_then_failure_keeps_last_success(
         pushgateway: MonitoringDaemon, prefect_harness: None, monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect import flow
 
-    from tasks.errors import DumpFailed
+    from blocks.errors import DumpFailed
 
     monkeypatch.setenv("RUNBOOKS_PUSHGATEWAY_URL", pushgateway.url)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from blocks.backends import LocalStore
+from blocks.errors import ConfigurationError
 from deployments.wal import (
     EXIT_ABORT,
     EXIT_FAILED,
@@ -24,7 +25,6 @@ from deployments.wal import (
     read_env_file,
 )
 from deployments.wal import main as wal_main
-from tasks.errors import ConfigurationError
 from tasks.wal import (
     BaseBackupRef,
     RecoveryTarget,
@@ -385,3 +385,16 @@ def test_wal_commands_never_import_prefect_or_pydantic():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={k: v for k, v in os.environ.items() if not k.startswith("RUNBOOKS_")}, check=False)
     assert done.stdout.strip() == "1 []", done.stderr
+
+
+def test_the_daemon_process_reports_a_bad_configuration_in_one_line(tmp_path: Path) -> None:
+    """As the commands start it (``python -m deployments.wal wal-daemon``): a WalCommandError raised in
+    deployments.wal_daemon is the one main() catches, so the daemon's log gets a message, not a traceback."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    done = subprocess.run([sys.executable, "-m", "deployments.wal", "wal-daemon", "--spool", str(spool), "--pgdata",
+                           str(tmp_path)], capture_output=True, text=True, cwd=ROOT, check=False,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("RUNBOOKS_")})
+    assert done.returncode == EXIT_FAILED
+    assert done.stderr.startswith("wal-daemon: RUNBOOKS_WAL_STORE is not set"), done.stderr
+    assert "Traceback" not in done.stderr
