@@ -71,7 +71,8 @@ def start_services(home: Path, stack: ExitStack) -> Services:
     """Start and seed every service; each is stopped (and its directory removed) when ``stack`` closes."""
     from deployments.demo import seed_files, seed_postgres, seed_redis
     from deployments.sandbox import SeaweedS3
-    from tasks.scratch import ScratchPostgres, ScratchRedis
+    from tasks.scratch import ScratchPostgres
+    from tasks.scratch_redis import ScratchRedis
 
     pg = stack.enter_context(ScratchPostgres(password=secrets.token_urlsafe(16), fast=True))
     seed_postgres(pg.url)
