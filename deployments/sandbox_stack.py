@@ -152,7 +152,7 @@ def first_steps(ui: str, about: Mapping[str, object]) -> str:
         "the backup report",
         "  2. verify-backup / after-nightly > Run > Quick run: the restore drill of that set into scratch servers",
         "  3. disaster-recovery > Run > Custom run: pick app-db (postgres) and app-redis (redis), Submit; the run "
-        "pauses for approval (Resume); reject it and nothing changes",
+        "pauses for approval: its menu (top right) > Resume; reject, and nothing changes",
         "  Ctrl-C stops everything and removes it.",
         "",
     ])

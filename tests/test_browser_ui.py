@@ -161,14 +161,14 @@ def _submit_run(page: Any) -> None:
 
     The sandbox's Prefect server runs on SQLite, which answers 503 when a write finds the database busy
     (docs/operations.md; a Prefect server on PostgreSQL is the production setting): the form then stays
-    open with an error, and is submitted again, at most three times."""
+    open with an error, and is submitted again (five times at most, 5 s apart)."""
     refused: list[int] = []
 
     def listener(response: Any) -> None:
         if "/create_flow_run" in response.url and response.status >= 500:
             refused.append(response.status)
 
-    for _attempt in range(3):
+    for _attempt in range(5):
         refused.clear()
         page.on("response", listener)
         page.get_by_role("button", name="Submit", exact=True).click()
@@ -188,8 +188,8 @@ def _submit_run(page: Any) -> None:
         if not refused:
             raise AssertionError("submitting the run form neither opened a run nor failed within 60 s")
         print(f"create_flow_run answered {refused}: submitting again")
-        page.wait_for_timeout(2000)
-    raise AssertionError("the server refused to create the run three times")
+        page.wait_for_timeout(5000)
+    raise AssertionError("the server refused to create the run five times")
 
 
 def _field(page: Any, title: str) -> Any:
