@@ -152,8 +152,8 @@ def deployment_options(item: Discovered, timezone: str, blocks: Mapping[str, str
 def enforce_schemas(deployment_ids: Sequence[Any]) -> None:
     """The server checks every run's parameters against the flow's schema before the run is created.
 
-    A form's mistake (``compression_level=40``) is refused with the field and the reason, whether or not
-    the form's "Validate parameters" box is ticked (it starts ticked); saved-Block references pass
+    A form's mistake (``compression_level=40``) is refused with the field and the reason; the form's
+    "Validate parameters" box starts ticked (it follows the deployment); saved-Block references pass
     (blocks/_reference.py)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentUpdate

@@ -457,6 +457,8 @@ def test_ctrl_c_stops_the_whole_stack(stack: Stack) -> None:
     stack.proc.send_signal(signal.SIGINT)
     assert stack.proc.wait(90) == 0
     wait_for("every child to exit", lambda: not [p for p in descendants if _process_alive(p)], 30)
+    serve_log = (stack.home / "state" / "serve.log").read_text()
+    assert "never awaited" not in serve_log, serve_log[-3000:]  # the runner awaits its astop() on SIGTERM
 
 
 def _descendants(pid: int) -> list[int]:
