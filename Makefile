@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps demo test lint bench clean
+.PHONY: install system-deps demo sandbox screenshots test lint bench clean
 
 install: system-deps $(STAMP)
 
@@ -22,6 +22,7 @@ system-deps:
 	command -v prometheus-postgres-exporter >/dev/null || missing="$$missing prometheus-postgres-exporter"; \
 	[ -x /usr/sbin/logrotate ] || missing="$$missing logrotate"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
@@ -35,6 +36,14 @@ $(STAMP): pyproject.toml requirements.lock tasks/_copyhash.c
 
 demo: install
 	$(VENV)/bin/runbooks demo
+
+# The Prefect UI on http://127.0.0.1:4200 over throwaway services with seeded data; Ctrl-C removes it all.
+sandbox: install
+	$(VENV)/bin/runbooks sandbox
+
+# The browser suite, its screenshots written into docs/screenshots (the pictures the docs show).
+screenshots: install
+	RUNBOOKS_SCREENSHOT_DIR=docs/screenshots $(PY) -m pytest -q -x -p no:cacheprovider tests/test_browser_ui.py
 
 test: install
 	$(VENV)/bin/ruff check .

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import httpx
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field
 
+from blocks._reference import REFERENCEABLE
+from blocks._secret import OptionalSecret
 from blocks.http_auth import api_client
 
 
 class AlertmanagerAPI(Block):
     """An Alertmanager's HTTP API v2 (``/api/v2/silences``, ``/api/v2/alerts``)."""
 
+    model_config = REFERENCEABLE
     _block_type_name = "Alertmanager API"
     _description = "An Alertmanager: base URL, optional basic auth or bearer token (API v2)."
 
     url: str = Field(description="e.g. http://alertmanager.monitoring:9093")
     username: str | None = Field(default=None, description="Basic auth user (with password).")
-    password: SecretStr | None = None
-    bearer_token: SecretStr | None = Field(default=None, description="Sent as 'Authorization: Bearer ...'.")
+    password: OptionalSecret = None
+    bearer_token: OptionalSecret = Field(default=None, description="Sent as 'Authorization: Bearer ...'.")
     verify_tls: bool = True
 
     def describe(self) -> str:

@@ -6,12 +6,16 @@ from typing import Literal
 
 import httpx
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field
+
+from blocks._reference import REFERENCEABLE
+from blocks._secret import OptionalSecret
 
 
 class AppEndpoint(Block):
     """The application in front of the data: health check and maintenance mode over HTTP."""
 
+    model_config = REFERENCEABLE
     _block_type_name = "App Endpoint"
     _description = "An application's base URL, health path and maintenance on/off requests."
 
@@ -21,7 +25,7 @@ class AppEndpoint(Block):
     maintenance_off_path: str = Field(default="/maintenance/off")
     maintenance_method: Literal["POST", "PUT", "GET"] = "POST"
     auth_header: str = Field(default="Authorization", description="Header that carries the token.")
-    auth_value: SecretStr | None = Field(default=None, description="e.g. 'Bearer <token>'.")
+    auth_value: OptionalSecret = Field(default=None, description="e.g. 'Bearer <token>'.")
     verify_tls: bool = True
 
     def describe(self) -> str:

@@ -10,12 +10,14 @@ from kubernetes import config as k8s_config
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from blocks._reference import REFERENCEABLE
 from blocks.errors import ConfigurationError
 
 
 class KubernetesCluster(Block):
     """Where a Kubernetes API server is and how to authenticate to it."""
 
+    model_config = REFERENCEABLE
     _block_type_name = "Kubernetes Cluster"
     _description = "A Kubernetes cluster: kubeconfig content (secret) or in-cluster service account; namespace."
 

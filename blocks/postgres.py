@@ -9,6 +9,8 @@ import psycopg
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator, model_validator
 
+from blocks._reference import REFERENCEABLE
+from blocks._secret import OptionalSecret
 from blocks.errors import ConfigurationError, ConnectionFailed
 from blocks.tlsfiles import pem_file
 
@@ -16,13 +18,14 @@ from blocks.tlsfiles import pem_file
 class PostgresConnection(Block):
     """Where a PostgreSQL server is and how to log in to it."""
 
+    model_config = REFERENCEABLE
     _block_type_name = "Postgres Connection"
     _description = "A PostgreSQL server: host, port, user, password and default database."
 
     host: str = Field(default="127.0.0.1", description="Host name or IP address (or a Unix socket dir).")
     port: int = Field(default=5432, ge=1, le=65535)
     user: str = Field(default="postgres")
-    password: SecretStr | None = Field(default=None, description="Left empty: libpq's ~/.pgpass is used.")
+    password: OptionalSecret = Field(default=None, description="Left empty: libpq's ~/.pgpass is used.")
     database: str = Field(default="postgres", description="Database to connect to for server-wide work.")
     sslmode: str | None = Field(default=None, description=(
         "libpq sslmode: disable, allow, prefer, require, verify-ca, verify-full. Empty: verify-full when "

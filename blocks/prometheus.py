@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import httpx
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field
 
+from blocks._reference import REFERENCEABLE
+from blocks._secret import OptionalSecret
 from blocks.http_auth import api_client
 
 
 class PrometheusAPI(Block):
     """A Prometheus (or compatible: Thanos, Mimir, VictoriaMetrics) query endpoint."""
 
+    model_config = REFERENCEABLE
     _block_type_name = "Prometheus API"
     _description = "A Prometheus query API: base URL, optional basic auth or bearer token."
 
     url: str = Field(description="e.g. http://prometheus.monitoring:9090")
     username: str | None = Field(default=None, description="Basic auth user (with password).")
-    password: SecretStr | None = None
-    bearer_token: SecretStr | None = Field(default=None, description="Sent as 'Authorization: Bearer ...'.")
+    password: OptionalSecret = None
+    bearer_token: OptionalSecret = Field(default=None, description="Sent as 'Authorization: Bearer ...'.")
     verify_tls: bool = True
 
     def describe(self) -> str:

@@ -8,6 +8,8 @@ import redis
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, model_validator
 
+from blocks._reference import REFERENCEABLE
+from blocks._secret import OptionalSecret
 from blocks.errors import ConfigurationError
 from blocks.tlsfiles import pem_file
 
@@ -15,6 +17,7 @@ from blocks.tlsfiles import pem_file
 class RedisConnection(Block):
     """Where a Redis server is and how to authenticate to it."""
 
+    model_config = REFERENCEABLE
     _block_type_name = "Redis Connection"
     _description = "A Redis server: host, port, database number, ACL user/password, TLS."
 
@@ -22,7 +25,7 @@ class RedisConnection(Block):
     port: int = Field(default=6379, ge=1, le=65535)
     db: int = Field(default=0, ge=0)
     username: str | None = Field(default=None, description="ACL user; empty for the default user.")
-    password: SecretStr | None = None
+    password: OptionalSecret = None
     tls: bool = Field(default=False, description="Connect with TLS (rediss://).")
     tls_ca_file: str | None = Field(default=None, description="CA bundle to verify the server with (a file "
                                                               "path or PEM text); the host name is checked too.")

@@ -13,6 +13,8 @@ from paramiko.hostkeys import HostKeyEntry, InvalidHostKey
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from blocks._reference import REFERENCEABLE
+from blocks._secret import OptionalSecret
 from blocks.errors import ConfigurationError, ConnectionFailed
 
 
@@ -26,6 +28,7 @@ _KEY_TYPES: tuple[type[paramiko.PKey], ...] = (paramiko.Ed25519Key, paramiko.ECD
 class SSHHost(Block):
     """A host the runbooks reach over SSH (docker compose, nginx)."""
 
+    model_config = REFERENCEABLE
     _block_type_name = "SSH Host"
     _description = "An SSH host: address, user, private key or password (secret), known_hosts content."
 
@@ -33,8 +36,8 @@ class SSHHost(Block):
     port: int = Field(default=22, ge=1, le=65535)
     user: str = Field(default="root")
     private_key: SecretStr | None = Field(default=None, description="OpenSSH private key (PEM/OpenSSH text).")
-    private_key_passphrase: SecretStr | None = None
-    password: SecretStr | None = None
+    private_key_passphrase: OptionalSecret = None
+    password: OptionalSecret = None
     known_hosts: str = Field(description="known_hosts lines for this host (ssh-keyscan -p PORT HOST, checked "
                                          "out of band). Keys not listed here are refused.")
     connect_timeout: float = Field(default=10, gt=0)

@@ -10,6 +10,8 @@ from typing import Literal
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
 
+from blocks._reference import REFERENCEABLE
+from blocks._secret import OptionalSecret
 from blocks.backends import (
     DEFAULT_STORE,
     DEFAULT_STORE_DIR,
@@ -31,6 +33,7 @@ _S3_CLIENTS_LOCK = threading.Lock()
 class BackupStore(Block):
     """Where backups go: a local directory or an S3 bucket (any S3-compatible endpoint)."""
 
+    model_config = REFERENCEABLE
     _block_type_name = "Backup Store"
     _description = "A local directory or an S3 bucket/prefix that holds backup sets."
 
@@ -40,9 +43,9 @@ class BackupStore(Block):
     prefix: str = Field(default="", description="S3 backend: key prefix inside the bucket.")
     endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint; empty for AWS.")
     region: str | None = Field(default=None)
-    access_key_id: SecretStr | None = Field(default=None, description="Empty: boto3's default chain.")
-    secret_access_key: SecretStr | None = None
-    session_token: SecretStr | None = None
+    access_key_id: OptionalSecret = Field(default=None, description="Empty: boto3's default chain.")
+    secret_access_key: OptionalSecret = None
+    session_token: OptionalSecret = None
     sse: Literal["", "AES256", "aws:kms"] = Field(default="", description="Server-side encryption.")
     kms_key_id: str | None = Field(default=None, description="KMS key for sse=aws:kms.")
     storage_class: str | None = Field(default=None, description="e.g. STANDARD_IA; empty for default.")

@@ -6,17 +6,21 @@ from typing import Literal
 
 import httpx
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field
+
+from blocks._reference import REFERENCEABLE
+from blocks._secret import OptionalSecret
 
 
 class WeaviateConnection(Block):
     """A Weaviate server and the backup module (backend) it has enabled."""
 
+    model_config = REFERENCEABLE
     _block_type_name = "Weaviate Connection"
     _description = "A Weaviate server: URL, API key and the backup backend (s3 or filesystem) it writes to."
 
     url: str = Field(description="e.g. http://weaviate.internal:8080")
-    api_key: SecretStr | None = Field(default=None, description="Sent as 'Authorization: Bearer <key>'.")
+    api_key: OptionalSecret = Field(default=None, description="Sent as 'Authorization: Bearer <key>'.")
     backend: Literal["s3", "filesystem"] = Field(
         default="filesystem", description="The backup module Weaviate has enabled (backup-s3 or "
                                           "backup-filesystem).")

@@ -1,4 +1,5 @@
-"""`runbooks`: the command line. Inventory (reads manifests only), running the backup, the demo.
+"""`runbooks`: the command line. Inventory (reads manifests only), running the backup, the demo; `--help` lists
+every command, those parsed by their own modules (up, sandbox, serve, webhook, WAL) included.
 
 Connections come from saved Blocks (by name) or URLs; a URL that carries a password is accepted only
 from the environment (RUNBOOKS_POSTGRES_URL, RUNBOOKS_REDIS_URL), never from argv.
@@ -219,9 +220,23 @@ def cmd_demo(_args: argparse.Namespace) -> int:
     return run_demo()
 
 
+class _OneLinePerCommand(argparse.HelpFormatter):
+    """`runbooks --help`: each command and its help on one line, whatever the terminal's width."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=160, max_help_position=40)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        # argparse measures the commands at their group's indent, not their own (2 deeper): leave room for that
+        self._action_max_length = max(self._action_max_length, 22)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="runbooks", description="Production runbooks as Prefect flows.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="runbooks", description="Production runbooks as Prefect flows. `runbooks COMMAND --help` for one command.",
+        formatter_class=_OneLinePerCommand)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     backup = commands.add_parser("backup", help="backup sets: run, list, show").add_subparsers(
         dest="action", required=True)
@@ -255,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=cmd_backup_verify)
 
     status = commands.add_parser("recover-status", help="a disaster recovery's journal and what exists now; "
-                                                        "--undo puts back what a dead recovery changed")
+                                                        "--undo puts back a dead recovery's changes")
     status.add_argument("id", nargs="?", default="latest", help="recovery id, flow run id, or 'latest'")
     status.add_argument("--store", help=store_help)
     status.add_argument("--postgres", help="Postgres Connection block name or password-less URL "
@@ -269,17 +284,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="back up a sandbox stack, restore it, and compare")
     demo.set_defaults(func=cmd_demo)
+    # Listed here so `runbooks --help` names them; main() hands their argv to their module before parsing.
+    for name, text in EXTERNAL_HELP.items():
+        commands.add_parser(name, help=text, add_help=False)
     return parser
 
 
 # Commands with their own argument parsing, in their own modules, imported only when used: the WAL
 # commands run once per segment from PostgreSQL's archive_command and must not import Prefect.
 EXTERNAL_COMMANDS = {
-    "wal-push": "deployments.wal",
-    "wal-fetch": "deployments.wal",
     "up": "deployments.serve",
+    "sandbox": "deployments.sandbox_stack",
     "serve": "deployments.serve",
     "webhook": "deployments.webhook",
+    "wal-push": "deployments.wal",
+    "wal-fetch": "deployments.wal",
+}
+EXTERNAL_HELP = {
+    "up": "the local stack: Prefect server and UI, every runbook served with its schedule, the webhook bridge",
+    "sandbox": "`up` on throwaway PostgreSQL, Redis, store and S3 with seeded data and saved Blocks; to click in",
+    "serve": "serve every runbook (schedules, Run buttons) against the Prefect API in $PREFECT_API_URL",
+    "webhook": "the Alertmanager webhook bridge alone: alerts in, flow runs out",
+    "wal-push": "archive one WAL segment to the store (PostgreSQL's archive_command)",
+    "wal-fetch": "fetch one WAL segment from the store (PostgreSQL's restore_command)",
 }
 
 

@@ -3,7 +3,10 @@
 `runbooks serve` builds one deployment per registry entry whose flow exists (schedules in
 $RUNBOOKS_TIMEZONE, default parameters, tags, a concurrency limit) and serves them with Prefect's
 ``serve()``, polling every ``--poll`` seconds so a click in the UI or an alert starts within seconds.
-Default parameters that point at saved Blocks which do not exist are left out, with one log line each.
+Default parameters that point at saved Blocks are sent by block document id (what the run form's block picker
+shows); those whose Block is not saved yet are left out, with one log line each, and filled in once it is saved.
+The server checks each run's parameters against the flow's schema before the run is created.
+Every Block type of `blocks` is registered first, so the Blocks catalog offers all of them.
 
 `runbooks up` is the whole local stack in one command: a Prefect server on SQLite (UI included) under
 ``--home``, `runbooks serve` and the Alertmanager bridge, each its own process; Ctrl-C (or SIGTERM)
@@ -20,10 +23,11 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,37 +45,90 @@ STOP_TIMEOUT = 20.0
 # -- serve -------------------------------------------------------------------------------------------------
 
 
-def existing_block_slugs(slugs: set[str]) -> set[str]:
-    """Which of ``slugs`` (``<block-type-slug>/<name>``) are saved on the Prefect server."""
+def saved_block_ids(slugs: set[str]) -> dict[str, str]:
+    """``{slug: block document id}`` for those of ``slugs`` (``<block-type-slug>/<name>``) saved on the server."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    found = set()
+    found = {}
     with get_client(sync_client=True) as client:
         for slug in sorted(slugs):
             type_slug, _, name = slug.partition("/")
             try:
-                client.read_block_document_by_name(name=name, block_type_slug=type_slug)
+                document = client.read_block_document_by_name(name=name, block_type_slug=type_slug)
             except ObjectNotFound:
                 continue
-            found.add(slug)
+            found[slug] = str(document.id)
     return found
 
 
-def usable_parameters(parameters: Mapping[str, Any], blocks: set[str], deployment: str) -> dict[str, Any]:
-    """Default parameters without references to Blocks that are not saved (a run would fail to load them)."""
+def register_block_types() -> list[str]:
+    """Register every Block type of ``blocks`` with the server, so the Blocks catalog offers each (App Endpoint
+    included) before any is saved; a type registered before is updated to its current schema. Returns the slugs."""
+    import blocks
+
+    slugs = []
+    for name in blocks.BLOCK_TYPES:
+        block_type = getattr(blocks, name)
+        block_type.register_type_and_schema()
+        slugs.append(block_type.get_block_type_slug())
+    return slugs
+
+
+def usable_parameters(parameters: Mapping[str, Any], blocks: Mapping[str, str], deployment: str) -> dict[str, Any]:
+    """Default parameters with each saved-Block reference by id, without those whose Block is not saved.
+
+    By id, because the run form's block picker shows a default only as ``{"$ref": {"block_document_id": ...}}``
+    (a reference by slug works for runs, but the picker shows it empty). A Block that is not saved would fail
+    the run: that default is left out until it is saved (:func:`fill_block_defaults`)."""
     kept = {}
     for name, value in parameters.items():
         slug = block_slug(value)
-        if slug is not None and slug not in blocks:
-            log.info("%s: no default for %r: block %s is not saved (create it, or fill the field per run)",
-                     deployment, name, slug)
-            continue
+        if slug is not None:
+            if slug not in blocks:
+                log.info("%s: no default for %r yet: block %s is not saved (it is filled in once saved; or fill "
+                         "the field per run)", deployment, name, slug)
+                continue
+            value = {"$ref": {"block_document_id": blocks[slug]}}
         kept[name] = value
     return kept
 
 
-def deployment_options(item: Discovered, timezone: str, blocks: set[str]) -> dict[str, Any]:
+def fill_block_defaults(found: Sequence[Discovered], missing: set[str], every: float = 5.0,
+                        stop: threading.Event | None = None) -> None:
+    """Until every Block in ``missing`` is saved: each one saved since serve started becomes its deployments'
+    default (the deployment's parameters are updated through the API)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    stop = stop or threading.Event()
+    while missing and not stop.wait(every):
+        try:
+            saved = saved_block_ids(missing)
+            if not saved:
+                continue
+            with get_client(sync_client=True) as client:
+                for item in found:
+                    rb = item.runbook
+                    new = {k: {"$ref": {"block_document_id": saved[s]}} for k, v in rb.parameters.items()
+                           if (s := block_slug(v)) in saved}
+                    if not new:
+                        continue
+                    try:
+                        deployment = client.read_deployment_by_name(rb.name)
+                    except ObjectNotFound:
+                        continue  # not applied yet: the runner applies it with the Block's id
+                    client.update_deployment(deployment.id, DeploymentUpdate(
+                        parameters={**deployment.parameters, **new}))
+                    log.info("%s: default %s now the saved block(s) %s", rb.name, ", ".join(sorted(new)),
+                             ", ".join(sorted(block_slug(rb.parameters[k]) or "" for k in new)))
+            missing -= set(saved)
+        except Exception as exc:  # noqa: BLE001 - an unreachable API now is retried on the next round
+            log.warning("filling in block defaults failed (retried in %.0f s): %s", every, exc)
+
+
+def deployment_options(item: Discovered, timezone: str, blocks: Mapping[str, str]) -> dict[str, Any]:
     """How a discovered runbook is deployed: name, schedules in ``timezone``, defaults, tags, concurrency."""
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
@@ -86,11 +143,50 @@ def deployment_options(item: Discovered, timezone: str, blocks: set[str]) -> dic
                       for cron in rb.schedules],
         "concurrency_limit": rb.concurrency_limit,
         "entrypoint_type": EntrypointType.MODULE_PATH,  # importable by module path, so any cwd works
-        # Prefect 3.8's server-side check rejects every {"$ref": ...} Block parameter of our Blocks (all
-        # their fields have defaults, so the reference also matches the Block's own schema and the oneOf
-        # fails). The flow validates its parameters when the run starts, Block references included.
+        # Off only while the deployment is created: Prefect 3.8.8 checks a new deployment's defaults with a
+        # validator that knows no Block references. serve_flows switches it on right after (enforce_schemas).
         "enforce_parameter_schema": False,
     }
+
+
+def enforce_schemas(deployment_ids: Sequence[Any]) -> None:
+    """The server checks every run's parameters against the flow's schema before the run is created.
+
+    A form's mistake (``compression_level=40``) is refused with the field and the reason; the form's
+    "Validate parameters" box starts ticked (it follows the deployment); saved-Block references pass
+    (blocks/_reference.py)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    with get_client(sync_client=True) as client:
+        for deployment_id in deployment_ids:
+            client.update_deployment(deployment_id, DeploymentUpdate(enforce_parameter_schema=True))
+
+
+def _runner_class() -> type:
+    from prefect.runner import Runner
+
+    class QuietStopRunner(Runner):
+        """Prefect's Runner, stopped on SIGTERM by awaiting its ``astop()`` on the runner's loop.
+
+        Prefect 3.8.8's own handler calls ``stop()`` from inside the running loop, where it dispatches to
+        ``astop()`` and returns a coroutine nobody awaits ("coroutine 'Runner.astop' was never awaited"),
+        then exits the process mid-loop."""
+
+        def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+            import asyncio
+
+            self._logger.info("SIGTERM received, shutting down")
+            if not self.started:
+                raise KeyboardInterrupt  # not polling yet: unwound like Ctrl-C
+            loop = asyncio.get_event_loop()  # the runner's, running in this (the main) thread
+
+            def stop() -> None:
+                self._stopping = loop.create_task(self.astop())
+
+            loop.call_soon_threadsafe(stop)  # wakes the loop
+
+    return QuietStopRunner
 
 
 def serve_flows(flows: Sequence[tuple[Any, dict[str, Any]]], *, poll: float, limit: int | None,
@@ -105,22 +201,20 @@ def serve_flows(flows: Sequence[tuple[Any, dict[str, Any]]], *, poll: float, lim
     import asyncio
 
     from prefect.exceptions import TerminationSignal
-    from prefect.runner import Runner
 
     from deployments import forkserver
 
-    runner = Runner(query_seconds=poll, limit=limit)
+    runner = _runner_class()(query_seconds=poll, limit=limit)
     if not forkserver.pickle_flows_by_reference():
         # Pickled by value, a runbook's Annotated parameters would not validate: Prefect's own serve() path.
         log.warning("runs start as `python -m prefect.engine` (handing flows to the runner is not checked for this "
                     "Prefect version)")
-        for flow, options in flows:
-            runner.add_deployment(flow.to_deployment(**options))
+        ids = [runner.add_deployment(flow.to_deployment(**options)) for flow, options in flows]
     else:
         if start_method == "forkserver" and not forkserver.install(sorted({f.fn.__module__ for f, _ in flows})):
             log.warning("flow runs start with Prefect's spawn (forkserver start not checked for this Prefect)")
-        for flow, options in flows:
-            runner.add_flow(flow, **options)
+        ids = [runner.add_flow(flow, **options) for flow, options in flows]
+    enforce_schemas(ids)
     try:
         asyncio.run(runner.start())
     except (KeyboardInterrupt, TerminationSignal) as exc:
@@ -143,8 +237,12 @@ def serve_main(args: argparse.Namespace) -> int:
     if not found:
         print("runbooks serve: no runbook to serve", file=sys.stderr)
         return 2
+    log.info("block types registered: %s", ", ".join(register_block_types()))
     slugs = {s for item in found for v in item.runbook.parameters.values() if (s := block_slug(v))}
-    blocks = existing_block_slugs(slugs)
+    blocks = saved_block_ids(slugs)
+    if slugs - set(blocks):
+        threading.Thread(target=fill_block_defaults, args=(found, slugs - set(blocks)), name="block-defaults",
+                         daemon=True).start()
     log.info("serving %d runbooks (schedules in %s, poll every %.1f s, runs start by %s): %s", len(found), timezone,
              args.poll, args.start_method, ", ".join(item.runbook.name for item in found))
     serve_flows([(item.flow, deployment_options(item, timezone, blocks)) for item in found], poll=args.poll,
@@ -285,7 +383,10 @@ def _raise_stop(signum: int, _frame: Any) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
-def up_main(args: argparse.Namespace) -> int:
+def up_main(args: argparse.Namespace, *, before_serve: Callable[[Mapping[str, str]], None] | None = None,
+            on_ready: Callable[[], None] | None = None) -> int:
+    """The stack until Ctrl-C/SIGTERM. ``before_serve(env)`` runs once the server answers and before the runbooks
+    are served (`runbooks sandbox` saves its Blocks there); ``on_ready()`` once everything has started."""
     home = Path(args.home).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     api_url = f"http://{args.host}:{args.port}/api"
@@ -320,6 +421,8 @@ def up_main(args: argparse.Namespace) -> int:
                                                    args.host, "--port", str(args.port)], env, nice=args.server_nice)
         wait_for_api(api_url, server, SERVER_START_TIMEOUT)
         log.info("Prefect server and UI on http://%s:%d (%.1f s)", args.host, args.port, time.monotonic() - started)
+        if before_serve is not None:
+            before_serve(env)
         serve_argv = [*runbooks, "serve", "--poll", str(args.poll), "--start-method", args.start_method]
         for name in args.only or []:
             serve_argv += ["--only", name]
@@ -338,6 +441,8 @@ def up_main(args: argparse.Namespace) -> int:
         print(f"runbooks up: UI http://{args.host}:{args.port}  bridge "
               f"{scheme}://{args.webhook_host}:{args.webhook_port}/alertmanager ({token_note}); {auth_note};  "
               f"logs in {home}; Ctrl-C stops everything", flush=True)
+        if on_ready is not None:
+            on_ready()
         while True:
             gone = children.exited()
             if gone:

@@ -14,13 +14,15 @@ from typing import Annotated, Literal
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
 from prefect.runtime import flow_run as current_run
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from blocks.errors import ConfigurationError
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import DEFAULT_STORE, BackupStore
 from blocks.weaviate import WeaviateConnection
+from flows._form import param
+from tasks.approval import refused_at_start
 from tasks.files import archive_directory
 from tasks.log import run_logger
 from tasks.manifest import Manifest, Part, build_manifest, human_size, new_set_id
@@ -56,29 +58,62 @@ def runbooks_version() -> str:
       on_crashed=[notify_hook("CRASHED"), push_flow_run_metrics],
       log_prints=False)
 def backup(
-    store: Annotated[BackupStore | None, Field(description="Where the set goes; empty: " + DEFAULT_STORE)] = None,
-    postgres: PostgresConnection | None = None,
-    databases: Annotated[list[str] | None, Field(description="Empty: every non-template database.")] = None,
-    include_globals: bool = True,
-    no_role_passwords: Annotated[bool, Field(description="For managed PostgreSQL (no pg_authid).")] = False,
-    redis: RedisConnection | None = None,
-    redis_mode: Literal["replication", "bgsave"] = "replication",
-    redis_rdb_path: Annotated[str | None, Field(description="bgsave mode: where dump.rdb is.")] = None,
-    paths: Annotated[list[str] | None, Field(description="Directories to archive (on this host).")] = None,
-    weaviate: Annotated[WeaviateConnection | None, Field(description="A Weaviate to back up through its backup "
-                                                                     "API (waited for until SUCCESS).")] = None,
-    weaviate_collections: Annotated[list[str] | None, Field(description="Weaviate collections; empty: "
-                                                                        "all.")] = None,
-    tags: list[str] | None = None,
-    table_checksums: Annotated[bool, Field(description="Record per-table content checksums.")] = True,
-    checksum_max_table_mb: Annotated[int | None, Field(description="Bigger tables: row count only.")] = None,
-    compression_level: Annotated[int, Field(ge=1, le=19, description="zstd level for dumps.")] = 1,
-    compression_threads: Annotated[int, Field(ge=0, le=64)] = 2,
-    retries: Annotated[int, Field(ge=0, le=10, description="Retries of each step on transient errors.")] = 2,
-    retry_delay_seconds: Annotated[float, Field(ge=0)] = 10,
-    notify_block: Annotated[str | None, Field(description="e.g. slack-webhook/ops: told of failures.")] = None,
+    store: Annotated[BackupStore | None, param(
+        "Backup store", "Where the backup set is written. Empty: the local directory " + DEFAULT_STORE + ".")] = None,
+    postgres: Annotated[PostgresConnection | None, param(
+        "PostgreSQL server", "The server whose databases are dumped (pg_dump, read-only). Empty: no PostgreSQL "
+        "in the set.")] = None,
+    redis: Annotated[RedisConnection | None, param(
+        "Redis server", "The Redis whose snapshot (RDB) is taken. Empty: no Redis in the set.")] = None,
+    paths: Annotated[list[str] | None, param(
+        "Directories", "Directories on this host archived into the set (media, configuration). Empty: "
+        "none.")] = None,
+    databases: Annotated[list[str] | None, param(
+        "Databases", "Database names to dump. Empty: every database that is not a template.")] = None,
+    tags: Annotated[list[str] | None, param(
+        "Tags", "Labels stored in the manifest (e.g. nightly, before-upgrade); listings and retention show "
+        "them. Empty: no tags.")] = None,
+    include_globals: Annotated[bool, param(
+        "Roles and tablespaces", "Also dump the server's roles and tablespaces (pg_dumpall --globals-only). "
+        "On by default: a restore onto a new server then has the owners it needs.")] = True,
+    no_role_passwords: Annotated[bool, param(
+        "Leave out role passwords", "For managed PostgreSQL where pg_authid cannot be read: roles are dumped "
+        "without passwords. Off by default: passwords are kept.")] = False,
+    redis_mode: Annotated[Literal["replication", "bgsave"], param(
+        "Redis snapshot method", "replication (default): the snapshot is streamed over the replication "
+        "protocol, nothing is written on the Redis host. bgsave: BGSAVE, then dump.rdb is read from "
+        "redis_rdb_path on this host.")] = "replication",
+    redis_rdb_path: Annotated[str | None, param(
+        "Redis dump.rdb path", "bgsave mode only: where the server writes dump.rdb. Empty: not used.")] = None,
+    weaviate: Annotated[WeaviateConnection | None, param(
+        "Weaviate", "A Weaviate backed up through its backup API (waited for until SUCCESS). Empty: no "
+        "Weaviate in the set.")] = None,
+    weaviate_collections: Annotated[list[str] | None, param(
+        "Weaviate collections", "Collections to back up. Empty: all of them.")] = None,
+    table_checksums: Annotated[bool, param(
+        "Table checksums", "Record a content checksum of every table, so a restore drill can prove the rows "
+        "are the same. On by default (reads each table once more).")] = True,
+    checksum_max_table_mb: Annotated[int | None, param(
+        "Checksum size limit (MB)", "Tables bigger than this get a row count instead of a checksum. Empty: "
+        "every table is checksummed.")] = None,
+    compression_level: Annotated[int, param(
+        "Compression level", "zstd level 1-19 for dumps. 1 (default) keeps up with pg_dump; higher levels "
+        "give smaller sets for much more CPU time.", ge=1, le=19)] = 1,
+    compression_threads: Annotated[int, param(
+        "Compression threads", "zstd worker threads per stream, 0-64. 2 by default; 0 compresses in the "
+        "dumping thread.", ge=0, le=64)] = 2,
+    retries: Annotated[int, param(
+        "Retries per step", "How often each step is retried on a transient error (connection reset, 5xx), "
+        "0-10. 2 by default.", ge=0, le=10)] = 2,
+    retry_delay_seconds: Annotated[float, param(
+        "Retry delay (s)", "Seconds between retries. 10 by default.", ge=0)] = 10,
+    notify_block: Annotated[str | None, param(
+        "Notify", "A saved notification Block (e.g. slack-webhook/ops) told of a failure. Empty: nobody is "
+        "told.")] = None,
 ) -> BackupResult:
     """Back up the configured sources into one verified, manifest-last backup set."""
+    if (refused := refused_at_start()) is not None:  # an alert's approval form said reject
+        return refused
     log = run_logger()
     if postgres is None and redis is None and not paths and weaviate is None:
         raise ConfigurationError("nothing to back up: give a postgres connection, a redis connection, paths or a "

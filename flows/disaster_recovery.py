@@ -23,9 +23,7 @@ from typing import Annotated, Literal, get_args
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
-from prefect.flow_runs import pause_flow_run
 from prefect.futures import PrefectFuture
-from prefect.input import RunInput
 from prefect.runtime import flow_run as current_run
 from prefect.states import Cancelled, State
 from pydantic import BaseModel, Field
@@ -36,7 +34,9 @@ from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
 from blocks.weaviate import WeaviateConnection
+from flows._form import DANGER, param
 from tasks.app import AppUnhealthy, set_maintenance, wait_until_healthy
+from tasks.approval import ApprovalForm, ask_approval, refused_at_start
 from tasks.databases import (
     Swap,
     SwapPlan,
@@ -68,13 +68,6 @@ from tasks.weaviate import drop_collections, preflight_weaviate_restore, restore
 Component = Literal["postgres", "globals", "redis", "files", "weaviate"]
 
 
-class Approval(RunInput):
-    """What the operator answers in the Prefect UI."""
-
-    approve: bool = Field(default=False, description="Restore as described above?")
-    note: str = Field(default="", description="Why (kept in the run's log).")
-
-
 class RecoveryResult(BaseModel):
     set_id: str
     recovery_id: str
@@ -101,36 +94,62 @@ class _Prepared:
       on_crashed=[notify_hook("CRASHED"), push_flow_run_metrics],
       on_cancellation=[notify_hook("cancelled")])
 def disaster_recovery(
-    store: BackupStore,
-    backup_id: Annotated[str, Field(description="A set id, or 'latest' (newest complete, preferring "
-                                                "one whose restore drill passed).")] = "latest",
-    components: Annotated[list[Component] | None, Field(description="Empty: everything in the set.")] = None,
-    databases: Annotated[list[str] | None, Field(description="Databases to restore; empty: all.")] = None,
-    postgres: PostgresConnection | None = None,
-    redis: RedisConnection | None = None,
-    files_targets: Annotated[dict[str, str] | None, Field(
-        description="Directory in the set -> live directory; empty: the same path as backed up.")] = None,
-    weaviate: Annotated[WeaviateConnection | None, Field(
-        description="The Weaviate to restore the set's collections into (they must not exist there).")] = None,
-    mode: Annotated[Literal["side-by-side", "in-place"], Field(
-        description="Both restore beside, verify, then swap in. side-by-side keeps the replaced databases "
-                    "(renamed); in-place (needs confirm=True) drops them after success when "
-                    "keep_safety_copy is off.")] = "side-by-side",
-    confirm: Annotated[bool, Field(description="Skip the approval pause (required for in-place).")] = False,
-    keep_safety_copy: Annotated[bool, Field(description="in-place only: False drops the replaced databases "
-                                                        "once the recovery has succeeded.")] = True,
-    app: Annotated[AppEndpoint | None, Field(description="Maintenance mode and health checks.")] = None,
-    health_timeout_seconds: Annotated[float, Field(ge=1)] = 120,
-    approval_timeout_seconds: Annotated[int, Field(ge=10)] = 3600,
-    lock_timeout_seconds: Annotated[float, Field(ge=0, description="Wait this long for another recovery "
-                                                                   "of the same target.")] = 600,
-    jobs: Annotated[int, Field(ge=1, le=32, description="pg_restore parallel jobs.")] = 2,
-    staging_dir: Annotated[str | None, Field(description="Where parts are downloaded (needs the "
-                                                         "uncompressed size); empty: system temp.")] = None,
-    notify_block: Annotated[str | None, Field(description="Told of success and failure.")] = None,
+    store: Annotated[BackupStore, param(
+        "Backup store", "The store that holds the backup set.")],
+    backup_id: Annotated[str, param(
+        "Backup set", "A set id, or latest (default): the newest complete set, preferring one whose restore "
+        "drill passed.")] = "latest",
+    postgres: Annotated[PostgresConnection | None, param(
+        "PostgreSQL server (live)", "The live server whose databases are REPLACED by the set's. Empty: "
+        "PostgreSQL is not recovered.")] = None,
+    redis: Annotated[RedisConnection | None, param(
+        "Redis server (live)", "The live Redis whose data is REPLACED by the snapshot (a safety copy is saved "
+        "to the store first). Empty: Redis is not recovered.")] = None,
+    app: Annotated[AppEndpoint | None, param(
+        "Application", "Switched to maintenance mode during the swap, and health-checked after. Empty: no "
+        "maintenance mode and no health check.")] = None,
+    mode: Annotated[Literal["side-by-side", "in-place"], param(
+        "Mode", "Both restore beside, verify, then swap in. side-by-side (default) keeps the replaced "
+        "databases (renamed). in-place (needs the approval skipped) drops them after success when the safety "
+        "copy is off.")] = "side-by-side",
+    confirm: Annotated[bool, param(
+        DANGER + "skip the approval", "Swap in without pausing for approval in the UI. Required for "
+        "in-place. Off by default: the run pauses and shows what will be replaced.")] = False,
+    keep_safety_copy: Annotated[bool, param(
+        "Keep the replaced databases", "in-place only: off DROPS the replaced databases once the recovery "
+        "has succeeded. On by default: they are kept, renamed.")] = True,
+    components: Annotated[list[Component] | None, param(
+        "Components", "Which parts of the set to recover. Empty (default): everything in the set.")] = None,
+    databases: Annotated[list[str] | None, param(
+        "Databases", "Databases to recover. Empty (default): all in the set.")] = None,
+    files_targets: Annotated[dict[str, str] | None, param(
+        "Directory targets", "Directory in the set -> live directory. Empty (default): the same path as "
+        "backed up.")] = None,
+    weaviate: Annotated[WeaviateConnection | None, param(
+        "Weaviate", "The Weaviate to restore the set's collections into (they must not exist there). Empty: "
+        "Weaviate is not recovered.")] = None,
+    approval_timeout_seconds: Annotated[int, param(
+        "Approval timeout (s)", "Without an answer in this time the run ends Cancelled; nothing is changed. "
+        "3600 by default.", ge=10)] = 3600,
+    health_timeout_seconds: Annotated[float, param(
+        "Health timeout (s)", "How long the application may take to be healthy after the swap before every "
+        "step is undone. 120 by default.", ge=1)] = 120,
+    lock_timeout_seconds: Annotated[float, param(
+        "Lock wait (s)", "Wait this long for another recovery of the same target, then fail. 600 by "
+        "default.", ge=0)] = 600,
+    jobs: Annotated[int, param(
+        "Restore jobs", "pg_restore parallel jobs, 1-32. 2 by default.", ge=1, le=32)] = 2,
+    staging_dir: Annotated[str | None, param(
+        "Staging directory", "Where parts are downloaded (needs the uncompressed size). Empty (default): "
+        "the system's temporary directory.")] = None,
+    notify_block: Annotated[str | None, param(
+        "Notify", "A saved notification Block (e.g. slack-webhook/ops) told of success and failure. Empty: "
+        "nobody is told.")] = None,
 ) -> RecoveryResult | State:
     """Restore a backup set over the live targets: prepared and verified beside them, then swapped in as one
     change that is undone whole if any step fails."""
+    if (refused := refused_at_start()) is not None:  # an alert's approval form said reject
+        return refused
     log = run_logger()
     if mode == "in-place" and not confirm:
         raise ConfigurationError("mode=in-place needs confirm=True; nothing was changed")
@@ -172,15 +191,15 @@ def disaster_recovery(
 
         # 2. Approval.
         if not confirm:
-            answer = _ask_approval(manifest, journal, parts, mode, keep_safety_copy, store, approval_timeout_seconds)
-            if answer is None or not answer.approve:
+            answer = _ask_approval(manifest, journal, parts, mode, keep_safety_copy, store, approval_timeout_seconds,
+                                   confirmation_name(journal.targets, postgres, redis))
+            if answer is None or not answer.approved:
                 why = "timed out" if answer is None else f"rejected ({answer.note or 'no reason given'})"
                 log.warning("recovery %s; nothing was changed", why)
                 journal.error = f"approval {why}"
                 _discard_prepared(journal, prepared, postgres, "cancelled")
                 write_journal(store, journal)
                 return Cancelled(message=f"approval {why}; nothing was changed")
-            log.info("approved: %s", answer.note or "(no note)")
 
         # 3. Commit.
         _commit(journal, prepared, store, postgres, redis, weaviate, app, health_timeout_seconds, rto)
@@ -518,8 +537,22 @@ def _healthy(app: AppEndpoint | None, timeout: float) -> bool:
 # ---------------------------------------------------------------------------------- approval and report
 
 
+def confirmation_name(targets: list[Target], postgres: PostgresConnection | None,
+                      redis: RedisConnection | None) -> str:
+    """What the approver types: the database's name when one database is replaced, else the server's host
+    (PostgreSQL, else Redis), else the first live target (a directory, a Weaviate)."""
+    databases = [t.live for t in targets if t.kind == "postgres"]
+    if len(databases) == 1:
+        return databases[0]
+    if databases and postgres is not None:
+        return postgres.host
+    if any(t.kind == "redis" for t in targets) and redis is not None:
+        return redis.host
+    return next((t.live for t in targets if t.kind != "globals"), targets[0].live if targets else "recovery")
+
+
 def _ask_approval(manifest: Manifest, journal: Journal, parts: list[Part], mode: str, keep_safety_copy: bool,
-                  store: BackupStore, timeout: int) -> Approval | None:
+                  store: BackupStore, timeout: int, name: str) -> ApprovalForm | None:
     age = datetime.now(UTC) - set_time(manifest.set_id)
     drops = mode == "in-place" and not keep_safety_copy
     lines = [
@@ -550,11 +583,8 @@ def _ask_approval(manifest: Manifest, journal: Journal, parts: list[Part], mode:
     lines += ["", "Nothing is dropped." if not drops else "The replaced databases are dropped once the recovery "
               "has succeeded (mode in-place, keep_safety_copy off).", "",
               "| part | size |", "|---|---|", *[f"| {p.kind}: `{p.name}` | {human_size(p.raw_size)} |" for p in parts]]
-    try:
-        return pause_flow_run(wait_for_input=Approval.with_initial_data(description="\n".join(lines)),
-                              timeout=timeout, poll_interval=2)
-    except TimeoutError:
-        return None
+    lines += ["", f"To approve, choose **approve** and type `{name}` (the target) in the form."]
+    return ask_approval("\n".join(lines), name, timeout)
 
 
 _OUTCOME = {
@@ -578,7 +608,7 @@ def _report(journal: Journal, manifest: Manifest, mode: str, rto: dict[str, floa
     lines = [f"# Recovery `{journal.recovery_id}` from `{manifest.set_id}` ({mode})", "",
              f"**{_OUTCOME.get(journal.phase, journal.phase)}**", ""]
     if journal.error:
-        lines += [f"Error at: {journal.error}", ""]
+        lines += ["Error at: `" + journal.error.replace("`", "'") + "`", ""]  # as code: hosts are no mail links
     lines += ["| target | state | restored copy beside | replaced data kept as |", "|---|---|---|---|"]
     for t in journal.targets:
         lines.append(f"| {t.kind} `{t.live}` | {t.state} | {f'`{t.beside}`' if t.beside else '-'} | "

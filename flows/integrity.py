@@ -24,6 +24,8 @@ from pydantic import BaseModel, Field
 from blocks.errors import IntegrityCheckFailed
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
+from flows._form import DANGER, param
+from tasks.approval import refused_at_start
 from tasks.findings import (
     Check,
     Finding,
@@ -89,34 +91,54 @@ def push_findings_metrics(counts: dict[str, int], remediated: int) -> bool:
       on_failure=[notify_hook("FAILED"), push_flow_run_metrics],
       on_crashed=[notify_hook("CRASHED"), push_flow_run_metrics])
 def db_integrity_check(
-    postgres: PostgresConnection,
-    databases: Annotated[list[str] | None, Field(
-        description="Databases to check; empty: every database that accepts connections.")] = None,
-    checks: Annotated[list[Check] | None, Field(description="Checks to run; empty: all of them.")] = None,
-    amcheck: Annotated[AmcheckOptions, Field(
-        description="pg_amcheck depth (light by default) and parallel jobs.")] = AmcheckOptions(),  # noqa: B008
-    install_amcheck: Annotated[bool, Field(
-        description="Create the amcheck extension where it is missing (else: reported as not checked).")] = False,
-    thresholds: Annotated[Thresholds, Field(description="When a risk becomes a finding.")] = Thresholds(),  # noqa: B008
-    fail_on: Annotated[Severity, Field(description="Fail the run when a finding this bad remains.")] = (
-        Severity.critical),
-    reindex: Annotated[bool, Field(
-        description="REINDEX INDEX CONCURRENTLY indexes amcheck flags or that are invalid.")] = False,
-    terminate_idle_in_transaction: Annotated[bool, Field(
-        description="Terminate sessions idle in transaction over the threshold.")] = False,
-    terminate_idle_sessions: Annotated[bool, Field(
-        description="Terminate idle sessions over the threshold.")] = False,
-    exclude_applications: Annotated[list[str], Field(
-        description="application_name values never terminated (the runbook's own 'runbooks' never is).")] = [],  # noqa: B006
-    vacuum_stale_tables: Annotated[bool, Field(description="VACUUM (ANALYZE) stale tables.")] = False,
-    store: Annotated[BackupStore | None, Field(
-        description="The backup store, to name the newest verified set when table data is damaged.")] = None,
-    lock_timeout_seconds: Annotated[float, Field(
-        gt=0, description="Wait this long for another remediating run on the same server.")] = 600,
-    notify_block: Annotated[str | None, Field(description="Told of a failed run.")] = None,
+    postgres: Annotated[PostgresConnection, param(
+        "PostgreSQL server", "The server to check (read-only unless a remediation switch below is on).")],
+    databases: Annotated[list[str] | None, param(
+        "Databases", "Databases to check. Empty (default): every database that accepts connections.")] = None,
+    checks: Annotated[list[Check] | None, param(
+        "Checks", "Which checks to run. Empty (default): all of them.")] = None,
+    fail_on: Annotated[Severity, param(
+        "Fail on", "The run fails when a finding this bad remains. critical by default.")] = Severity.critical,
+    install_amcheck: Annotated[bool, param(
+        "Create amcheck", "CREATE EXTENSION amcheck where it is missing. Off by default: such a database is "
+        "reported as not checked.")] = False,
+    amcheck: Annotated[AmcheckOptions | None, param(
+        "amcheck options", "pg_amcheck depth and parallel jobs. Empty: the defaults (light checks, 2 "
+        "jobs).")] = None,
+    thresholds: Annotated[Thresholds | None, param(
+        "Thresholds", "When a risk becomes a finding (transaction ages, wraparound, sequence use, ...). Empty: "
+        "the defaults in docs/integrity.md.")] = None,
+    reindex: Annotated[bool, param(
+        DANGER + "reindex damaged indexes", "REINDEX INDEX CONCURRENTLY the indexes amcheck flags or that "
+        "are invalid. Off by default: they are only reported.")] = False,
+    terminate_idle_in_transaction: Annotated[bool, param(
+        DANGER + "terminate sessions idle in transaction", "Terminate sessions idle in a transaction longer "
+        "than the threshold (their transactions roll back). Off by default: only reported.")] = False,
+    terminate_idle_sessions: Annotated[bool, param(
+        DANGER + "terminate idle sessions", "Terminate sessions idle longer than the threshold. Off by "
+        "default: only reported.")] = False,
+    exclude_applications: Annotated[list[str], param(
+        "Never terminate", "application_name values never terminated (the runbook's own 'runbooks' never "
+        "is). Empty by default.")] = [],  # noqa: B006
+    vacuum_stale_tables: Annotated[bool, param(
+        "Vacuum stale tables", "VACUUM (ANALYZE) tables whose statistics are stale. Off by default: only "
+        "reported.")] = False,
+    store: Annotated[BackupStore | None, param(
+        "Backup store", "Used to name the newest verified backup set when table data is damaged. Empty: no "
+        "backup is named.")] = None,
+    lock_timeout_seconds: Annotated[float, param(
+        "Lock wait (s)", "Wait this long for another remediating run on the same server, then fail. 600 by "
+        "default.", gt=0)] = 600,
+    notify_block: Annotated[str | None, param(
+        "Notify", "A saved notification Block (e.g. slack-webhook/ops) told of a failed run. Empty: nobody "
+        "is told.")] = None,
 ) -> IntegrityReport:
     """Check a PostgreSQL server for corruption and slow-burning risks; fix only what a switch asks for."""
+    if (refused := refused_at_start()) is not None:  # an alert's approval form said reject
+        return refused
     log = run_logger()
+    amcheck = amcheck or AmcheckOptions()
+    thresholds = thresholds or Thresholds()
     chosen = list(dict.fromkeys(checks or list(Check)))
     dbs = list_databases(postgres, databases)
     findings: list[Finding] = []
@@ -196,10 +218,10 @@ def db_integrity_check(
     rows = [{**f.row(), "status": "open"} for f in remaining] + [{**f.row(), "status": "fixed"} for f in resolved]
     create_table_artifact(rows or [{"severity": "-", "check": "-", "database": "-", "object": "-",
                                     "detail": "no findings", "action": "-", "status": "-"}],
-                          key="integrity-findings", description=f"{RUNBOOK} of {postgres.describe()}")
+                          key="integrity-findings", description=f"{RUNBOOK} of `{postgres.describe()}`")
     create_markdown_artifact(
         summary_markdown(remaining, remediations, databases=dbs, checks=chosen, fail_on=fail_on, recovery=recovery),
-        key="integrity-report", description=f"{RUNBOOK} of {postgres.describe()}")
+        key="integrity-report", description=f"{RUNBOOK} of `{postgres.describe()}`")
     log.info("%s of %s: %s open (%s), %d change(s) made", RUNBOOK, postgres.describe(), len(remaining), counts,
              len(remediations))
     if failing:

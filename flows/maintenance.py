@@ -37,9 +37,11 @@ from blocks.prometheus import PrometheusAPI
 from blocks.redis import RedisConnection
 from blocks.ssh import SSHHost
 from blocks.store import BackupStore
+from flows._form import DANGER, param
 from flows.backup import backup
 from tasks.alertmanager import Silence, create_silence, expire_silence, matchers_of, silence_end
 from tasks.app import set_maintenance, wait_until_healthy
+from tasks.approval import refused_at_start
 from tasks.compose import ComposeProject, check_variables, env_values, pull_and_up, set_env_lines, wait_compose_healthy
 from tasks.drain import DrainTimeout, wait_until_drained
 from tasks.housekeeping import (
@@ -178,73 +180,137 @@ def _prove_healthy(health: _Health, window: Window, left_as: str) -> None:
       on_crashed=[notify_hook("CRASHED"), push_flow_run_metrics],
       on_cancellation=[notify_hook("cancelled")])
 def maintenance_window(
-    reason: Annotated[str, Field(min_length=1, description="Why: shown in the silence, the report, the notice.")],
-    expected_minutes: Annotated[float, Field(gt=0, le=1440, description="How long the window should take.")] = 30,
-    silence_margin_minutes: Annotated[float, Field(ge=0, description="The silence ends this long after the "
-                                                                     "expected end (it always ends).")] = 15,
-    target: Annotated[Target, Field(description="kubernetes: Deployments; compose-ssh: a compose service over "
-                                                "SSH; none: no update (migration/backup only).")] = "kubernetes",
-    cluster: KubernetesCluster | None = None,
-    namespace: Annotated[str, Field(description="Empty: the cluster Block's namespace.")] = "",
-    deployments: Annotated[list[str] | None, Field(description="Deployment names to update.")] = None,
-    selector: Annotated[str, Field(description="Or a label selector of the Deployments, e.g. app=shop.")] = "",
-    images: Annotated[list[str] | None, Field(description="The update: CONTAINER=IMAGE, e.g. "
-                                                          "api=registry/app:v2.0.0. Empty: no update.")] = None,
-    ssh: Annotated[SSHHost | None, Field(description="compose-ssh: the host; also where an SSH migration runs.")]
-    = None,
-    compose_dir: str = "",
-    compose_project: str = "app",
-    compose_env_file: str = ".env",
-    compose_service: str = "",
-    variables: Annotated[dict[str, str] | None, Field(description="compose-ssh: the update as version variables "
-                                                                  "in the env file, e.g. {API_VERSION: v2}.")] = None,
-    migration_command: Annotated[list[str] | None, Field(description="argv, e.g. [alembic, upgrade, head]. "
-                                                                     "kubernetes: a Job from the new image; "
-                                                                     "otherwise run over SSH.")] = None,
-    migration_container: Annotated[str, Field(description="Container of the Deployment's pod template the Job "
-                                                          "copies; empty: the first.")] = "",
-    migration_timeout_seconds: Annotated[float, Field(gt=0)] = 1800,
-    alertmanager: AlertmanagerAPI | None = None,
-    silence_matchers: Annotated[list[str] | None, Field(description='e.g. [service="shop"]: the alerts the '
-                                                                    "window causes.")] = None,
-    app: Annotated[AppEndpoint | None, Field(description="Maintenance switch and health of the app.")] = None,
-    drain_path: Annotated[str, Field(description="GET on the app answering the active-work count.")] = "",
-    drain_field: Annotated[str, Field(description="Field of that JSON answer holding the count.")] = "active",
-    drain_query: Annotated[str, Field(description="Or a SQL query (read-only) returning the count.")] = "",
-    drain_timeout_seconds: Annotated[float, Field(gt=0)] = 300,
-    drain_poll_seconds: Annotated[float, Field(gt=0)] = 2,
-    on_drain_timeout: Literal["abort", "proceed"] = "abort",
-    take_backup: Annotated[bool, Field(description="Run the backup flow before any change.")] = True,
-    store: BackupStore | None = None,
-    postgres: Annotated[PostgresConnection | None, Field(description="Backed up; restore point; drain query.")]
-    = None,
-    backup_databases: list[str] | None = None,
-    redis: RedisConnection | None = None,
-    backup_paths: list[str] | None = None,
-    restore_point: Annotated[bool, Field(description="pg_create_restore_point('maintenance-<run>').")] = True,
-    prometheus: PrometheusAPI | None = None,
-    checks: Annotated[list[MetricCheck] | None, Field(description="Each must hold after the update.")] = None,
-    housekeeping: Annotated[list[Step] | None, Field(description="Opt-in steps over SSH (the ssh Block), run "
-                                                                 "after the backup, before the update.")] = None,
-    apt_real_upgrade: Annotated[bool, Field(description="apt-upgrade: really upgrade (default: simulate).")]
-    = False,
-    certificates: Annotated[list[str] | None, Field(description="certificate-expiry: PEM paths on the host.")]
-    = None,
-    certificate_min_days: Annotated[float, Field(ge=0)] = 14,
-    disk_paths: Annotated[list[str] | None, Field(description="disk-usage: paths on the host (default /).")] = None,
-    disk_max_percent: Annotated[float, Field(gt=0, le=100)] = 85,
-    logrotate_config: str = "/etc/logrotate.conf",
-    logrotate_state: Annotated[str, Field(description="logrotate -s STATE; empty: its default.")] = "",
-    logrotate_force: bool = False,
-    rollout_timeout_seconds: Annotated[float, Field(gt=0)] = 600,
-    poll_seconds: Annotated[float, Field(gt=0)] = 2,
-    health_timeout_seconds: Annotated[float, Field(gt=0)] = 120,
-    check_interval_seconds: Annotated[float, Field(gt=0)] = 5,
-    lock_timeout_seconds: Annotated[float, Field(ge=0)] = 600,
-    notify_block: Annotated[str | None, Field(description="Told of the outcome.")] = None,
+    reason: Annotated[str, param(
+        "Reason", "Why: shown in the silence, the report and the notice. Required.", min_length=1)],
+    target: Annotated[Target, param(
+        "What to update", "kubernetes (default): Deployments; compose-ssh: a compose service over SSH; none: "
+        "no update (migration, backup or housekeeping only).")] = "kubernetes",
+    images: Annotated[list[str] | None, param(
+        "New images", "kubernetes: the update, CONTAINER=IMAGE, e.g. api=registry/app:v2.0.0. Empty: no "
+        "image update.")] = None,
+    deployments: Annotated[list[str] | None, param(
+        "Deployments", "kubernetes: Deployment names to update. Empty: use the selector.")] = None,
+    selector: Annotated[str, param(
+        "Label selector", "kubernetes: or a label selector of the Deployments, e.g. app=shop. Empty: "
+        "none.")] = "",
+    namespace: Annotated[str, param(
+        "Namespace", "Empty (default): the cluster Block's namespace.")] = "",
+    migration_command: Annotated[list[str] | None, param(
+        "Migration command", "argv, e.g. [alembic, upgrade, head]. kubernetes: a Job from the new image; "
+        "otherwise run over SSH. Empty: no migration.")] = None,
+    expected_minutes: Annotated[float, param(
+        "Expected duration (min)", "How long the window should take; the silence and the notice use it. 30 "
+        "by default.", gt=0, le=1440)] = 30,
+    take_backup: Annotated[bool, param(
+        "Back up first", "Run the backup runbook before any change. On by default; off: no backup to go "
+        "back to.")] = True,
+    cluster: Annotated[KubernetesCluster | None, param(
+        "Kubernetes cluster", "kubernetes: the cluster. Empty: required for target kubernetes.")] = None,
+    app: Annotated[AppEndpoint | None, param(
+        "Application", "Maintenance switch and health of the app. Empty: no maintenance mode and no health "
+        "check.")] = None,
+    alertmanager: Annotated[AlertmanagerAPI | None, param(
+        "Alertmanager", "Silences the window's alerts (the silence always ends). Empty: no silence.")] = None,
+    silence_matchers: Annotated[list[str] | None, param(
+        "Silence matchers", 'e.g. [service="shop"]: the alerts the window causes. Empty: no silence.')] = None,
+    silence_margin_minutes: Annotated[float, param(
+        "Silence margin (min)", "The silence ends this long after the expected end (it always ends). 15 by "
+        "default.", ge=0)] = 15,
+    store: Annotated[BackupStore | None, param(
+        "Backup store", "Where the backup goes. Empty: the backup runbook's default store.")] = None,
+    postgres: Annotated[PostgresConnection | None, param(
+        "PostgreSQL server", "Backed up; gets the restore point; runs the drain query. Empty: none of "
+        "these.")] = None,
+    backup_databases: Annotated[list[str] | None, param(
+        "Backup: databases", "Databases the backup dumps. Empty: every database.")] = None,
+    redis: Annotated[RedisConnection | None, param(
+        "Redis server", "Included in the backup. Empty: no Redis in the backup.")] = None,
+    backup_paths: Annotated[list[str] | None, param(
+        "Backup: directories", "Directories the backup archives. Empty: none.")] = None,
+    restore_point: Annotated[bool, param(
+        "Restore point", "pg_create_restore_point('maintenance-<run>') before the update, for a "
+        "point-in-time restore. On by default.")] = True,
+    drain_path: Annotated[str, param(
+        "Drain: HTTP path", "GET on the app answering the active-work count, waited for to reach 0. Empty: "
+        "no HTTP drain.")] = "",
+    drain_field: Annotated[str, param(
+        "Drain: JSON field", "Field of that JSON answer holding the count. active by default.")] = "active",
+    drain_query: Annotated[str, param(
+        "Drain: SQL query", "Or a read-only SQL query returning the count. Empty: none.")] = "",
+    drain_timeout_seconds: Annotated[float, param(
+        "Drain timeout (s)", "How long to wait for the work to drain. 300 by default.", gt=0)] = 300,
+    drain_poll_seconds: Annotated[float, param(
+        "Drain poll (s)", "Seconds between drain checks. 2 by default.", gt=0)] = 2,
+    on_drain_timeout: Annotated[Literal["abort", "proceed"], param(
+        "When draining times out", "abort (default): reopen and end without change. proceed: update with "
+        "work still active.")] = "abort",
+    ssh: Annotated[SSHHost | None, param(
+        "SSH host", "compose-ssh: the host; also where an SSH migration and housekeeping run. Empty: no "
+        "SSH.")] = None,
+    compose_dir: Annotated[str, param(
+        "Compose directory", "compose-ssh: the project directory on the host.")] = "",
+    compose_project: Annotated[str, param(
+        "Compose project", "compose-ssh: the project name (-p). app by default.")] = "app",
+    compose_env_file: Annotated[str, param(
+        "Compose env file", "compose-ssh: the env file, relative to the directory. .env by default.")] = ".env",
+    compose_service: Annotated[str, param(
+        "Compose service", "compose-ssh: the service to recreate.")] = "",
+    variables: Annotated[dict[str, str] | None, param(
+        "Version variables", "compose-ssh: the update as version variables in the env file, e.g. "
+        "{API_VERSION: v2}.")] = None,
+    migration_container: Annotated[str, param(
+        "Migration container", "kubernetes: the container of the Deployment's pod template the Job copies. "
+        "Empty (default): the first.")] = "",
+    migration_timeout_seconds: Annotated[float, param(
+        "Migration timeout (s)", "How long the migration may run before the update is put back. 1800 by "
+        "default.", gt=0)] = 1800,
+    prometheus: Annotated[PrometheusAPI | None, param(
+        "Prometheus", "Evaluates the checks below after the update. Empty: no metric checks.")] = None,
+    checks: Annotated[list[MetricCheck] | None, param(
+        "Metric checks", "Each must hold after the update, else it is put back. Empty: none.")] = None,
+    housekeeping: Annotated[list[Step] | None, param(
+        "Housekeeping steps", "Opt-in steps over SSH (the ssh Block), run after the backup, before the "
+        "update. Empty: none.")] = None,
+    apt_real_upgrade: Annotated[bool, param(
+        DANGER + "real apt upgrade", "apt-upgrade step: really upgrade packages. Off by default: "
+        "simulated.")] = False,
+    certificates: Annotated[list[str] | None, param(
+        "Certificates", "certificate-expiry step: PEM paths on the host.")] = None,
+    certificate_min_days: Annotated[float, param(
+        "Certificate minimum days", "certificate-expiry: a finding below this many days left. 14 by "
+        "default.", ge=0)] = 14,
+    disk_paths: Annotated[list[str] | None, param(
+        "Disk paths", "disk-usage step: paths on the host. Empty: /.")] = None,
+    disk_max_percent: Annotated[float, param(
+        "Disk maximum (%)", "disk-usage: a finding above this use. 85 by default.", gt=0, le=100)] = 85,
+    logrotate_config: Annotated[str, param(
+        "logrotate config", "logrotate step: the configuration file. /etc/logrotate.conf by default.")
+    ] = "/etc/logrotate.conf",
+    logrotate_state: Annotated[str, param(
+        "logrotate state file", "logrotate -s STATE. Empty (default): logrotate's own.")] = "",
+    logrotate_force: Annotated[bool, param(
+        "logrotate --force", "Rotate even when not due. Off by default.")] = False,
+    rollout_timeout_seconds: Annotated[float, param(
+        "Rollout timeout (s)", "How long the rollout may take before the update is put back. 600 by "
+        "default.", gt=0)] = 600,
+    poll_seconds: Annotated[float, param(
+        "Poll interval (s)", "Seconds between rollout status checks. 2 by default.", gt=0)] = 2,
+    health_timeout_seconds: Annotated[float, param(
+        "Health timeout (s)", "How long the app may take to be healthy after the update. 120 by default.",
+        gt=0)] = 120,
+    check_interval_seconds: Annotated[float, param(
+        "Check interval (s)", "Seconds between metric check evaluations. 5 by default.", gt=0)] = 5,
+    lock_timeout_seconds: Annotated[float, param(
+        "Lock wait (s)", "Wait this long for another window on the same target, then fail. 600 by default.",
+        ge=0)] = 600,
+    notify_block: Annotated[str | None, param(
+        "Notify", "A saved notification Block (e.g. slack-webhook/ops) told of the outcome. Empty: nobody is "
+        "told.")] = None,
 ) -> MaintenanceResult:
     """One maintenance window, compensated: the service ends fully updated or as before, or stays closed
     (maintenance on) and the run fails loudly."""
+    if (refused := refused_at_start()) is not None:  # an alert's approval form said reject
+        return refused
     log = run_logger()
     # -- everything that can be checked before any change ------------------------------------------------------
     if not reason.strip():
@@ -534,12 +600,12 @@ def _migrate(window: Window, target: str, cluster: KubernetesCluster | None, ns:
             else list(command)
         result = run_remote(ssh, argv, check=False, timeout_seconds=timeout)
         logs = {ssh.describe(): result.stdout + result.stderr}
-        where, ok, why = f"`{' '.join(command)}` on {ssh.describe()}", result.exit_code == 0, \
+        where, ok, why = f"`{' '.join(command)}` on `{ssh.describe()}`", result.exit_code == 0, \
             f"exit {result.exit_code}"
     lines = [f"# Migration: {where}: {'succeeded' if ok else 'FAILED (' + why + ')'}", ""]
     for source, text in logs.items():
         tail = text[-MAX_LOG_CHARS:]
-        lines += [f"## {source}", "", "```", tail.replace("```", "'''"), "```", ""]
+        lines += [f"## `{source}`", "", "```", tail.replace("```", "'''"), "```", ""]
     create_markdown_artifact("\n".join(lines), key="maintenance-migration-logs",
                              description="Migration output")
     window.migration = f"{where}: {'succeeded' if ok else 'FAILED: ' + why}"

@@ -24,7 +24,9 @@ from pydantic import BaseModel, Field
 from blocks.errors import RestoreFailed
 from blocks.postgres import PostgresConnection
 from blocks.store import DEFAULT_STORE, BackupStore
+from flows._form import DANGER, param
 from flows.backup import runbooks_version
+from tasks.approval import refused_at_start
 from tasks.log import run_logger
 from tasks.manifest import PhysicalBackup, build_manifest, human_size, new_set_id
 from tasks.metrics import runbook_metrics_hooks
@@ -66,28 +68,41 @@ class PitrBackupResult(BaseModel):
 
 @flow(name="pitr-base-backup", log_prints=False, **runbook_metrics_hooks())
 def pitr_base_backup(
-    postgres: PostgresConnection,
-    store: Annotated[BackupStore | None, Field(description="The store wal-push archives into; empty: "
-                                                           + DEFAULT_STORE)] = None,
-    tags: list[str] | None = None,
-    verify: Annotated[bool, Field(description="Re-read the stored backup and check every file against "
-                                              "backup_manifest (sizes; with SHA256 checksums, contents).")] = True,
-    compression_level: Annotated[int, Field(ge=1, le=19)] = 1,
-    compression_threads: Annotated[int, Field(ge=0, le=64)] = 2,
-    manifest_checksums: Annotated[Literal["CRC32C", "SHA256"], Field(
-        description="Per-file checksums in backup_manifest. CRC32C: pg_verifybackup checks them on restore. "
-                    "SHA256: verify also checks every file's content; costs the server ~0.6 CPU s per GiB.")
-    ] = "CRC32C",
-    use_pg_basebackup: Annotated[bool, Field(
-        description="Run pg_basebackup and read its stdout, rather than reading BASE_BACKUP off a replication "
-                    "connection (PostgreSQL 15+; older servers always use pg_basebackup).")] = False,
-    wal_timeout_seconds: Annotated[float, Field(ge=1, description="Wait for the backup's WAL in the store.")] = 300,
-    keep_last: Annotated[int | None, Field(ge=1, description="Then expire all but the newest N base backups "
-                                                             "(and WAL only they needed); empty: expire none.")] = None,
-    keep_within_days: Annotated[float | None, Field(gt=0, description="With keep_last: also keep every base "
-                                                                      "backup this PITR window needs.")] = None,
+    postgres: Annotated[PostgresConnection, param(
+        "PostgreSQL server", "The server to back up (a replication connection; its archive_command must "
+        "archive WAL into the same store with runbooks wal-push).")],
+    store: Annotated[BackupStore | None, param(
+        "Backup store", "The store wal-push archives into. Empty: " + DEFAULT_STORE + ".")] = None,
+    verify: Annotated[bool, param(
+        "Verify after writing", "Re-read the stored backup and check every file against backup_manifest "
+        "(sizes; with SHA256 checksums, contents). On by default.")] = True,
+    keep_last: Annotated[int | None, param(
+        DANGER + "expire all but the newest N", "After the backup, delete all but the newest N base backups "
+        "(and WAL only they needed). Empty (default): nothing is expired.", ge=1)] = None,
+    keep_within_days: Annotated[float | None, param(
+        "Keep restorable window (days)", "With keep_last: also keep every base backup this point-in-time "
+        "window needs. Empty: only keep_last counts.", gt=0)] = None,
+    tags: Annotated[list[str] | None, param(
+        "Tags", "Labels stored in the backup's manifest. Empty: none.")] = None,
+    wal_timeout_seconds: Annotated[float, param(
+        "WAL wait (s)", "How long to wait for the backup's last WAL file to reach the store before failing. "
+        "300 by default.", ge=1)] = 300,
+    manifest_checksums: Annotated[Literal["CRC32C", "SHA256"], param(
+        "Manifest checksums", "Per-file checksums in backup_manifest. CRC32C (default): pg_verifybackup "
+        "checks them on restore. SHA256: verify also checks every file's content; costs the server ~0.6 CPU "
+        "s per GiB.")] = "CRC32C",
+    use_pg_basebackup: Annotated[bool, param(
+        "Use pg_basebackup", "Run pg_basebackup and read its stdout, rather than reading BASE_BACKUP off a "
+        "replication connection (PostgreSQL 15+; older servers always use pg_basebackup). Off by "
+        "default.")] = False,
+    compression_level: Annotated[int, param(
+        "Compression level", "zstd level 1-19. 1 (default) keeps up with the server.", ge=1, le=19)] = 1,
+    compression_threads: Annotated[int, param(
+        "Compression threads", "zstd worker threads, 0-64. 2 by default.", ge=0, le=64)] = 2,
 ) -> PitrBackupResult:
     """Physical base backup for point-in-time recovery, after checking WAL archiving works end to end."""
+    if (refused := refused_at_start()) is not None:  # an alert's approval form said reject
+        return refused
     log = run_logger()
     store = store or BackupStore.from_url(DEFAULT_STORE)
     started = time.monotonic()
@@ -164,28 +179,47 @@ class PitrRestoreResult(BaseModel):
 
 @flow(name="pitr-restore", log_prints=False, **runbook_metrics_hooks())
 def pitr_restore(
-    store: BackupStore,
-    target_dir: Annotated[str, Field(description="NEW directory for the restored cluster: PGDATA is "
-                                                 "<target_dir>/data, its log <target_dir>/server.log.")],
-    port: Annotated[int, Field(ge=1, le=65535, description="A free port; the cluster listens on 127.0.0.1.")],
-    target: Literal["latest", "time", "lsn", "name", "immediate"] = "latest",
-    target_time: Annotated[datetime | None, Field(description="target=time: with a time zone.")] = None,
-    target_lsn: Annotated[str | None, Field(description="target=lsn: e.g. 0/5000060.")] = None,
-    target_name: Annotated[str | None, Field(description="target=name: a restore point's name.")] = None,
-    inclusive: Annotated[bool, Field(description="Stop just after (true) or just before the target.")] = True,
-    timeline: Annotated[str, Field(description="latest, current (the backup's) or a timeline number.")] = "latest",
-    backup_id: Annotated[str | None, Field(description="Empty: the newest base backup before the target.")] = None,
-    action: Literal["promote", "pause"] = "promote",
-    restore_command: Annotated[list[str] | None, Field(description=(
-        "argv of this project's wal-fetch: [runbooks, wal-fetch, --config, FILE, %f, %p]; %f/%p are the only "
-        "placeholders and no word may hold shell syntax. Empty: the source's archive_command with wal-push "
-        "-> wal-fetch."))] = None,
-    keep_archiving: Annotated[bool, Field(description="After promotion, archive the new timeline as the source "
-                                                      "did; false: archive_mode=off.")] = True,
-    os_user: str = "postgres",
-    timeout_seconds: Annotated[float, Field(ge=10)] = 3600,
+    store: Annotated[BackupStore, param(
+        "Backup store", "The store holding the base backups and the WAL archive.")],
+    target_dir: Annotated[str, param(
+        "New cluster directory", "A NEW directory for the restored cluster: PGDATA is <target_dir>/data, its "
+        "log <target_dir>/server.log. An existing non-empty directory is refused.")],
+    port: Annotated[int, param(
+        "Port", "A free port; the restored cluster listens on 127.0.0.1.", ge=1, le=65535)],
+    target: Annotated[Literal["latest", "time", "lsn", "name", "immediate"], param(
+        "Restore to", "latest (default): the end of the archive. time / lsn / name: the point given below. "
+        "immediate: the end of the base backup.")] = "latest",
+    target_time: Annotated[datetime | None, param(
+        "Target time", "target=time: the moment to restore to, with a time zone. Empty otherwise.")] = None,
+    target_lsn: Annotated[str | None, param(
+        "Target LSN", "target=lsn: e.g. 0/5000060. Empty otherwise.")] = None,
+    target_name: Annotated[str | None, param(
+        "Target restore point", "target=name: a restore point's name. Empty otherwise.")] = None,
+    inclusive: Annotated[bool, param(
+        "Include the target", "Stop just after (on, default) or just before the target.")] = True,
+    timeline: Annotated[str, param(
+        "Timeline", "latest (default), current (the backup's) or a timeline number.")] = "latest",
+    backup_id: Annotated[str | None, param(
+        "Base backup", "A base backup id. Empty (default): the newest base backup before the target.")] = None,
+    action: Annotated[Literal["promote", "pause"], param(
+        "At the target", "promote (default): the cluster opens for writes. pause: it stays read-only in "
+        "recovery, for inspection.")] = "promote",
+    keep_archiving: Annotated[bool, param(
+        "Keep archiving", "After promotion, archive the new timeline as the source did. On by default; off: "
+        "archive_mode=off.")] = True,
+    restore_command: Annotated[list[str] | None, param(
+        "restore_command (argv)", "argv of this project's wal-fetch: [runbooks, wal-fetch, --config, FILE, "
+        "%f, %p]; %f/%p are the only placeholders and no word may hold shell syntax. Empty (default): the "
+        "source's archive_command with wal-push -> wal-fetch.")] = None,
+    os_user: Annotated[str, param(
+        "OS user", "The operating-system user the cluster runs as. postgres by default.")] = "postgres",
+    timeout_seconds: Annotated[float, param(
+        "Timeout (s)", "Give up when recovery has not reached the target within this time. 3600 by "
+        "default.", ge=10)] = 3600,
 ) -> PitrRestoreResult:
     """Restore a new cluster to a point in time; it stays running on ``port`` for inspection or a swap."""
+    if (refused := refused_at_start()) is not None:  # an alert's approval form said reject
+        return refused
     log = run_logger()
     started = time.monotonic()
     wanted = RecoveryTarget(target, time=target_time, lsn=parse_lsn(target_lsn) if target_lsn else None,

@@ -11,13 +11,15 @@ from typing import Annotated
 
 from prefect import flow
 from prefect.artifacts import create_table_artifact
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from blocks.errors import ConfigurationError
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
 from blocks.weaviate import WeaviateConnection
+from flows._form import DANGER, param
+from tasks.approval import refused_at_start
 from tasks.databases import existing_databases, side_name
 from tasks.files import extract_archive
 from tasks.log import run_logger
@@ -45,19 +47,34 @@ class RestoreResult(BaseModel):
 
 @flow(name="restore-set")
 def restore_set(
-    store: BackupStore,
-    backup_id: Annotated[str, Field(description="A set id, or 'latest'.")] = "latest",
-    postgres: Annotated[PostgresConnection | None, Field(description="Server to restore databases into.")] = None,
-    databases: Annotated[list[str] | None, Field(description="Databases to restore; empty: all in the set.")] = None,
-    database_suffix: Annotated[str, Field(description="Appended to each database name.")] = "",
-    redis: Annotated[RedisConnection | None, Field(description="An empty Redis to restore into.")] = None,
-    replace_existing: Annotated[bool, Field(description="Allow a Redis that holds keys: they are saved to the "
-                                                        "store, then replaced by the snapshot.")] = False,
-    files_root: Annotated[str | None, Field(description="New directory; each archive goes below it.")] = None,
-    weaviate: Annotated[WeaviateConnection | None, Field(description="A Weaviate that lacks the set's "
-                                                                     "collections, to restore them into.")] = None,
+    store: Annotated[BackupStore, param(
+        "Backup store", "The store that holds the backup set.")],
+    backup_id: Annotated[str, param(
+        "Backup set", "A set id (e.g. 20261122T020000Z-ab12cd), or latest (default): the newest complete "
+        "set.")] = "latest",
+    postgres: Annotated[PostgresConnection | None, param(
+        "PostgreSQL server", "The server the set's databases are restored into, as NEW databases (an "
+        "existing name is refused). Empty: databases are not restored.")] = None,
+    databases: Annotated[list[str] | None, param(
+        "Databases", "Which of the set's databases to restore. Empty: all of them.")] = None,
+    database_suffix: Annotated[str, param(
+        "Database name suffix", "Appended to each restored database's name (e.g. _restored), so a copy can "
+        "sit beside the original on the same server. Empty: the original names.")] = "",
+    redis: Annotated[RedisConnection | None, param(
+        "Redis server", "An EMPTY Redis the snapshot is loaded into. Empty: Redis is not restored.")] = None,
+    replace_existing: Annotated[bool, param(
+        DANGER + "replace a Redis that holds keys", "Allow a Redis that holds keys: they are saved to the "
+        "store first, then replaced by the snapshot. Off by default: a Redis with keys is refused.")] = False,
+    files_root: Annotated[str | None, param(
+        "Files root", "A NEW directory on this host; each archived directory is restored below it. Empty: "
+        "files are not restored.")] = None,
+    weaviate: Annotated[WeaviateConnection | None, param(
+        "Weaviate", "A Weaviate that lacks the set's collections, to restore them into. Empty: Weaviate is "
+        "not restored.")] = None,
 ) -> RestoreResult:
     """Restore every part of a set into new targets, checking checksums and manifest contents."""
+    if (refused := refused_at_start()) is not None:  # an alert's approval form said reject
+        return refused
     log = run_logger()
     started = time.monotonic()
     manifest = find_backup_set(store, backup_id)

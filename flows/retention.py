@@ -14,6 +14,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
 
 from blocks.store import BackupStore
+from flows._form import param
+from tasks.approval import refused_at_start
 from tasks.log import run_logger
 from tasks.manifest import human_size
 from tasks.metrics import runbook_metrics_hooks
@@ -45,22 +47,37 @@ class RetentionResult(BaseModel):
 
 @flow(name="apply-retention", log_prints=False, **runbook_metrics_hooks())
 def apply_retention(
-    store: Annotated[BackupStore, Field(description="The store whose backups/ are pruned (WAL is not touched).")],
-    keep_last: Annotated[int, Field(ge=0, description="Keep the newest N complete sets.")] = 3,
-    daily: Annotated[int, Field(ge=0, description="Keep one set for each of the newest N days (UTC).")] = 7,
-    weekly: Annotated[int, Field(ge=0, description="... of the newest N ISO weeks.")] = 4,
-    monthly: Annotated[int, Field(ge=0, description="... of the newest N months.")] = 12,
-    yearly: Annotated[int, Field(ge=0, description="... of the newest N years.")] = 0,
-    min_age_hours: Annotated[float, Field(ge=0, description="Never delete a set younger than this.")] = 24,
-    incomplete_grace_hours: Annotated[float, Field(
-        ge=0, description="Delete sets without manifest, and abort multipart uploads, idle this long. "
-                          "Must exceed the longest backup run.")] = 24,
-    dry_run: Annotated[bool, Field(description="Only publish the plan. Schedules set this to false.")] = True,
-    pitr_keep_last: Annotated[int, Field(ge=1, description="PITR: keep the newest N base backups.")] = 2,
-    pitr_keep_within_days: Annotated[float | None, Field(
-        ge=0, description="PITR: keep every moment of this window restorable.")] = 7,
+    store: Annotated[BackupStore, param(
+        "Backup store", "The store whose backup sets are pruned (WAL is not touched here).")],
+    dry_run: Annotated[bool, param(
+        "Dry run (plan only)", "On (default for a run from the UI): only publish the plan, delete nothing. "
+        "Unticked, the sets the plan marks are deleted. The schedule runs with it off.")] = True,
+    keep_last: Annotated[int, param(
+        "Keep newest", "Keep the newest N complete sets. 3 by default.", ge=0)] = 3,
+    daily: Annotated[int, param(
+        "Keep daily", "Keep one set for each of the newest N days (UTC). 7 by default.", ge=0)] = 7,
+    weekly: Annotated[int, param(
+        "Keep weekly", "Keep one set for each of the newest N ISO weeks. 4 by default.", ge=0)] = 4,
+    monthly: Annotated[int, param(
+        "Keep monthly", "Keep one set for each of the newest N months. 12 by default.", ge=0)] = 12,
+    yearly: Annotated[int, param(
+        "Keep yearly", "Keep one set for each of the newest N years. 0 by default: none kept for the "
+        "year alone.", ge=0)] = 0,
+    min_age_hours: Annotated[float, param(
+        "Minimum age (h)", "Never delete a set younger than this. 24 by default.", ge=0)] = 24,
+    incomplete_grace_hours: Annotated[float, param(
+        "Incomplete grace (h)", "Sets without a manifest, and unfinished multipart uploads, idle this long "
+        "are deleted. Must exceed the longest backup run. 24 by default.", ge=0)] = 24,
+    pitr_keep_last: Annotated[int, param(
+        "PITR: keep newest base backups", "Keep the newest N physical base backups (and their WAL). 2 by "
+        "default.", ge=1)] = 2,
+    pitr_keep_within_days: Annotated[float | None, param(
+        "PITR: restorable window (days)", "Keep every moment of this window restorable. 7 by default; "
+        "empty: only pitr_keep_last counts.", ge=0)] = 7,
 ) -> RetentionResult:
     """Keep what the policy and the safety rules say, delete the rest (only with dry_run=false)."""
+    if (refused := refused_at_start()) is not None:  # an alert's approval form said reject
+        return refused
     log = run_logger()
     policy = RetentionPolicy(  # an all-zero policy is a ConfigurationError here, before any I/O
         keep_last=keep_last, daily=daily, weekly=weekly, monthly=monthly, yearly=yearly,

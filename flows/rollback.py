@@ -30,8 +30,6 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.context import get_run_context
-from prefect.flow_runs import pause_flow_run
-from prefect.input import RunInput
 from prefect.states import Cancelled, State
 from pydantic import BaseModel, Field
 
@@ -40,7 +38,9 @@ from blocks.errors import ConfigurationError, RunbookError
 from blocks.kubernetes import KubernetesCluster
 from blocks.prometheus import PrometheusAPI
 from blocks.ssh import SSHHost
+from flows._form import DANGER, param
 from tasks.app import wait_until_healthy
+from tasks.approval import ask_approval, refused_at_start
 from tasks.compose import (
     ComposeProject,
     ContainerState,
@@ -83,13 +83,6 @@ ROLLED_BACK_FROM = "runbooks.prefect.io/rolled-back-from-revision"
 ROLLED_BACK_BY = "runbooks.prefect.io/rolled-back-by"
 
 
-class RollbackApproval(RunInput):
-    """What the operator answers in the Prefect UI."""
-
-    approve: bool = Field(default=False, description="Roll back as described above?")
-    note: str = Field(default="", description="Why (kept in the run's log).")
-
-
 class RollbackResult(BaseModel):
     target: str
     outcome: str
@@ -104,64 +97,108 @@ class RollbackResult(BaseModel):
       on_crashed=[notify_hook("CRASHED"), push_flow_run_metrics],
       on_cancellation=[notify_hook("cancelled")])
 def rollback(
-    target: Annotated[Target, Field(description="kubernetes: Deployments back to a revision or images. "
-                                                "blue-green-kubernetes: switch a Service to the other colour. "
-                                                "compose-ssh: pin a compose service's version over SSH. "
-                                                "blue-green-compose: start the other colour's project, switch "
-                                                "nginx to it.")] = "kubernetes",
-    cluster: KubernetesCluster | None = None,
-    namespace: Annotated[str, Field(description="Empty: the cluster Block's namespace.")] = "",
-    deployment: Annotated[str, Field(description="A Deployment name (what an alert's label gives).")] = "",
-    deployments: Annotated[list[str] | None, Field(description="More Deployment names.")] = None,
-    selector: Annotated[str, Field(description="Label selector of the Deployments, e.g. app=shop.")] = "",
-    to: Annotated[str, Field(description="'previous' (as kubectl rollout undo) or a revision number.")]
-    = "previous",
-    images: Annotated[list[str] | None, Field(description="Explicit images instead of `to`: "
-                                                          "CONTAINER=IMAGE, e.g. api=registry/app:v1.1.0.")] = None,
-    service: Annotated[str, Field(description="blue-green-kubernetes: the Service whose selector picks the "
-                                              "active colour.")] = "",
-    colour_label: Annotated[str, Field(description="The selector label that holds the colour.")] = "version",
-    colours: Annotated[list[str], Field(min_length=2, max_length=2)] = ["blue", "green"],  # noqa: B006
-    colour_service: Annotated[str, Field(description="Each colour's own Service, checked through the API "
-                                                     "server proxy before the switch; {service} and {colour} "
-                                                     "are filled in.")] = "{service}-{colour}",
-    colour_health_path: str = "/health",
-    ssh: Annotated[SSHHost | None, Field(description="compose targets: the host (known_hosts checked).")] = None,
-    compose_dir: Annotated[str, Field(description="compose targets: the project directory on the host.")] = "",
-    compose_project: Annotated[str, Field(description="compose-ssh: the project name (-p; empty: the "
-                                                      "directory's name, as compose does); blue-green-compose: a "
-                                                      "pattern with {colour} (empty: app-{colour}).")] = "",
-    compose_env_file: Annotated[str, Field(description="The env file compose reads, relative to compose_dir.")]
-    = ".env",
-    compose_service: Annotated[str, Field(description="compose-ssh: the service to recreate.")] = "",
-    variables: Annotated[dict[str, str] | None, Field(description="compose-ssh: version variables to pin in the "
-                                                                  "env file, e.g. {API_VERSION: v1.1.0}.")] = None,
-    colour_file: Annotated[str, Field(description="blue-green-compose: the file that names the live colour "
-                                                  "(the guides' current_env).")] = "",
-    upstream_file: Annotated[str, Field(description="blue-green-compose: the nginx file that points at a "
-                                                    "colour.")] = "",
-    upstream_configs: Annotated[dict[str, str] | None, Field(description="blue-green-compose: the upstream "
-                                                                         "file's content for each colour.")] = None,
-    nginx: Annotated[list[str], Field(description="How nginx is called on the host (argv); -t and -s reload "
-                                                  "are appended.")] = ["nginx"],  # noqa: B006
-    app: Annotated[AppEndpoint | None, Field(description="Health check of the application after the change.")]
-    = None,
-    prometheus: PrometheusAPI | None = None,
-    checks: Annotated[list[MetricCheck] | None, Field(description="Each must stay <= max for for_seconds "
-                                                                  "after the change.")] = None,
-    confirm: Annotated[bool, Field(description="Skip the approval pause.")] = False,
-    reason: Annotated[str, Field(description="Why (an alert's summary); shown in the approval form and "
-                                             "the report.")] = "",
-    rollout_timeout_seconds: Annotated[float, Field(gt=0)] = 600,
-    poll_seconds: Annotated[float, Field(gt=0)] = 2,
-    health_timeout_seconds: Annotated[float, Field(gt=0)] = 120,
-    check_interval_seconds: Annotated[float, Field(gt=0)] = 5,
-    approval_timeout_seconds: Annotated[int, Field(ge=10)] = 3600,
-    lock_timeout_seconds: Annotated[float, Field(ge=0, description="Wait this long for another rollback of "
-                                                                   "the same target.")] = 600,
-    notify_block: Annotated[str | None, Field(description="Told of success and failure.")] = None,
+    target: Annotated[Target, param(
+        "What to roll back", "kubernetes (default): Deployments back to a revision or images. "
+        "blue-green-kubernetes: switch a Service to the other colour. compose-ssh: pin a compose service's "
+        "version over SSH. blue-green-compose: start the other colour's project, switch nginx to it.")
+    ] = "kubernetes",
+    deployment: Annotated[str, param(
+        "Deployment", "kubernetes: a Deployment name (what an alert's label gives). Empty: use deployments "
+        "or selector.")] = "",
+    namespace: Annotated[str, param(
+        "Namespace", "Empty (default): the cluster Block's namespace.")] = "",
+    to: Annotated[str, param(
+        "Roll back to", "kubernetes: previous (default; as kubectl rollout undo) or a revision number.")
+    ] = "previous",
+    reason: Annotated[str, param(
+        "Reason", "Why (an alert's summary); shown in the approval form and the report. Empty by "
+        "default.")] = "",
+    confirm: Annotated[bool, param(
+        DANGER + "skip the approval", "Change production without pausing for approval in the UI. Off by "
+        "default: the run pauses and shows the exact plan.")] = False,
+    cluster: Annotated[KubernetesCluster | None, param(
+        "Kubernetes cluster", "kubernetes targets: the cluster. Empty: required for kubernetes targets, "
+        "unused for compose.")] = None,
+    app: Annotated[AppEndpoint | None, param(
+        "Application", "Health-checked after the change; a failed check puts the recorded state back. "
+        "Empty: no health check.")] = None,
+    prometheus: Annotated[PrometheusAPI | None, param(
+        "Prometheus", "Evaluates the checks below after the change. Empty: no metric checks.")] = None,
+    checks: Annotated[list[MetricCheck] | None, param(
+        "Metric checks", "Each must stay <= max for for_seconds after the change, else it is put back. "
+        "Empty: none.")] = None,
+    deployments: Annotated[list[str] | None, param(
+        "More Deployments", "kubernetes: more Deployment names. Empty: none.")] = None,
+    selector: Annotated[str, param(
+        "Label selector", "kubernetes: a label selector of the Deployments, e.g. app=shop. Empty: "
+        "none.")] = "",
+    images: Annotated[list[str] | None, param(
+        "Images", "kubernetes: explicit images instead of 'Roll back to': CONTAINER=IMAGE, e.g. "
+        "api=registry/app:v1.1.0. Empty: use the revision.")] = None,
+    service: Annotated[str, param(
+        "Service", "blue-green-kubernetes: the Service whose selector picks the active colour.")] = "",
+    colour_label: Annotated[str, param(
+        "Colour label", "blue-green: the selector label that holds the colour. version by default.")
+    ] = "version",
+    colours: Annotated[list[str], param(
+        "Colours", "blue-green: the two colours. [blue, green] by default.", min_length=2, max_length=2)
+    ] = ["blue", "green"],  # noqa: B006
+    colour_service: Annotated[str, param(
+        "Colour Service", "blue-green-kubernetes: each colour's own Service, checked through the API server "
+        "proxy before the switch; {service} and {colour} are filled in. {service}-{colour} by default.")
+    ] = "{service}-{colour}",
+    colour_health_path: Annotated[str, param(
+        "Colour health path", "blue-green: the HTTP path checked on the other colour before the switch. "
+        "/health by default.")] = "/health",
+    ssh: Annotated[SSHHost | None, param(
+        "SSH host", "compose targets: the host (known_hosts checked). Empty: required for compose "
+        "targets.")] = None,
+    compose_dir: Annotated[str, param(
+        "Compose directory", "compose targets: the project directory on the host.")] = "",
+    compose_project: Annotated[str, param(
+        "Compose project", "compose-ssh: the project name (-p; empty: the directory's name, as compose "
+        "does); blue-green-compose: a pattern with {colour} (empty: app-{colour}).")] = "",
+    compose_env_file: Annotated[str, param(
+        "Compose env file", "The env file compose reads, relative to the compose directory. .env by "
+        "default.")] = ".env",
+    compose_service: Annotated[str, param(
+        "Compose service", "compose-ssh: the service to recreate.")] = "",
+    variables: Annotated[dict[str, str] | None, param(
+        "Version variables", "compose-ssh: version variables to pin in the env file, e.g. {API_VERSION: "
+        "v1.1.0}.")] = None,
+    colour_file: Annotated[str, param(
+        "Colour file", "blue-green-compose: the file that names the live colour (the guides' "
+        "current_env).")] = "",
+    upstream_file: Annotated[str, param(
+        "nginx upstream file", "blue-green-compose: the nginx file that points at a colour.")] = "",
+    upstream_configs: Annotated[dict[str, str] | None, param(
+        "Upstream per colour", "blue-green-compose: the upstream file's content for each colour.")] = None,
+    nginx: Annotated[list[str], param(
+        "nginx command", "How nginx is called on the host (argv); -t and -s reload are appended. [nginx] by "
+        "default.")] = ["nginx"],  # noqa: B006
+    approval_timeout_seconds: Annotated[int, param(
+        "Approval timeout (s)", "Without an answer in this time the run ends Cancelled; nothing is changed. "
+        "3600 by default.", ge=10)] = 3600,
+    rollout_timeout_seconds: Annotated[float, param(
+        "Rollout timeout (s)", "How long the rollout may take before the recorded state is put back. 600 by "
+        "default.", gt=0)] = 600,
+    health_timeout_seconds: Annotated[float, param(
+        "Health timeout (s)", "How long the application may take to be healthy after the change. 120 by "
+        "default.", gt=0)] = 120,
+    poll_seconds: Annotated[float, param(
+        "Poll interval (s)", "Seconds between rollout status checks. 2 by default.", gt=0)] = 2,
+    check_interval_seconds: Annotated[float, param(
+        "Check interval (s)", "Seconds between metric check evaluations. 5 by default.", gt=0)] = 5,
+    lock_timeout_seconds: Annotated[float, param(
+        "Lock wait (s)", "Wait this long for another rollback of the same target, then fail. 600 by "
+        "default.", ge=0)] = 600,
+    notify_block: Annotated[str | None, param(
+        "Notify", "A saved notification Block (e.g. slack-webhook/ops) told of success and failure. Empty: "
+        "nobody is told.")] = None,
 ) -> RollbackResult | State:
     """Roll a deployment back to a known version, verified by its rollout, its health and its metrics."""
+    if (refused := refused_at_start()) is not None:  # an alert's approval form said reject
+        return refused
     if checks and prometheus is None:
         raise ConfigurationError("checks need the prometheus Block; nothing was changed")
     options = _Options(app, prometheus, checks or [], confirm, reason, rollout_timeout_seconds, poll_seconds,
@@ -236,7 +273,8 @@ def _rollback_deployments(cluster: KubernetesCluster, ns: str, names: list[str],
         lines += [f"| `{p.target}` | {p.from_revision} -> {p.to_revision or 'new'} | "
                   f"{states[p.name].image_list()} | {', '.join(f'{c}={i}' for c, i in p.images.items())} |"
                   for p in todo]
-        answer = _ask_approval(f"## Roll back {len(todo)} deployment(s) in `{ns}`?", lines, opts)
+        answer = _ask_approval(f"## Roll back {len(todo)} deployment(s) in `{ns}`?", lines, opts,
+                               todo[0].name if len(todo) == 1 else ns)
         if answer is not None:
             return answer
 
@@ -367,7 +405,7 @@ def _switch_colour(cluster: KubernetesCluster, ns: str, service: str, label: str
         raise
     if not opts.confirm:
         lines = [f"- {line}" for line in evidence]
-        answer = _ask_approval(f"## Switch `{ns}/{service}` from {current} to {other}?", lines, opts)
+        answer = _ask_approval(f"## Switch `{ns}/{service}` from {current} to {other}?", lines, opts, service)
         if answer is not None:
             return answer
     lock = lock_name("rollback", f"{cluster.describe()}/service/{service}")
@@ -431,7 +469,7 @@ def _pin_compose(host: SSHHost, project: ComposeProject, service: str, variables
                               before=[{"variables": before_values}], after=[{"variables": before_values}])
     if not opts.confirm:
         answer = _ask_approval(f"## Roll back `{service}` of `{project.name}` on `{host.describe()}`?",
-                               [f"- {e}" for e in evidence], opts)
+                               [f"- {e}" for e in evidence], opts, host.host)
         if answer is not None:
             return answer
     lock = lock_name("rollback", f"{host.host}:{host.port}/{project.directory}/{project.name}/{service}")
@@ -497,7 +535,7 @@ def _switch_compose(host: SSHHost, directory: str, pattern: str, env_file: str, 
                 f"{other} (`{standby.name}`): {_ps_line(standby_ps) or 'no containers'}"]
     if not opts.confirm:
         answer = _ask_approval(f"## Switch nginx on `{host.describe()}` from {current} to {other}?",
-                               [f"- {e}" for e in evidence], opts)
+                               [f"- {e}" for e in evidence], opts, host.host)
         if answer is not None:
             return answer
     lock = lock_name("rollback", f"{host.host}:{host.port}/{upstream_file}")
@@ -595,29 +633,26 @@ def current_metric_values(prometheus: PrometheusAPI, checks: list[MetricCheck]) 
         return [(c.name or c.query, query_instant(client, prometheus, c.query)) for c in checks]
 
 
-def _ask_approval(title: str, lines: list[str], opts: _Options) -> State | None:
-    """Pause for the operator; returns a Cancelled state when refused or timed out, else None (approved)."""
+def _ask_approval(title: str, lines: list[str], opts: _Options, name: str) -> State | None:
+    """Pause for the operator, who types ``name`` (the target) to approve; returns a Cancelled state when
+    rejected or timed out, else None (approved)."""
     log = run_logger()
     evidence = [f"- reason: {opts.reason}"] if opts.reason else []
     if opts.prometheus is not None and opts.checks:
         try:
-            for name, values in current_metric_values(opts.prometheus, opts.checks):
-                evidence.append(f"- now: `{name}` = {[round(v, 6) for v in values] or 'no data'}")
+            for metric, values in current_metric_values(opts.prometheus, opts.checks):
+                evidence.append(f"- now: `{metric}` = {[round(v, 6) for v in values] or 'no data'}")
         except RunbookError as exc:
             evidence.append(f"- metrics unavailable: {exc}")
     description = "\n".join([title, "", *lines, "", *evidence, "",
                              "Every change has its undo registered first; a failed rollout, health check or metric "
-                             "check puts the recorded state back."])
-    try:
-        answer = pause_flow_run(wait_for_input=RollbackApproval.with_initial_data(description=description),
-                                timeout=opts.approval_timeout, poll_interval=2)
-    except TimeoutError:
-        answer = None
-    if answer is None or not answer.approve:
+                             "check puts the recorded state back.", "",
+                             f"To approve, choose **approve** and type `{name}` (the target) in the form."])
+    answer = ask_approval(description, name, opts.approval_timeout)
+    if answer is None or not answer.approved:
         why = "timed out" if answer is None else f"rejected ({answer.note or 'no reason given'})"
         log.warning("rollback %s; nothing was changed", why)
         return Cancelled(message=f"approval {why}; nothing was changed")
-    log.info("approved: %s", answer.note or "(no note)")
     return None
 
 

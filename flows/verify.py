@@ -13,13 +13,15 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_run
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from blocks.errors import ConfigurationError, RunbookError, VerificationFailed
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
 from blocks.weaviate import WeaviateConnection
+from flows._form import param
+from tasks.approval import refused_at_start
 from tasks.databases import existing_databases, side_name
 from tasks.files import extract_archive
 from tasks.log import run_logger
@@ -67,21 +69,32 @@ def start_scratch_redis() -> ScratchRedis:
       on_failure=[notify_hook("FAILED"), push_flow_run_metrics],
       on_crashed=[notify_hook("CRASHED"), push_flow_run_metrics])
 def verify_backup(
-    store: BackupStore,
-    backup_id: Annotated[str, Field(description="A set id, or 'latest'.")] = "latest",
-    drill_postgres: Annotated[PostgresConnection | None, Field(
-        description="A drill server to restore into (scratch databases, dropped after); empty: a "
-                    "temporary cluster started here.")] = None,
-    amcheck: Annotated[bool, Field(description="Run pg_amcheck on the restored databases.")] = True,
-    heapallindexed: Annotated[bool, Field(description="pg_amcheck --heapallindexed (slower).")] = False,
-    jobs: Annotated[int, Field(ge=1, le=32, description="pg_restore parallel jobs.")] = 2,
-    drill_weaviate: Annotated[WeaviateConnection | None, Field(
-        description="A scratch Weaviate that sees the backups (same backend) to restore into; its restored "
-                    "collections are deleted after. Empty: Weaviate is checked as stored, not restored.")] = None,
-    notify_block: Annotated[str | None, Field(description="Told of a failed drill.")] = None,
+    store: Annotated[BackupStore, param(
+        "Backup store", "The store that holds the backup set.")],
+    backup_id: Annotated[str, param(
+        "Backup set", "A set id, or latest (default): the newest complete set.")] = "latest",
+    drill_postgres: Annotated[PostgresConnection | None, param(
+        "Drill PostgreSQL server", "A drill server to restore into (scratch databases, dropped after). "
+        "Empty (default): a temporary cluster started on this host, removed after.")] = None,
+    amcheck: Annotated[bool, param(
+        "Run amcheck", "Run pg_amcheck on the restored databases. On by default.")] = True,
+    heapallindexed: Annotated[bool, param(
+        "amcheck: every heap tuple indexed", "pg_amcheck --heapallindexed: also checks that every row is in "
+        "its indexes; slower. Off by default.")] = False,
+    jobs: Annotated[int, param(
+        "Restore jobs", "pg_restore parallel jobs, 1-32. 2 by default.", ge=1, le=32)] = 2,
+    drill_weaviate: Annotated[WeaviateConnection | None, param(
+        "Drill Weaviate", "A scratch Weaviate that sees the backups (same backend) to restore into; its "
+        "restored collections are deleted after. Empty (default): Weaviate is checked as stored, not "
+        "restored.")] = None,
+    notify_block: Annotated[str | None, param(
+        "Notify", "A saved notification Block (e.g. slack-webhook/ops) told of a failed drill. Empty: nobody "
+        "is told.")] = None,
 ) -> VerifyResult:
     """Prove a backup set restores: every part's checksum, every table's rows and content, Redis keys,
     file trees; the result is written as verification.json and fails the run on any difference."""
+    if (refused := refused_at_start()) is not None:  # an alert's approval form said reject
+        return refused
     log = run_logger()
     manifest = find_backup_set(store, backup_id)
     if {p.kind for p in manifest.parts} == {"pgbase"}:

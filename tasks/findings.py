@@ -157,13 +157,13 @@ def summary_markdown(findings: list[Finding], remediations: list[Remediation], *
     if worth:
         lines += ["## Findings", "", "| severity | check | database | object | detail | action |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {f.severity.value} | {f.check.value} | {_cell(f.database)} | {_cell(f.object)} | "
+        lines += [f"| {f.severity.value} | {f.check.value} | {_code(f.database)} | {_code(f.object)} | "
                   f"{_cell(f.detail)} | {_cell(f.action)} |" for f in worth]
         lines.append("")
     if remediations:
         lines += ["## Remediation (before -> after)", "", "| action | database | object | before | after | ok |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {r.action} | {_cell(r.database)} | {_cell(r.object)} | {_cell(r.before)} | "
+        lines += [f"| {r.action} | {_code(r.database)} | {_code(r.object)} | {_cell(r.before)} | "
                   f"{_cell(r.after + (f' ({r.error})' if r.error else ''))} | {'yes' if r.ok else 'NO'} |"
                   for r in remediations]
         lines.append("")
@@ -174,3 +174,8 @@ def summary_markdown(findings: list[Finding], remediations: list[Remediation], *
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _code(text: str) -> str:
+    """A name in a table cell as code: ``user@host`` would otherwise become a mail link."""
+    return f"`{_cell(text).replace('`', chr(39))}`" if text else ""

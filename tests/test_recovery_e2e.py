@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -171,7 +172,23 @@ def test_run_without_confirm_waits_for_approval(approve, stack, prefect_harness,
     paused = _wait_for_paused()
     time.sleep(1)
     assert _snapshot(stack) == damaged and stack["app"].events == []  # nothing happens while paused
-    resume_flow_run(paused.id, run_input={"approve": approve, "note": "test"})
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.responses import SetStateStatus
+
+    keyset = paused.state.state_details.run_input_keyset
+    with get_client(sync_client=True) as client:
+        description = json.loads(client.read_flow_run_input(paused.id, keyset["description"]))
+        assert f"type `{stack['db']}`" in description
+        # no decision, an approval without the name, a wrong name: the server refuses each, the run stays paused
+        for answer in ({"note": "no choice"}, {"decision": "approve"},
+                       {"decision": "approve", "confirm_target": "postgres"}):
+            assert client.resume_flow_run(paused.id, run_input=answer).status == SetStateStatus.REJECT, answer
+            assert client.read_flow_run(paused.id).state.is_paused()
+    time.sleep(1)
+    assert _snapshot(stack) == damaged and stack["app"].events == []
+    answer = ({"decision": "approve", "confirm_target": stack["db"], "approved_by": "e2e"} if approve
+              else {"decision": "reject", "note": "test"})  # a rejection needs no name
+    resume_flow_run(paused.id, run_input=answer)
     thread.join(timeout=180)
     state = box["state"]
     if approve:

@@ -203,15 +203,20 @@ def test_alert_approval_rollback_end_to_end(world: dict[str, Any], alerting: dic
     # the shipped deployment defaults: saved Blocks by reference, never their secrets
     with up.client() as client:
         defaults = client.read_deployment_by_name("rollback/rollback").parameters
-    assert defaults == {"cluster": {"$ref": {"block_document_slug": "kubernetes-cluster/app"}},
-                        "app": {"$ref": {"block_document_slug": "app-endpoint/app"}}}, (run.parameters, defaults)
+        ids = {slug: str(client.read_block_document_by_name(name=slug.split("/")[1],
+                                                            block_type_slug=slug.split("/")[0]).id)
+               for slug in ("kubernetes-cluster/app", "app-endpoint/app")}
+    # by id: what the run form's block picker shows as the default
+    assert defaults == {"cluster": {"$ref": {"block_document_id": ids["kubernetes-cluster/app"]}},
+                        "app": {"$ref": {"block_document_id": ids["app-endpoint/app"]}}}, (run.parameters, defaults)
     assert "of requests fail since its last deploy" in run.parameters["reason"]
     assert _state(up, run.id).is_paused()  # the bridge's gate: nothing runs before a human says so
     time.sleep(3)
     assert container(read(cluster, "api"))["image"] == GOOD_V2 and len(runs_of_route(up, ROUTE)) == 1
 
     with up.client() as client:
-        client.resume_flow_run(run.id, run_input={"approved_by": "e2e", "confirm": True})
+        client.resume_flow_run(run.id, run_input={"decision": "approve", "confirm_target": "rollback/rollback",
+                                                  "approved_by": "e2e"})
 
     def waiting_for_the_runs_own_approval() -> Any:
         state = _state(up, run.id)
@@ -227,7 +232,8 @@ def test_alert_approval_rollback_end_to_end(world: dict[str, Any], alerting: dic
     assert "2 -> 1" in description and "of requests fail since its last deploy" in description
     assert container(read(cluster, "api"))["image"] == GOOD_V2  # still nothing changed
     with up.client() as client:
-        client.resume_flow_run(run.id, run_input={"approve": True, "note": "e2e: error rate after deploy"})
+        client.resume_flow_run(run.id, run_input={"decision": "approve", "confirm_target": "api",
+                                                  "note": "e2e: error rate after deploy"})
 
     def completed() -> bool:
         state = _state(up, run.id)

@@ -451,7 +451,12 @@ def test_approval_form_shows_current_and_target_images(kube, prefect_harness, ap
     assert "HighErrorRate: 7% errors" in description
     time.sleep(0.5)
     assert len(double.patches("deployments")) == 2  # nothing changes while paused
-    resume_flow_run(paused.id, run_input={"approve": approve, "note": "test"})
+    assert "type `api`" in description  # the Deployment's name, typed to approve
+    with get_client(sync_client=True) as client:
+        wrong = client.resume_flow_run(paused.id, run_input={"decision": "approve", "confirm_target": "web"})
+        assert wrong.status.value == "REJECT" and client.read_flow_run(paused.id).state.is_paused()
+    resume_flow_run(paused.id, run_input={"decision": "approve", "confirm_target": "api"} if approve
+                    else {"decision": "reject", "note": "test"})
     thread.join(120)
     state = box["state"]
     if approve:

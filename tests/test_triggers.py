@@ -312,7 +312,8 @@ def test_approval_route_waits_for_the_form_with_a_runner_polling(stack: Stack) -
     with stack.client() as client:
         assert client.read_flow_run(created["flow_run_id"]).state.is_paused()
         assert store_sets(stack.store, "approved") == []
-        result = client.resume_flow_run(created["flow_run_id"], run_input={"approved_by": "e2e", "confirm": True})
+        result = client.resume_flow_run(created["flow_run_id"], run_input={
+            "decision": "approve", "confirm_target": "backup/nightly", "approved_by": "e2e"})
         assert result.status == SetStateStatus.ACCEPT
 
     def completed() -> bool:
@@ -323,6 +324,31 @@ def test_approval_route_waits_for_the_form_with_a_runner_polling(stack: Stack) -
 
     wait_for("the approved run to complete", completed, 120)
     assert len(store_sets(stack.store, "approved")) == 1
+
+
+def test_a_rejected_alert_approval_ends_cancelled_and_changes_nothing(stack: Stack) -> None:
+    """The bridge's form answered reject: the run is resumed (Prefect cannot refuse it otherwise), and the flow
+    ends Cancelled before doing anything."""
+    before = {r.id for r in runs_of_route(stack, "approve-backup")}
+    sets_before = len(store_sets(stack.store, "approved"))
+    body = {"version": "4", "groupKey": "g", "status": "firing", "receiver": "runbooks-bridge",
+            "alerts": [{"status": "firing", "labels": {"alertname": "ApproveMe"}, "annotations": {},
+                        "startsAt": "2026-11-22T00:00:00Z", "fingerprint": secrets.token_hex(8)}]}
+    stack.post_alert(body)
+    [run] = wait_for("the new approval run",
+                     lambda: [r for r in runs_of_route(stack, "approve-backup") if r.id not in before], 30)
+    with stack.client() as client:
+        result = client.resume_flow_run(run.id, run_input={"decision": "reject", "note": "not now"})
+    assert result.status.value == "ACCEPT"
+
+    def ended() -> Any:
+        with stack.client() as client:
+            state = client.read_flow_run(run.id).state
+        return state if state.is_final() else None
+
+    state = wait_for("the rejected run to end", ended, 120)
+    assert state.is_cancelled() and "nothing was changed" in (state.message or ""), state
+    assert len(store_sets(stack.store, "approved")) == sets_before
 
 
 def test_the_prefect_server_yields_the_cpu_to_the_bridge(stack: Stack) -> None:
@@ -431,6 +457,8 @@ def test_ctrl_c_stops_the_whole_stack(stack: Stack) -> None:
     stack.proc.send_signal(signal.SIGINT)
     assert stack.proc.wait(90) == 0
     wait_for("every child to exit", lambda: not [p for p in descendants if _process_alive(p)], 30)
+    serve_log = (stack.home / "state" / "serve.log").read_text()
+    assert "never awaited" not in serve_log, serve_log[-3000:]  # the runner awaits its astop() on SIGTERM
 
 
 def _descendants(pid: int) -> list[int]:

@@ -328,6 +328,8 @@ def test_approval_route_creates_a_paused_run_that_waits_for_the_form(target_depl
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.responses import SetStateStatus
 
+    from tasks.approval import BRIDGE_RESPONSE_KEY
+
     route = f"approve-{uuid.uuid4().hex[:8]}"
     routes = [{"name": route, "alertname": "HighErrorRate", "deployment": target_deployment,
                "require_approval": True, "approval_timeout": "2h", "parameters": {"who": "{{ labels.deployment }}"}}]
@@ -341,13 +343,18 @@ def test_approval_route_creates_a_paused_run_that_waits_for_the_form(target_depl
         assert run.state.is_paused() and run.state.state_details.pause_reschedule
         keyset = run.state.state_details.run_input_keyset
         assert keyset and APPROVAL_PAUSE_KEY in keyset["schema"]
+        assert keyset["response"] == BRIDGE_RESPONSE_KEY  # where the flow looks for a rejection
         schema = json.loads(api.read_flow_run_input(run.id, keyset["schema"]))
-        assert set(schema["required"]) >= {"approved_by", "confirm"}
-        assert "HighErrorRate" in json.loads(api.read_flow_run_input(run.id, keyset["description"]))
-        refused = api.resume_flow_run(run.id, run_input={"approved_by": "ops", "confirm": False})
-        assert refused.status == SetStateStatus.REJECT
-        assert api.read_flow_run(run.id).state.is_paused()  # an unticked form starts nothing
-        accepted = api.resume_flow_run(run.id, run_input={"approved_by": "ops", "confirm": True})
+        assert schema["required"] == ["decision"] and "default" not in schema["properties"]["decision"]
+        description = json.loads(api.read_flow_run_input(run.id, keyset["description"]))
+        assert "HighErrorRate" in description and f"type `{target_deployment}`" in description
+        # the same form as the runbooks' own: no choice, or approving without or with another name, is refused
+        for answer in ({"approved_by": "ops"}, {"decision": "approve"},
+                       {"decision": "approve", "confirm_target": "rollback/rollback"}):
+            assert api.resume_flow_run(run.id, run_input=answer).status == SetStateStatus.REJECT, answer
+            assert api.read_flow_run(run.id).state.is_paused()  # starts nothing
+        accepted = api.resume_flow_run(run.id, run_input={"decision": "approve", "confirm_target": target_deployment,
+                                                          "approved_by": "ops"})
         assert accepted.status == SetStateStatus.ACCEPT
         resumed = api.read_flow_run(run.id)
         assert resumed.state.is_scheduled()  # the runner of the deployment picks it up from here
@@ -369,7 +376,7 @@ def test_a_repeat_restores_a_missing_approval_form(target_deployment: str) -> No
         again = client.post("/alertmanager", json=body, headers=AUTH).json()
     assert again["skipped"][0]["flow_run_id"] == created["flow_run_id"]
     with get_client(sync_client=True) as api:
-        assert "approved_by" in api.read_flow_run_input(created["flow_run_id"], keyset["schema"])
+        assert "confirm_target" in api.read_flow_run_input(created["flow_run_id"], keyset["schema"])
 
 
 def test_concurrent_repeats_do_not_wait_for_the_first_creation(target_deployment: str) -> None:

@@ -1,28 +1,22 @@
 """Approval for alert-started destructive runbooks: the run is created Paused with an input form.
 
-The form's schema is saved with Prefect's own (private) ``create_v2_schema``, the call ``pause_flow_run(
-wait_for_input=...)`` makes, so the Prefect UI shows the same form it shows for a flow that pauses itself.
+The form is the runbooks' own approval form (tasks/approval.py): a decision with no default, and to approve,
+the deployment's name (``flow/deployment``) typed. Its schema is saved with Prefect's own (private)
+``create_v2_schema``, the call ``pause_flow_run(wait_for_input=...)`` makes, so the Prefect UI shows the same
+form it shows for a flow that pauses itself, and the server refuses an answer that does not fit it. A
+rejection resumes the run like an approval; the flow then ends Cancelled before doing anything
+(``tasks.approval.refused_at_start``).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any
 from uuid import UUID
-
-from pydantic import BaseModel, Field
 
 from deployments.routes import Trigger, printable
 
-APPROVAL_PAUSE_KEY = "approval"
-
-
-class Approval(BaseModel):
-    """The form an operator fills in to let an alert-started destructive runbook go ahead."""
-
-    approved_by: str = Field(min_length=1, description="Who approves this run (name or handle).")
-    confirm: Literal[True] = Field(description="Tick to start the runbook with the parameters shown.")
-    note: str = Field(default="", description="Why (ticket, incident).")
+APPROVAL_PAUSE_KEY = "approval"  # tasks.approval.BRIDGE_PAUSE_KEY (checked by tests/test_webhook.py)
 
 
 def approval_state(trigger: Trigger) -> tuple[Any, dict[str, str]]:
@@ -70,7 +64,8 @@ def approval_description(trigger: Trigger) -> str:
         "",
         "Parameters: `" + json.dumps(trigger.parameters, sort_keys=True)[:2000] + "`",
         "",
-        "Resume with the form to start it, or cancel this run to refuse.",
+        f"Resume with the form: choose **approve** and type `{trigger.route.deployment}` to start it, or "
+        "**reject** (or cancel this run) to refuse; a rejected run ends Cancelled without changing anything.",
     ])
 
 
@@ -79,8 +74,11 @@ async def attach_approval_form(client: Any, run_id: UUID, keyset: dict[str, str]
     import httpx
     from prefect._internal.pydantic.v2_schema import create_v2_schema
 
-    schema = create_v2_schema(Approval.__name__, model_base=Approval)
+    from tasks.approval import approval_form
+
     description = approval_description(trigger)
+    form = approval_form(trigger.route.deployment, description)
+    schema = create_v2_schema(form.__name__, model_base=form)
     for key, value in ((keyset["schema"], schema), (keyset["description"], description)):
         try:
             await client.create_flow_run_input(run_id, key, json.dumps(value))
