@@ -53,6 +53,11 @@ class Runbook:
     schedule_parameters: Mapping[str, Any] = field(default_factory=dict)  # only for scheduled runs
     tags: tuple[str, ...] = ()
     destructive: bool = False
+    # A run that pauses for approval inside the flow holds no deployment concurrency slot: Prefect 3.8
+    # releases the slot when the run pauses while the running flow keeps renewing its 300 s lease, and a
+    # failed renewal crashes the run. Those runbooks serialise on their per-target lock (tasks/locks.py),
+    # taken after the approval.
+    asks_approval: bool = False
     concurrency_limit: int | None = None
 
     @property
@@ -111,7 +116,7 @@ RUNBOOKS: tuple[Runbook, ...] = (
         flow="disaster-recovery", deployment="disaster-recovery", module="flows/disaster_recovery.py",
         description="Restore a backup set over production, all or nothing: prepared beside, swapped in with undo.",
         parameters={"store": _STORE},
-        tags=("restore",), destructive=True, concurrency_limit=1,
+        tags=("restore",), destructive=True, asks_approval=True,
     ),
     Runbook(
         flow="pitr-base-backup", deployment="weekly", module="flows/pitr.py",
@@ -130,7 +135,7 @@ RUNBOOKS: tuple[Runbook, ...] = (
         flow="rollback", deployment="rollback", module="flows/rollback.py",
         description="Roll a Kubernetes deployment (or compose service over SSH) back to a previous revision.",
         parameters={"cluster": block_ref("kubernetes-cluster/app"), "app": block_ref("app-endpoint/app")},
-        tags=("deploy",), destructive=True, concurrency_limit=1,
+        tags=("deploy",), destructive=True, asks_approval=True,
     ),
     Runbook(
         flow="maintenance-window", deployment="maintenance-window", module="flows/maintenance.py",
