@@ -42,21 +42,22 @@ pg_bin="/usr/lib/postgresql/$PG_MAJOR/bin"
 [ -x "$pg_bin/pg_dump" ] || { echo "install.sh: no PostgreSQL $PG_MAJOR tools in $pg_bin (--system-deps installs them)" >&2; exit 1; }
 
 python3 -m venv "$venv"
-pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
-"${pip[@]}" -r "$root/requirements.lock"
+# The lock files are whole trees (tests/test_packaging.py checks it): one pip run, no resolver (--no-deps).
+pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps)
+locks=(-r "$root/requirements.lock")
 spec="$root"
 if [ ${#extras[@]} -gt 0 ]; then
   for extra in "${extras[@]}"; do
-    "${pip[@]}" -r "$root/requirements-$extra.lock"
+    locks+=(-r "$root/requirements-$extra.lock")
   done
   spec="$root[$(IFS=,; echo "${extras[*]}")]"
 fi
-# Every dependency is pinned and installed above; --no-deps keeps it so. Built in a temporary copy, so the
-# source tree gets no build/ or egg-info.
+"${pip[@]}" "${locks[@]}"
+# Then the package itself, built in a temporary copy so the source tree gets no build/ or egg-info.
 build="$(mktemp -d)"
 trap 'rm -rf "$build"' EXIT
 tar -C "$root" --exclude=./.venv --exclude=./.git --exclude=./.demo --exclude=./.bench --exclude=./build --exclude='*.so' --exclude='*.egg-info' -cf - . | tar -C "$build" -xf -
-"${pip[@]}" --no-deps "${spec/#$root/$build}"
+"${pip[@]}" "${spec/#$root/$build}"
 
 for tool in "$pg_bin"/*; do
   ln -sf "$tool" "$venv/bin/$(basename "$tool")"
