@@ -13,6 +13,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,6 +156,7 @@ def test_the_dockerfile_builds_with_the_install_script() -> None:
     assert runbooks_images and {i.rsplit(":", 1)[1] for i in runbooks_images} == {PYPROJECT["project"]["version"]}
 
 
+@pytest.mark.timeout(1200)  # a fresh virtualenv of ~135 packages: minutes on a busy 2-core machine
 def test_install_script_builds_a_virtualenv_that_runs_the_runbooks(tmp_path: Path) -> None:
     """scripts/install.sh --extras kubernetes into a fresh virtualenv (no apt: `make system-deps` has run):
     the package installed (not editable), Prefect, the Kubernetes worker and PostgreSQL's tools from its bin/."""
