@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps demo sandbox screenshots test lint bench clean
+.PHONY: install system-deps demo sandbox screenshots test test-kind test-weaviate lint bench clean
 
 install: system-deps $(STAMP)
 
@@ -28,9 +28,9 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-$(STAMP): pyproject.toml requirements.lock tasks/_copyhash.c
+$(STAMP): pyproject.toml requirements.lock requirements-dev.lock tasks/_copyhash.c
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock -r requirements-dev.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
 
@@ -45,9 +45,21 @@ sandbox: install
 screenshots: install
 	RUNBOOKS_SCREENSHOT_DIR=docs/screenshots $(PY) -m pytest -q -x -p no:cacheprovider tests/test_browser_ui.py
 
+# Every test that this machine can run; none is skipped (a skip fails the run). The suites that need a real
+# Kubernetes cluster or Weaviate are deselected (the summary says so) and run with the two targets below.
 test: install
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -rs -x -p no:cacheprovider
+	RUNBOOKS_NO_SKIP=1 $(PY) -m pytest -q -rs -x -p no:cacheprovider
+
+# The `kind` suite: the Kubernetes runbooks' scenarios against the disposable cluster $KUBECONFIG points at.
+test-kind: install
+	@test -n "$$KUBECONFIG" || { echo "make test-kind: set KUBECONFIG to a disposable cluster (kind create cluster)"; exit 2; }
+	$(PY) -m pytest -q -rs -p no:cacheprovider -m kind
+
+# A real Weaviate (a disposable server with a backup module): WEAVIATE_URL, WEAVIATE_API_KEY, WEAVIATE_BACKEND.
+test-weaviate: install
+	@test -n "$$WEAVIATE_URL" || { echo "make test-weaviate: set WEAVIATE_URL to a disposable Weaviate"; exit 2; }
+	$(PY) -m pytest -q -rs -p no:cacheprovider -m weaviate
 
 lint: install
 	$(VENV)/bin/ruff check .

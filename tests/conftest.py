@@ -439,3 +439,48 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         if call.excinfo is not None:
             report.exception_text = f"{call.excinfo.typename}: {call.excinfo.value}"  # type: ignore[attr-defined]
     return report
+
+
+# ---------------------------------------------------------------------------------------- deselected suites
+# No test is skipped: a suite that needs what this machine lacks is deselected, and the summary says why and
+# how to run it. `-m` (pyproject addopts: "not kind and not weaviate") deselects the first two.
+
+import os  # noqa: E402
+
+WHY_DESELECTED = {
+    "kind": "need a real Kubernetes cluster: `KUBECONFIG=... make test-kind`",
+    "weaviate": "need a real Weaviate: `WEAVIATE_URL=... make test-weaviate`",
+    "root": "need root (a cluster handed to the postgres OS user): run the suite as root, as CI does",
+}
+_deselected: dict[str, int] = {}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    rooted = [item for item in items if item.get_closest_marker("root")]
+    if rooted:
+        items[:] = [item for item in items if not item.get_closest_marker("root")]
+        config.hook.pytest_deselected(items=rooted)
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    for item in items:
+        marker = next((m for m in WHY_DESELECTED if item.get_closest_marker(m)), "other")
+        _deselected[marker] = _deselected.get(marker, 0) + 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for marker, count in sorted(_deselected.items()):
+        why = WHY_DESELECTED.get(marker, "not selected by -m/-k")
+        terminalreporter.write_line(f"DESELECTED {count} {marker} test(s): {why}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With RUNBOOKS_NO_SKIP=1 (`make test`), a skipped test fails the run: here every test runs or is deselected."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter is not None else 0
+    if os.environ.get("RUNBOOKS_NO_SKIP") == "1" and skipped and exitstatus == 0:
+        session.exitstatus = 1
+        if reporter is not None:
+            reporter.write_line(f"FAILED: {skipped} test(s) skipped; `make test` runs every test it selects")

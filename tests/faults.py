@@ -186,8 +186,9 @@ class FaultyProxy(Service):
             self._up_timer = None
             self._down.clear()
 
-    def trip_after_bytes(self, n: int, down_for_seconds: float) -> None:
-        """Pass ``n`` more bytes client -> server (all connections together), then go down for a while."""
+    def trip_after_bytes(self, n: int, down_for_seconds: float | None) -> None:
+        """Pass ``n`` more bytes client -> server (all connections together), then go down for a while
+        (``None``: until ``come_up()``)."""
         if n < 0:
             raise ValueError("n must be >= 0")
         with self._lock:

@@ -163,7 +163,9 @@ def test_postgres_killed_during_dump_leaves_no_backup(prefect_harness, tmp_path,
         victim.stop()
 
 
-def test_s3_down_during_upload_fails_naming_store_and_aborts_uploads(source, s3, prefect_harness):
+def test_s3_down_during_upload_fails_naming_store_and_aborts_uploads(source, s3, prefect_harness, monkeypatch):
+    import flows.backup
+
     pg, _, _ = source
     with pg.connect(autocommit=True) as admin:
         admin.execute("CREATE DATABASE noise")
@@ -175,12 +177,24 @@ def test_s3_down_during_upload_fails_naming_store_and_aborts_uploads(source, s3,
     try:
         prefix = f"outage-{time.time_ns()}"
         store = _s3_store(s3, prefix, endpoint=f"http://127.0.0.1:{proxy.port}", part_size_mib=5)
-        # The endpoint goes away after ~8 MiB (one part done) and stays away past the dump's retries;
-        # the flow's cleanup retries (2, 5, 10 s) reach it once it is back.
-        proxy.trip_after_bytes(8 * 2**20, down_for_seconds=20)
+        # The endpoint goes away after ~8 MiB (one part done) and stays away until the dump's last attempt has
+        # failed: the flow's cleanup, which runs right after it, brings it back and must find it reachable.
+        proxy.trip_after_bytes(8 * 2**20, down_for_seconds=None)
+        at_cleanup: list[tuple[bool, int]] = []
+        discard = flows.backup.discard_incomplete_set
+
+        def outage_ends_at_cleanup(*args, **kwargs):
+            at_cleanup.append((proxy.is_down, proxy.resets))
+            proxy.come_up()
+            return discard(*args, **kwargs)
+
+        monkeypatch.setattr(flows.backup, "discard_incomplete_set", outage_ends_at_cleanup)
         state = backup(store=store, postgres=pg, databases=["noise"], include_globals=False,
                        compression_level=1, retries=1, retry_delay_seconds=1, return_state=True)
         assert state.is_failed()
+        # Both attempts of the dump met the outage: the first cut mid-upload, the retry refused.
+        [(down, resets)] = at_cleanup
+        assert down and resets >= 2, (down, resets)
         assert f"s3://{s3.bucket}/{prefix}" in state.message or f"s3://{s3.bucket}/{prefix}" in str(
             state.result(raise_on_failure=False))
         direct = _s3_store(s3, prefix).get_client()
@@ -261,6 +275,10 @@ def test_backup_list_and_show_read_manifests_only(source, prefect_harness, tmp_p
     assert [s["set_id"] for s in listed] == [result.set_id]
     assert cli_main(["backup", "show", result.set_id, "--store", store_url]) == 0
     shown = capsys.readouterr().out
-    assert "public.items" in shown and "rows       1000" in shown and human_size(result.size) != ""
+    assert "public.items" in shown and "rows       1000" in shown
+    [manifest] = list_sets(BackupStore.from_url(store_url).get_client())
+    assert sum(p.size for p in manifest.parts) == result.size and manifest.parts
+    for part in manifest.parts:  # each part's line shows its stored and raw size
+        assert f" {part.name} " in shown and f"{human_size(part.size)} (raw {human_size(part.raw_size)})" in shown
     assert cli_main(["backup", "show", "20200101T000000Z-abcdef", "--store", store_url]) == 2
     assert "nearest: " + result.set_id in capsys.readouterr().err

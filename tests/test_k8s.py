@@ -42,8 +42,8 @@ def test_the_manifests_cover_worker_bridge_and_server_on_postgres() -> None:
 
 @pytest.mark.parametrize("name, doc", OBJECTS, ids=[n for n, _ in OBJECTS])
 def test_strict_json_schema(name: str, doc: dict[str, Any]) -> None:
-    kubernetes_validate = pytest.importorskip(
-        "kubernetes_validate", reason="dev pin kubernetes-validate==1.37.0 (the Kubernetes JSON schemas, offline)")
+    import kubernetes_validate  # the Kubernetes JSON schemas, offline (dev extra)
+
     kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
 
 
@@ -105,13 +105,26 @@ def test_services_select_pods_and_named_ports_exist() -> None:
             workload["spec"]["template"]["metadata"]["labels"].items()
 
 
+def documented_secrets() -> dict[str, set[str]]:
+    """Secret name -> keys, from the `kubectl create secret` commands of docs/operations.md's cluster steps."""
+    import shlex
+
+    created: dict[str, set[str]] = {}
+    lines = (ROOT / "docs/operations.md").read_text().replace("\\\n", " ").splitlines()
+    for line in lines:
+        argv = shlex.split(line, comments=True) if line.startswith("kubectl ") else []
+        if argv[:6] == ["kubectl", "-n", "runbooks", "create", "secret", "generic"]:
+            assert not [a for a in argv if a.startswith("--from-literal")], f"a secret literal in argv: {line}"
+            created[argv[6]] = {a.removeprefix("--from-file=").split("=")[0] for a in argv[7:]
+                                if a.startswith("--from-file=")}
+    return created
+
+
 def test_secrets_configmaps_and_service_accounts_referenced_exist() -> None:
-    secrets = {d["metadata"]["name"]: d for d in BY_KIND["Secret"]}
-    # created by kubectl as the manifest's header says, never committed
-    documented = {"prefect-postgres", "prefect-api-auth"}
-    text = (K8S / "prefect-server.yaml").read_text()
-    assert "kubectl -n runbooks create secret generic prefect-postgres" in text
-    assert "kubectl -n runbooks create secret generic prefect-api-auth --from-file=" in text
+    secrets = {d["metadata"]["name"]: set(d.get("stringData") or {}) | set(d.get("data") or {})
+               for d in BY_KIND["Secret"]}
+    documented = documented_secrets()  # created by kubectl from files, never committed
+    assert {"prefect-postgres", "prefect-api-auth", "runbooks-bridge"} <= set(documented)
     for kind in ("Deployment", "StatefulSet"):
         for doc in BY_KIND[kind]:
             spec = doc["spec"]["template"]["spec"]
@@ -119,7 +132,8 @@ def test_secrets_configmaps_and_service_accounts_referenced_exist() -> None:
                 for env in container.get("env", []):
                     ref = env.get("valueFrom", {}).get("secretKeyRef")
                     if ref:
-                        assert ref["name"] in secrets or ref["name"] in documented
+                        keys = secrets.get(ref["name"], set()) | documented.get(ref["name"], set())
+                        assert ref["key"] in keys, f"{doc['metadata']['name']}: secret {ref} is created nowhere"
             for volume in spec.get("volumes", []):
                 if "secret" in volume:
                     assert volume["secret"]["secretName"] in secrets
@@ -164,7 +178,7 @@ def test_worker_and_server_commands() -> None:
 def test_the_validators_catch_typos_and_missing_fields() -> None:
     import copy
 
-    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="dev pin kubernetes-validate==1.37.0")
+    import kubernetes_validate
     from kubernetes_validate.utils import ValidationError
 
     [deployment] = [d for d in BY_KIND["Deployment"] if d["metadata"]["name"] == "runbooks-bridge"]

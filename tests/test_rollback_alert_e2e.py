@@ -72,7 +72,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "deployments.cli", "up", "--home", str(home / "state"), "--port",
                      str(port), "--webhook-port", str(webhook_port), "--routes", str(home / "routes.yaml"),
-                     "--token-file", str(token_file), "--poll", "1", "--server-nice", "5"], env=env, stdout=log,
+                     "--token-file", str(token_file), "--poll", "1"], env=env, stdout=log,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(home), start_new_session=True)
                 log.close()
                 up = Up(proc, home, f"http://127.0.0.1:{port}/api", f"http://127.0.0.1:{webhook_port}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import tempfile
@@ -108,7 +107,7 @@ def test_postgres_start_failure_names_the_cause_and_cleans_up(searchable_tmp: Pa
     assert not server.is_running()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands the cluster to another OS user")
+@pytest.mark.root
 def test_postgres_base_dir_the_postgres_user_cannot_reach_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="postgres OS user cannot reach"):
         ScratchPostgres(fast=True, base_dir=str(tmp_path)).start()

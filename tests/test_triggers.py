@@ -150,7 +150,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, prefect_database: str | None
     proc = subprocess.Popen(
         [sys.executable, "-m", "deployments.cli", "up", "--home", str(home / "state"), "--port", str(port),
          "--webhook-port", str(webhook_port), "--routes", str(routes_file), "--token-file", str(token_file),
-         "--poll", "1", "--server-nice", "5"], env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+         "--poll", "1"], env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         cwd=str(home), start_new_session=True)
     log.close()
     stack = Stack(proc, home, f"http://127.0.0.1:{port}/api", f"http://127.0.0.1:{webhook_port}", token, store,
@@ -351,19 +351,36 @@ def test_a_rejected_alert_approval_ends_cancelled_and_changes_nothing(stack: Sta
     assert len(store_sets(stack.store, "approved")) == sets_before
 
 
-def test_the_prefect_server_yields_the_cpu_to_the_bridge(stack: Stack) -> None:
-    def nice_of(pid: int) -> int:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[16])  # field 19 of proc(5), counted after the command name
+def nice_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])  # field 19 of proc(5), counted after the command name
 
+
+def test_up_runs_the_server_serve_and_bridge_at_its_own_priority_by_default(stack: Stack) -> None:
     def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
 
     children = {pid: cmdline(pid) for pid in _children(stack.proc.pid)}
     [server] = [pid for pid, cmd in children.items() if "prefect server start" in cmd]
     [bridge] = [pid for pid, cmd in children.items() if "deployments.cli webhook" in cmd]
-    assert nice_of(server) == nice_of(stack.proc.pid) + 5
-    assert nice_of(bridge) == nice_of(stack.proc.pid)
+    [serve] = [pid for pid, cmd in children.items() if "deployments.cli serve" in cmd]
+    assert nice_of(server) == nice_of(bridge) == nice_of(serve) == nice_of(stack.proc.pid)
+
+
+def test_server_nice_lowers_the_priority_of_the_prefect_server_only(tmp_path: Path) -> None:
+    """`runbooks up --server-nice N`: the server's child starts N nicer, the others as up itself."""
+    from deployments import serve
+
+    args = serve.build_parser("up").parse_args(["--server-nice", "5"])
+    assert args.server_nice == 5 and serve.build_parser("up").parse_args([]).server_nice == 0
+    children = serve.ChildProcesses(tmp_path)
+    try:
+        server = children.start("prefect-server", ["sleep", "30"], os.environ, nice=args.server_nice)
+        bridge = children.start("webhook", ["sleep", "30"], os.environ)
+        assert nice_of(server.pid) == nice_of(os.getpid()) + 5
+        assert nice_of(bridge.pid) == nice_of(os.getpid())
+    finally:
+        children.stop()
 
 
 def test_served_runs_start_from_a_forkserver(stack: Stack) -> None:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from deployments.registry import RUNBOOKS, by_name, discover
+from deployments.registry import RUNBOOKS, block_slug, by_name, discover
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "pw-that-must-not-leak-" + "7" * 8
@@ -35,7 +34,9 @@ def yaml_deployments() -> dict[str, dict[str, Any]]:
 
 
 def test_prefect_yaml_and_the_registry_agree() -> None:
-    found, _skipped = discover()
+    found, skipped = discover()
+    assert skipped == [], "registry entries whose flow is missing: " + "; ".join(
+        f"{s.runbook.name}: {s.reason}" for s in skipped)
     discovered = {d.runbook.name: d for d in found}
     entries = yaml_deployments()
     for name, entry in entries.items():
@@ -50,15 +51,44 @@ def test_prefect_yaml_and_the_registry_agree() -> None:
         assert set(entry.get("parameters", {})) == set(runbook.parameters), name
         assert entry.get("concurrency_limit") == runbook.concurrency_limit, name
     missing = sorted(set(discovered) - set(entries))
-    if missing:  # a flow landed after prefect.yaml was last updated: served already, deploy entry still to add
-        warnings.warn(f"flows in the registry but not in prefect.yaml yet: {missing}", stacklevel=1)
+    assert not missing, f"served by `runbooks serve` (deployments/registry.py) but not in prefect.yaml: {missing}"
+
+
+def test_served_deployments_are_the_ones_prefect_yaml_declares() -> None:
+    """What `runbooks serve` hands Prefect for each runbook (deployments/serve.py) against prefect.yaml's entry,
+    every Block saved: same name, tags, default parameters, schedules (cron and parameters) and concurrency."""
+    from deployments.serve import deployment_options
+
+    found, _ = discover()
+    entries = yaml_deployments()
+    assert sorted(d.runbook.name for d in found) == sorted(entries)
+    for item in found:
+        entry = entries[item.runbook.name]
+        slugs = {s for v in item.runbook.parameters.values() if (s := block_slug(v))}
+        served = deployment_options(item, "UTC", slugs)
+        name = item.runbook.name
+        assert served["name"] == entry["name"], name
+        assert sorted(served["tags"]) == sorted(entry["tags"]), name
+        assert served["parameters"] == (entry.get("parameters") or {}), name
+        assert served["concurrency_limit"] == entry.get("concurrency_limit"), name
+        assert [(s.cron, s.timezone, s.parameters or {}) for s in served["schedules"]] == [
+            (s["cron"], s["timezone"], s.get("parameters") or {}) for s in entry.get("schedules", [])], name
+        assert served["enforce_parameter_schema"] is entry["enforce_parameter_schema"] is False, name
 
 
 def test_schedules_in_prefect_yaml_share_one_timezone() -> None:
-    text = (ROOT / "prefect.yaml").read_text()
-    assert "schedule_timezone: &tz" in text
-    zones = {s["timezone"] for e in prefect_yaml()["deployments"] for s in e.get("schedules", [])}
-    assert zones == {prefect_yaml()["definitions"]["schedule_timezone"]}
+    """Every schedule's timezone is an alias of definitions.schedule_timezone: changed there, changed for all."""
+    def child(node: yaml.Node, key: str) -> yaml.Node:
+        [value] = [v for k, v in node.value if k.value == key]
+        return value
+
+    root = yaml.compose((ROOT / "prefect.yaml").read_text())
+    anchored = child(child(root, "definitions"), "schedule_timezone")
+    schedules = [s for d in child(root, "deployments").value for k, v in d.value if k.value == "schedules"
+                 for s in v.value]
+    assert len(schedules) == sum(len(r.schedules) for r in RUNBOOKS) > 0
+    assert all(child(s, "timezone") is anchored for s in schedules)  # the same node: a YAML alias, not a copy
+    assert anchored.value == "UTC"
 
 
 @pytest.fixture(scope="module")

@@ -151,7 +151,7 @@ def test_a_real_weaviate_backs_up_and_restores(tmp_path, prefect_harness):
     """Needs WEAVIATE_URL (and WEAVIATE_API_KEY, WEAVIATE_BACKEND) of a disposable server with a backup module."""
     url = os.environ.get("WEAVIATE_URL")
     if not url:
-        pytest.skip("no real Weaviate here: set WEAVIATE_URL to a disposable server with a backup module enabled")
+        pytest.fail("the weaviate suite needs WEAVIATE_URL: a disposable server with a backup module enabled")
     key = os.environ.get("WEAVIATE_API_KEY")
     conn = WeaviateConnection(url=url, api_key=SecretStr(key) if key else None,
                               backend=os.environ.get("WEAVIATE_BACKEND", "filesystem"))  # type: ignore[arg-type]
