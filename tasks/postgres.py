@@ -17,7 +17,7 @@ from psycopg import sql
 
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
-from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError
+from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError, UnsupportedArchive
 from tasks.archive import METHOD as ARCHIVE_METHOD
 from tasks.databases import (
     apply_statements,
@@ -116,8 +116,10 @@ def collect_checksums(
 
     The checksum is the sum of ``hashtextextended(row::text, 0)`` over the rows (``h64sum:``):
     order-independent, one sequential scan, no sort. Backups record ``xxh64sum:`` checksums read off the
-    dump instead (``tasks.archive``, far cheaper); this one verifies sets made before that, and compares two
-    live databases directly (the demo, the tests). Tables larger than ``max_table_bytes`` get a row count only.
+    dump instead (``tasks.archive``, far cheaper); this one is the backup's fallback when the scanner does
+    not know the archive's version, verifies the sets that fallback (or an older release) made, and compares
+    two live databases directly (the demo, the tests). Tables larger than ``max_table_bytes`` get a row count
+    only.
     Runs in whatever transaction (snapshot) the connection is in.
     """
     _stable_session(conn)
@@ -351,7 +353,9 @@ def dump_database(
 
     Each table's row count and checksum are read off the dump's own COPY data as it streams past
     (``tasks.archive``); sequence values come from the dump's exported snapshot. So they describe exactly
-    the data in the dump, and cost no second scan of the tables.
+    the data in the dump, and cost no second scan of the tables. A ``pg_dump`` that writes an archive
+    version the scanner does not know still makes a backup: the checksums are then computed by SQL
+    (``h64sum:``) in the dump's snapshot, with a warning.
     """
     log = run_logger()
     key = part_key(set_id, "postgres", database)
@@ -368,12 +372,18 @@ def dump_database(
         digest = ArchiveDigest() if table_checksums else None
         argv = [pg_dump, "--format=custom", "--compress=0", f"--snapshot={snapshot}", "--no-password"]
         with spawn(argv, env={**pg.libpq_env(database), **CHECKSUM_ENV}) as child:
+            source = _ExitChecked(child, pg.describe(database), tap=digest)
             stored = compress_into_store(
-                store.get_client(), key, _ExitChecked(child, pg.describe(database), tap=digest),
+                store.get_client(), key, source,
                 level=level, threads=threads, on_progress=progress.advance if progress else None,
             )
+        checksums: list[TableChecksum] = []
+        if source.unsupported is not None:
+            log.warning("table checksums of %s by SQL, a second read of every table: %s", pg.describe(database),
+                        source.unsupported)
+            digest = None
+            checksums = collect_checksums(snap_conn, max_table_bytes=checksum_max_table_bytes)
         snap_conn.execute("COMMIT")
-    checksums: list[TableChecksum] = []
     if digest is not None:
         try:
             tables = digest.checksums()
@@ -406,12 +416,15 @@ class _ExitChecked:
         self.child = child
         self.target = target
         self.tap = tap
+        self.unsupported: UnsupportedArchive | None = None  # the tap stopped: an archive version it does not know
 
     def readinto(self, buffer: memoryview) -> int:
         count = self.child.stdout.readinto(buffer)  # type: ignore[attr-defined]
         if count and self.tap is not None:
             try:
                 self.tap.feed(buffer[:count])
+            except UnsupportedArchive as exc:
+                self.unsupported, self.tap = exc, None
             except ArchiveFormatError as exc:
                 raise DumpFailed(f"reading the dump of {self.target}: {exc}") from exc
         if not count:
