@@ -8,7 +8,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 from prefect import task
@@ -471,6 +471,7 @@ class RestoredDatabase:
     database: str
     tables: int
     seconds: float
+    steps: dict[str, float] = field(default_factory=dict)  # seconds per step, in order
 
 
 def _conninfo_dbname(name: str) -> str:
@@ -502,6 +503,15 @@ def restore_database(
     """
     log = run_logger()
     started = time.monotonic()
+    steps: dict[str, float] = {}
+    mark = started
+
+    def step(name: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        steps[name] = round(now - mark, 2)
+        mark = now
+
     recorded: DatabaseProperties | None = part.database
     with pg.connect(autocommit=True) as admin:
         exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
@@ -520,6 +530,7 @@ def restore_database(
         except psycopg.Error as exc:
             raise RestoreFailed(f"cannot create {pg.describe(database)} like the backed-up database "
                                 f"({exc.diag.message_primary or exc}); nothing was changed") from None
+    step("create database")
     log.info("restoring %s into %s", part.key, pg.describe(database))
     readback: _ReadBack | None = None
     try:
@@ -531,13 +542,17 @@ def restore_database(
             # Schema first, so the tables are known; then data and indexes in parallel, each table read
             # back as soon as its data is in, on the core the restore leaves idle.
             _run_restore(pg, database, [*argv, "--section=pre-data", staged_file])
+            step("schema (pg_restore --section=pre-data)")
             readback = _ReadBack(pg, database)
             _run_restore(pg, database, [*argv, f"--jobs={jobs}", "--section=data", "--section=post-data",
                                         "--verbose", staged_file], on_stderr=readback.loaded)
+            step(f"data and indexes (pg_restore -j{jobs}, tables read back beside)")
         elif staged_file is not None:
             _run_restore(pg, database, [*argv, f"--jobs={max(jobs, 1)}", staged_file])
+            step(f"pg_restore -j{max(jobs, 1)}")
         else:
             _restore_streamed(part, store, pg, database, argv)
+            step("pg_restore (streamed)")
         if properties and recorded is not None:
             with pg.connect(autocommit=True) as admin:
                 for statement in apply_statements(database, recorded):
@@ -546,6 +561,7 @@ def restore_database(
             if problems:
                 raise VerificationFailed(f"restored {pg.describe(database)} differs from the backup: "
                                          + "; ".join(problems))
+            step("database properties")
         tables = 0
         if verify and part.tables:
             actual = (readback.finish(jobs) if readback is not None
@@ -556,14 +572,17 @@ def restore_database(
                     f"restored {pg.describe(database)} differs from the backup: " + "; ".join(problems[:10])
                 )
             tables = len([t for t in part.tables if not (t.checksum or "").startswith("seq:")])
+            step("tables not yet read back, sequences, comparison" if readback is not None
+                 else "every table read back, comparison")
     except (RunbookError, OSError, psycopg.Error):
         if readback is not None:
             readback.abandon()
         _drop_quietly(pg, database)
         raise
     seconds = round(time.monotonic() - started, 3)
-    log.info("restored %s in %.1f s (%d tables verified)", pg.describe(database), seconds, tables)
-    return RestoredDatabase(database=database, tables=tables, seconds=seconds)
+    log.info("restored %s in %.1f s (%d tables verified): %s", pg.describe(database), seconds, tables,
+             ", ".join(f"{k} {v:.1f} s" for k, v in steps.items()))
+    return RestoredDatabase(database=database, tables=tables, seconds=seconds, steps=steps)
 
 
 def _run_restore(pg: PostgresConnection, database: str, argv: list[str],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -130,7 +132,7 @@ def stage_part(part: Part, store: BackupStore, staging_dir: str) -> StagedPart:
     target = staging_path(staging_dir, part.key)
     client = store.get_client()
     private_makedirs(target.parent)
-    scan = ArchiveDigest(hash_rows=False) if part.kind == "postgres" and part.tool.startswith("pg_dump -Fc") else None
+    scan = _BesideScan() if part.kind == "postgres" and part.tool.startswith("pg_dump -Fc") else None
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         os.fchmod(fd, 0o600)
@@ -139,29 +141,58 @@ def stage_part(part: Part, store: BackupStore, staging_dir: str) -> StagedPart:
             while chunk := src.read(CHUNK):
                 out.write(chunk)
                 if scan is not None:
-                    try:
-                        scan.feed(chunk)
-                    except ArchiveFormatError as exc:
-                        log.warning("%s: %s; pg_restore will read through the data blocks to find each table",
-                                    part.key, exc)
-                        scan = None
+                    scan.feed(chunk)
     except BaseException:
         target.unlink(missing_ok=True)
         raise
+    finally:
+        found = scan.finish() if scan is not None else None
     size = target.stat().st_size
     if size != part.raw_size:
         target.unlink(missing_ok=True)
         raise ChecksumMismatch(f"{part.key}: decompressed to {size} bytes, manifest says {part.raw_size}")
-    offsets = _record_data_offsets(target, scan, part.key) if scan is not None else 0
+    offsets = _record_data_offsets(target, found, part.key) if found is not None else 0
     seconds = round(time.monotonic() - started, 3)
     log.info("staged %s (%s, sha256 verified) in %.1f s", part.key, human_size(size), seconds)
     return StagedPart(key=part.key, path=str(target), raw_size=size, seconds=seconds, data_offsets=offsets)
 
 
-def _record_data_offsets(path: Path, scan: ArchiveDigest, key: str) -> int:
-    """Write the data-block offsets ``scan`` found into the staged archive's TOC; the count written."""
+class _BesideScan:
+    """The dump scanner in a thread of its own, following the archive's blocks while the download goes on
+    (the scanner releases the GIL, so it takes the core the download leaves idle)."""
+
+    def __init__(self) -> None:
+        self.digest = ArchiveDigest(hash_rows=False)
+        self.error: ArchiveFormatError | None = None
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+        self.thread = threading.Thread(target=self._work, name="stage-scan", daemon=True)
+        self.thread.start()
+
+    def feed(self, chunk: bytes) -> None:
+        if self.error is None:
+            self.queue.put(chunk)
+
+    def _work(self) -> None:
+        while (chunk := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain: the feeder must never block on a full queue
+            try:
+                self.digest.feed(chunk)
+            except ArchiveFormatError as exc:
+                self.error = exc
+
+    def finish(self) -> ArchiveDigest | ArchiveFormatError:
+        self.queue.put(None)
+        self.thread.join()
+        return self.error if self.error is not None else self.digest
+
+
+def _record_data_offsets(path: Path, found: ArchiveDigest | ArchiveFormatError, key: str) -> int:
+    """Write the data-block offsets the scanner found into the staged archive's TOC; the count written."""
     try:
-        writes = scan.toc_offsets()
+        if isinstance(found, ArchiveFormatError):
+            raise found
+        writes = found.toc_offsets()
     except ArchiveFormatError as exc:
         run_logger().warning("%s: %s; pg_restore will read through the data blocks to find each table", key, exc)
         return 0

@@ -184,6 +184,8 @@ def test_full_set_with_the_default_connection_is_restored_whole(production, pref
 
     assert state.is_completed(), state
     result = state.result()
+    assert set(result.restore_steps) == {"postgres", "shop", "icu", ODD}  # each restore beside, step by step
+    assert all(steps["create database"] >= 0 for steps in result.restore_steps.values())
     after = fingerprint(s)
     assert after == good  # every table, sequence, large object, property, Redis key and file
     assert set(after["databases"]) == {"postgres", "shop", "icu", ODD}
@@ -486,8 +488,12 @@ def test_tables_are_read_back_while_the_restore_runs_and_a_difference_still_fail
 
     monkeypatch.setattr(postgres_tasks, "_digest_dump", recording)
     monkeypatch.setattr(postgres_tasks._ReadBack, "finish", finishing)
+    assert staged.data_offsets == 4  # pg_restore -j seeks to each table's data
     restored = restore_database.fn(part, store, pg, "copy", staged_file=staged.path, jobs=2)
     assert restored.tables == 4
+    assert list(restored.steps) == ["create database", "schema (pg_restore --section=pre-data)",
+                                    "data and indexes (pg_restore -j2, tables read back beside)",
+                                    "database properties", "tables not yet read back, sequences, comparison"]
     beside = [p for ended, batch in reads if not ended for p in batch or []]
     assert '"public"."with space"' in beside or '"public"."small"' in beside
     assert all("twin" not in p for p in beside)  # ambiguous without a schema: read at the end
