@@ -19,7 +19,7 @@ from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
 from tasks._dumpscan import xxh64
 from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError, UnsupportedArchive, parse_head
-from tasks.errors import DumpFailed
+from tasks.errors import DumpFailed, VerificationFailed
 from tasks.manifest import TableChecksum
 from tasks.postgres import (
     _ExitChecked,
@@ -358,3 +358,24 @@ def test_a_pg_dump_writing_an_unknown_archive_version_still_backs_up_with_sql_ch
         assert src.read(7)[5:] == bytes([1, 99])  # the stored dump is the one that pg_dump wrote
     # and the manifest's SQL checksums verify a restored copy the SQL way
     assert compare_checksums(part.tables, checksums_like(sample, sample.database, part.tables)) == []
+
+
+def test_a_local_pg_dump_writing_an_unknown_version_verifies_a_restore_by_row_counts(
+    sample: PostgresConnection, fresh_pg: ScratchPostgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = BackupStore(backend="local", path=str(tmp_path / "store"))
+    part = dump_database.fn(sample, sample.database, store, "20260101T000000Z-abc123")  # xxh64sum checksums
+    fake = _renumbering_pg_dump(tmp_path, 99)  # the restoring machine's pg_dump is newer than the scanner
+    real_tool = tasks.postgres.pg_tool
+    monkeypatch.setattr(tasks.postgres, "pg_tool", lambda name: fake if name == "pg_dump" else real_tool(name))
+    target = PostgresConnection.from_url(fresh_pg.url)
+    with caplog.at_level(logging.WARNING, logger="runbooks"):
+        restored = restore_database.fn(part, store, target, "rows_only")
+    assert restored.tables >= 4
+    assert any("row counts" in r.getMessage() and "1.99" in r.getMessage() for r in caplog.records)
+    bad = part.model_copy(deep=True)
+    table = next(t for t in bad.tables if t.table == "dupes")
+    table.rows += 1
+    with pytest.raises(VerificationFailed, match="public.dupes: 3 rows, backup had 4"):
+        restore_database.fn(bad, store, target, "rows_only_2")

@@ -482,9 +482,9 @@ def test_tables_are_read_back_while_the_restore_runs_and_a_difference_still_fail
         reads.append((bool(restore_ended), patterns))
         return real_dump(conn, database, patterns)
 
-    def finishing(self: Any, workers: int) -> Any:
+    def finishing(self: Any) -> Any:
         restore_ended.append(True)
-        return real_finish(self, workers)
+        return real_finish(self)
 
     monkeypatch.setattr(postgres_tasks, "_digest_dump", recording)
     monkeypatch.setattr(postgres_tasks._ReadBack, "finish", finishing)
