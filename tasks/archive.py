@@ -178,7 +178,7 @@ class ArchiveDigest:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self.bytes += len(data)
         if self._scanner is not None:
-            self._take(self._scanner.feed(data))
+            self._take(self._blocks(data))
             return
         self._head += data
         try:
@@ -193,7 +193,14 @@ class ArchiveDigest:
         self._scanner = Scanner(self._toc.int_size, hash_rows=self._hash_rows)
         rest = bytes(self._head[self._toc.data_start:])
         self._head = bytearray()
-        self._take(self._scanner.feed(rest))
+        self._take(self._blocks(rest))
+
+    def _blocks(self, data: bytes | bytearray | memoryview) -> list[tuple[int, int, int, bool, int]]:
+        assert self._scanner is not None
+        try:
+            return self._scanner.feed(data)
+        except ValueError as exc:  # the C scanner's own complaint about the data blocks
+            raise ArchiveFormatError(str(exc)) from None
 
     def _take(self, finished: list[tuple[int, int, int, bool, int]]) -> None:
         for dump_id, rows, total, is_data, start in finished:

@@ -216,12 +216,12 @@ def _digest_tables(pg: PostgresConnection, database: str, tables: list[tuple[str
     groups: list[list[str]] = [[] for _ in range(max(1, min(workers, len(ordered))))]
     sizes = [0] * len(groups)
     for schema, name, size in ordered:
-        smallest = sizes.index(min(sizes))
+        smallest = min(range(len(groups)), key=lambda i: (sizes[i], len(groups[i])))
         groups[smallest].append(_table_pattern(schema, name))
         sizes[smallest] += size
     if whole and (len(groups) == 1 or sum(len(p) for g in groups for p in g) > 64 * 1024):
         return _digest_dump(pg, database, None)
-    groups = [chunk for group in groups for chunk in _bounded(group)]
+    groups = [chunk for group in groups if group for chunk in _bounded(group)]  # never an empty --table list
     results: list[list[TableChecksum]] = [[] for _ in groups]
 
     def work(index: int, _failed: threading.Event) -> None:
@@ -295,7 +295,7 @@ class _ReadBack:
             if self.pending and self.active < self.limit:
                 batch = [self.pending.pop(0)]
                 size = self.tables[batch[0]]
-                while self.pending and size + self.tables[self.pending[0]] <= self._BATCH_BYTES:
+                while self.ended and self.pending and size + self.tables[self.pending[0]] <= self._BATCH_BYTES:
                     size += self.tables[self.pending[0]]
                     batch.append(self.pending.pop(0))
                 self.active += 1
@@ -330,7 +330,10 @@ class _ReadBack:
 
     def finish(self) -> list[TableChecksum]:
         """Once the restore has ended: read what is left, and the sequences; the whole database's checksums."""
+        with self.pg.connect(self.database) as conn:  # the sizes now that the data is in
+            sizes = {(schema, name): size for schema, name, kind, size in _relations(conn) if kind == "r"}
         with self.cond:
+            self.tables.update((t, sizes.get(t, 0)) for t in self.tables)
             rest = sorted((t for t in self.tables if t not in self.taken), key=lambda t: -self.tables[t])
             self.taken.update(rest)
             self.pending = sorted(self.pending + rest, key=lambda t: -self.tables[t])

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from blocks.backends import private_makedirs
 from blocks.store import BackupStore, StoreClient
-from tasks.archive import ArchiveDigest, ArchiveFormatError
+from tasks.archive import ArchiveDigest
 from tasks.errors import BackupNotFound, ChecksumMismatch, StoreError
 from tasks.log import run_logger
 from tasks.manifest import (
@@ -163,7 +163,7 @@ class _BesideScan:
 
     def __init__(self) -> None:
         self.digest = ArchiveDigest(hash_rows=False)
-        self.error: ArchiveFormatError | None = None
+        self.error: Exception | None = None
         self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
         self.thread = threading.Thread(target=self._work, name="stage-scan", daemon=True)
         self.thread.start()
@@ -178,22 +178,22 @@ class _BesideScan:
                 continue  # drain: the feeder must never block on a full queue
             try:
                 self.digest.feed(chunk)
-            except ArchiveFormatError as exc:
+            except Exception as exc:  # noqa: BLE001 - reported by finish(); the staging itself goes on
                 self.error = exc
 
-    def finish(self) -> ArchiveDigest | ArchiveFormatError:
+    def finish(self) -> ArchiveDigest | Exception:
         self.queue.put(None)
         self.thread.join()
         return self.error if self.error is not None else self.digest
 
 
-def _record_data_offsets(path: Path, found: ArchiveDigest | ArchiveFormatError, key: str) -> int:
+def _record_data_offsets(path: Path, found: ArchiveDigest | Exception, key: str) -> int:
     """Write the data-block offsets the scanner found into the staged archive's TOC; the count written."""
     try:
-        if isinstance(found, ArchiveFormatError):
+        if isinstance(found, Exception):
             raise found
         writes = found.toc_offsets()
-    except ArchiveFormatError as exc:
+    except Exception as exc:  # noqa: BLE001 - the offsets only speed pg_restore up; it finds blocks without them
         run_logger().warning("%s: %s; pg_restore will read through the data blocks to find each table", key, exc)
         return 0
     fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)

@@ -379,3 +379,16 @@ def test_a_local_pg_dump_writing_an_unknown_version_verifies_a_restore_by_row_co
     table.rows += 1
     with pytest.raises(VerificationFailed, match="public.dupes: 3 rows, backup had 4"):
         restore_database.fn(bad, store, target, "rows_only_2")
+
+
+def test_tables_of_equal_size_are_spread_over_the_readers_and_none_reads_the_whole_database(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[list[str] | None] = []
+    monkeypatch.setattr(tasks.postgres, "_digest_dump", lambda _pg, _db, patterns: calls.append(patterns) or [])
+    tables = [("public", name, 0) for name in ("a", "b", "c")]  # sizes as a just-created table has them
+    tasks.postgres._digest_tables(None, "db", tables, 2, whole=False)  # type: ignore[arg-type]
+    assert sorted(len(c or []) for c in calls) == [1, 2]  # two readers, no empty --table list (= every table)
+    calls.clear()
+    tasks.postgres._digest_tables(None, "db", tables[:1], 2, whole=False)  # type: ignore[arg-type]
+    assert calls == [['"public"."a"']]

@@ -497,6 +497,7 @@ def test_tables_are_read_back_while_the_restore_runs_and_a_difference_still_fail
     beside = [p for ended, batch in reads if not ended for p in batch or []]
     assert '"public"."with space"' in beside or '"public"."small"' in beside
     assert all("twin" not in p for p in beside)  # ambiguous without a schema: read at the end
+    assert all(batch for _ended, batch in reads)  # never a whole-database dump: each table is read once
     assert sorted(p for _ended, batch in reads for p in batch or []) == sorted(
         ['"other"."twin"', '"public"."twin"', '"public"."with space"', '"public"."small"'])
 
