@@ -158,6 +158,42 @@ def parse_head(data: bytes | bytearray | memoryview) -> ArchiveHead:
 _OFFSET_POS_SET = 2
 
 
+def read_head(path: str) -> ArchiveHead:
+    """The header and table of contents of the archive file at ``path``."""
+    size = 1024 * 1024
+    with open(path, "rb") as f:
+        data = f.read(size)
+        while True:
+            try:
+                return parse_head(data)
+            except _Incomplete:
+                more = f.read(size)
+                if not more or len(data) > MAX_HEAD_BYTES:
+                    raise ArchiveFormatError(f"{path}: no end of the table of contents") from None
+                data += more
+                size *= 2
+
+
+# Post-data items that take an ACCESS EXCLUSIVE lock on their table (ALTER TABLE ... ADD CONSTRAINT, CREATE
+# POLICY, ENABLE ROW LEVEL SECURITY): their tags, "<table> <name>" or "<table>", name the table.
+LOCKING_ITEMS = {"CONSTRAINT": True, "CHECK CONSTRAINT": True, "POLICY": True, "ROW SECURITY": False}
+
+
+def locking_items(head: ArchiveHead) -> dict[tuple[str, str], set[int]]:
+    """(schema, table) -> dump ids of the post-data items that will lock that table exclusively."""
+    tables = {(e.namespace or "", e.tag or "") for e in head.entries.values() if e.desc == "TABLE DATA"}
+    found: dict[tuple[str, str], set[int]] = {}
+    for entry in head.entries.values():
+        if entry.desc not in LOCKING_ITEMS or entry.tag is None:
+            continue
+        schema = entry.namespace or ""
+        for table in {(schema, entry.tag)} if not LOCKING_ITEMS[entry.desc] else {
+                (schema, entry.tag[:i]) for i, ch in enumerate(entry.tag) if ch == " "}:
+            if table in tables:
+                found.setdefault(table, set()).add(entry.dump_id)
+    return found
+
+
 class ArchiveDigest:
     """Feed it the archive's bytes in order; ``checksums()`` at the end gives one entry per table, and
     ``toc_offsets()`` the data-block offsets. ``hash_rows=False`` follows the blocks without hashing rows.

@@ -17,7 +17,15 @@ from psycopg import sql
 
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
-from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError, UnsupportedArchive
+from tasks.archive import (
+    CHECKSUM_ENV,
+    ArchiveDigest,
+    ArchiveFormatError,
+    ArchiveHead,
+    UnsupportedArchive,
+    locking_items,
+    read_head,
+)
 from tasks.archive import METHOD as ARCHIVE_METHOD
 from tasks.databases import (
     apply_statements,
@@ -245,20 +253,30 @@ def _bounded(patterns: list[str], limit: int = 32 * 1024) -> list[list[str]]:
 
 
 _TABLE_LOADED = re.compile(r"^pg_restore: finished item \d+ TABLE DATA (.+)$")
+_ITEM_DONE = re.compile(r"^pg_restore: finished item (\d+) ")
 
 
 class _ReadBack:
     """Reads restored tables back with the backup's own scanner, in ``workers`` threads: while pg_restore
     runs, one table at a time as ``pg_restore --verbose`` reports it loaded (its COPY committed), beside the
     restore's own jobs; once the restore has ended, every table not read yet, ``workers`` at a time, biggest
-    first. pg_restore names a loaded table without its schema: a name found in several schemas waits for
-    the end.
+    first.
+
+    With the archive's table of contents (``head``) the items pg_restore reports are known by dump id: a
+    table is read beside only once the post-data items that lock it exclusively (a primary key, a unique
+    constraint) are done, so the read never holds up the restore. Without it, pg_restore names a loaded
+    table without its schema: a name found in several schemas waits for the end.
     """
 
     _BATCH_BYTES = 64 * 1024 * 1024  # small tables are read several to one pg_dump, up to this size
 
-    def __init__(self, pg: PostgresConnection, database: str, workers: int) -> None:
+    def __init__(self, pg: PostgresConnection, database: str, workers: int, head: ArchiveHead | None = None) -> None:
         self.pg, self.database = pg, database
+        self.items = {dump_id: (e.namespace or "", e.tag or "") for dump_id, e in head.entries.items()
+                      if e.desc == "TABLE DATA"} if head is not None else None
+        self.blockers = locking_items(head) if head is not None else {}
+        self.blocker_of = {dump_id: table for table, ids in self.blockers.items() for dump_id in ids}
+        self.loaded_tables: set[tuple[str, str]] = set()
         with pg.connect(database) as conn:
             relations = _relations(conn)
         self.tables = {(schema, name): size for schema, name, kind, size in relations if kind == "r"}
@@ -278,14 +296,33 @@ class _ReadBack:
 
     def loaded(self, line: str) -> None:
         """pg_restore's stderr, line by line."""
-        match = _TABLE_LOADED.match(line)
-        if match and match.group(1) in self.by_name:
-            with self.cond:
-                table = self.by_name[match.group(1)]
-                if table not in self.taken:
-                    self.taken.add(table)
-                    self.pending.append(table)
-                    self.cond.notify()
+        if self.items is None:
+            match = _TABLE_LOADED.match(line)
+            if match and match.group(1) in self.by_name:
+                self._ready(self.by_name[match.group(1)])
+            return
+        done = _ITEM_DONE.match(line)
+        if done is None:
+            return
+        dump_id = int(done.group(1))
+        if dump_id in self.items:
+            self.loaded_tables.add(self.items[dump_id])
+            self._ready(self.items[dump_id])
+            return
+        table = self.blocker_of.get(dump_id)
+        if table is not None:
+            self.blockers[table].discard(dump_id)
+            self._ready(table)
+
+    def _ready(self, table: tuple[str, str]) -> None:
+        """Queue ``table`` for reading once its data is in and nothing will lock it exclusively any more."""
+        if self.items is not None and (table not in self.loaded_tables or self.blockers.get(table)):
+            return
+        with self.cond:
+            if table in self.tables and table not in self.taken:
+                self.taken.add(table)
+                self.pending.append(table)
+                self.cond.notify()
 
     def _next_batch(self) -> list[tuple[str, str]] | None:
         """Under the lock: the tables to read next, or None when this worker is done."""
@@ -594,7 +631,7 @@ def restore_database(
             # back as soon as its data is in, on the core the restore leaves idle.
             _run_restore(pg, database, [*argv, "--section=pre-data", staged_file])
             step("schema (pg_restore --section=pre-data)")
-            readback = _ReadBack(pg, database, jobs)
+            readback = _ReadBack(pg, database, jobs, head=_toc_of(staged_file))
             _run_restore(pg, database, [*argv, f"--jobs={jobs}", "--section=data", "--section=post-data",
                                         "--verbose", staged_file], on_stderr=readback.loaded)
             step(f"data and indexes (pg_restore -j{jobs}, tables read back beside)")
@@ -638,6 +675,14 @@ def restore_database(
     log.info("restored %s in %.1f s (%d tables verified): %s", pg.describe(database), seconds, tables,
              ", ".join(f"{k} {v:.1f} s" for k, v in steps.items()))
     return RestoredDatabase(database=database, tables=tables, seconds=seconds, steps=steps)
+
+
+def _toc_of(staged_file: str) -> ArchiveHead | None:
+    try:
+        return read_head(staged_file)
+    except (ArchiveFormatError, OSError) as exc:
+        run_logger().warning("%s: %s; tables are read back by name as pg_restore reports them", staged_file, exc)
+        return None
 
 
 def _run_restore(pg: PostgresConnection, database: str, argv: list[str],
