@@ -220,6 +220,32 @@ OTHER_PAGES = [
 ]
 
 
+def splice_section(page: str, name: str, section: list[str]) -> str:
+    """``page`` with the lines between ``<!-- name -->`` and ``<!-- /name -->`` replaced by ``section``
+    (appended at the end if the markers are not there): how another benchmark's summary lives in
+    docs/benchmarks.md beside what bench/run.py writes."""
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    block = "\n".join([begin, *section, end])
+    if begin in page and end in page[page.index(begin):]:
+        head, rest = page.split(begin, 1)
+        return head + block + rest.split(end, 1)[1]
+    return page.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def kept_sections(old_page: str, new_page: str, names: list[str]) -> str:
+    """``new_page`` with the named sections of ``old_page`` carried over (bench/run.py rewrites the page)."""
+    for name in names:
+        begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+        if begin in old_page and end in old_page:
+            inner = old_page.split(begin, 1)[1].split(end, 1)[0].strip("\n")
+            new_page = splice_section(new_page, name, inner.split("\n"))
+    return new_page
+
+
+# Sections of docs/benchmarks.md written by other benchmarks (bench/restore.py).
+OTHER_SECTIONS = ["restore"]
+
+
 def render(meta: dict[str, str], variants: dict[str, Variant], cores: int, method: list[str]) -> str:
     """The whole docs/benchmarks.md."""
     lines = [

@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 
 from bench.dataset import Dataset, DatasetSpec, generate  # noqa: E402
 from bench.measure import CpuMeter, busy_cores, parent_pid  # noqa: E402
-from bench.report import Sample, Variant, render  # noqa: E402
+from bench.report import OTHER_SECTIONS, Sample, Variant, kept_sections, render  # noqa: E402
 from blocks.postgres import PostgresConnection  # noqa: E402
 from tasks.manifest import human_size  # noqa: E402
 from tasks.process import child_env, pg_tool, tool_version  # noqa: E402
@@ -447,7 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
     if not args.no_report:
-        Path(args.output).write_text(text)
+        output = Path(args.output)
+        if output.exists():
+            text = kept_sections(output.read_text(), text, OTHER_SECTIONS)
+        output.write_text(text)
         say(f"wrote {args.output}")
     failed = [v.title for v in bench.variants.values() if v.error]
     return 1 if failed else 0

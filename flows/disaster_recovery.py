@@ -75,6 +75,8 @@ class RecoveryResult(BaseModel):
     rto_seconds: dict[str, float]
     kept: dict[str, str] = Field(description="Where the data that was replaced is kept.")
     redis_safety_copy: str | None = Field(default=None, description="Store key of the live Redis's safety copy.")
+    restore_steps: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Each database's restore beside, in seconds per step.")
 
 
 @dataclass
@@ -87,6 +89,7 @@ class _Prepared:
     directories: list[tuple[str, str, str]] = field(default_factory=list)  # (prepared, live, keep_as)
     redis_part: Part | None = None
     weaviate_part: Part | None = None
+    restore_steps: dict[str, dict[str, float]] = field(default_factory=dict)  # database -> seconds per step
 
 
 @flow(name="disaster-recovery", on_completion=[notify_hook("completed"), push_flow_run_metrics],
@@ -176,11 +179,11 @@ def disaster_recovery(
         # (its lock lease then ran out).
         _refuse_after_a_dead_recovery(store, journal)
         staging = stack.enter_context(tempfile.TemporaryDirectory(prefix="runbooks-dr-", dir=staging_dir))
-        stack.callback(_report, journal, manifest, mode, rto)  # written however the run ends
+        prepared = _Prepared()
+        stack.callback(_report, journal, manifest, mode, rto, prepared)  # written however the run ends
         write_journal(store, journal)
 
         # 1. Prepare: production data is not touched.
-        prepared = _Prepared()
         try:
             _prepare(journal, parts, prepared, store, staging, postgres, redis, weaviate, jobs, rto)
         except BaseException as exc:
@@ -214,7 +217,7 @@ def disaster_recovery(
     kept = {f"{t.kind}:{t.live}": t.kept for t in journal.targets if t.kept}
     safety = journal.redis_safety_copy.key if journal.redis_safety_copy else None
     return RecoveryResult(set_id=manifest.set_id, recovery_id=journal.recovery_id, mode=mode, rto_seconds=rto,
-                          kept=kept, redis_safety_copy=safety)
+                          kept=kept, redis_safety_copy=safety, restore_steps=prepared.restore_steps)
 
 
 # ------------------------------------------------------------------------------------------ choosing
@@ -348,13 +351,15 @@ def _prepare_parts(journal: Journal, parts: list[Part], prepared: _Prepared,
     for part in (p for p in parts if p.kind == "postgres"):
         assert postgres is not None
         target = journal.target("postgres", part.name)
+        staged_dump = staged(part).path
         journal.step = f"restoring database {part.name!r} beside as {target.beside!r}"
         t0 = time.monotonic()
         prepared.side_databases.append(target.beside)
-        restore_database(part, store, postgres, target.beside, staged_file=staged(part).path, jobs=jobs)
+        restored = restore_database(part, store, postgres, target.beside, staged_file=staged_dump, jobs=jobs)
         target.state = "prepared"
         swaps.append(Swap(live=part.name, restored=target.beside, kept=target.kept))
         rto[f"postgres:{part.name}"] = round(time.monotonic() - t0, 2)
+        prepared.restore_steps[part.name] = restored.steps
     if swaps:
         assert postgres is not None
         journal.step = "pre-flight of the database renames"
@@ -600,11 +605,16 @@ _OUTCOME = {
 }
 
 
-def _report(journal: Journal, manifest: Manifest, mode: str, rto: dict[str, float]) -> None:
+def _report(journal: Journal, manifest: Manifest, mode: str, rto: dict[str, float], prepared: _Prepared) -> None:
     """The recovery-report artifact: every target's state, every name kept, what to do next."""
     if rto:
-        create_table_artifact([{"step": k, "seconds": v} for k, v in rto.items()], key="recovery-rto",
-                              description=f"Recovery time per step, set {manifest.set_id}")
+        rows = []
+        for key, seconds in rto.items():
+            rows.append({"step": key, "seconds": seconds})
+            database = key.removeprefix("postgres:") if key.startswith("postgres:") else None
+            rows += [{"step": f"  {name}", "seconds": part_seconds}
+                     for name, part_seconds in prepared.restore_steps.get(database or "", {}).items()]
+        create_table_artifact(rows, key="recovery-rto", description=f"Recovery time per step, set {manifest.set_id}")
     lines = [f"# Recovery `{journal.recovery_id}` from `{manifest.set_id}` ({mode})", "",
              f"**{_OUTCOME.get(journal.phase, journal.phase)}**", ""]
     if journal.error:

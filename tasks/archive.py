@@ -1,21 +1,26 @@
-"""Table checksums read off a ``pg_dump -Fc -Z0`` archive while it streams past.
+"""Reading a ``pg_dump -Fc -Z0`` archive while it streams past: table checksums and data-block offsets.
 
 The dump already carries every row as ``COPY`` text, so the checksum costs no second scan of the tables:
 the archive's header and table of contents are parsed here, and the data blocks go to a C scanner
-(``tasks/_copyhash.c``) that counts each table's rows and sums an XXH64 hash of each row's text. The sum
+(``tasks/_dumpscan.c``) that counts each table's rows and sums an XXH64 hash of each row's text. The sum
 is order-independent, so a restore is verified by running the same ``pg_dump`` on the restored database and
 comparing (``digest_database``). Both dumps run with the same session settings (``CHECKSUM_ENV``), so the
-same rows give the same text.
+same rows give the same text. Checksums of this kind are written ``xxh64sum:<16 hex>``.
 
-Checksums of this kind are written ``xxh64sum:<16 hex>``; the older ``h64sum:`` ones (a SQL query per table,
-``tasks.postgres.collect_checksums``) are still verified the old way.
+The same scanner finds where each data block starts. ``pg_dump`` writing to a pipe cannot go back to
+record those offsets in its table of contents; ``ArchiveDigest.toc_offsets`` gives the bytes that put
+them there in a staged copy, so ``pg_restore -j`` seeks to each table's data instead of reading through
+the blocks before it.
+
+The parser knows archive versions ``MIN_VERSION`` to ``MAX_VERSION``; any other raises
+``UnsupportedArchive``, and callers fall back to SQL checksums (``h64sum:``, ``tasks.postgres``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tasks._copyhash import Scanner
+from tasks._dumpscan import Scanner
 from tasks.manifest import TableChecksum
 
 METHOD = "xxh64sum"
@@ -33,6 +38,10 @@ class ArchiveFormatError(ValueError):
     """The bytes are not a custom-format archive this parser understands."""
 
 
+class UnsupportedArchive(ArchiveFormatError):
+    """A custom-format archive of a version this parser does not know (a newer pg_dump)."""
+
+
 class _Incomplete(Exception):
     """More bytes are needed to finish the table of contents."""
 
@@ -43,6 +52,16 @@ class TocEntry:
     desc: str
     namespace: str | None
     tag: str | None
+    offset_at: int  # position in the archive of the entry's data-offset field (flag byte, then the offset)
+
+
+@dataclass(frozen=True)
+class ArchiveHead:
+    version: str
+    int_size: int
+    offset_size: int
+    entries: dict[int, TocEntry]
+    data_start: int  # position of the first data block
 
 
 class _Reader:
@@ -73,15 +92,16 @@ class _Reader:
         return bytes(self.take(length)).decode("utf-8", errors="replace")
 
 
-def parse_head(data: bytes | bytearray | memoryview) -> tuple[int, dict[int, TocEntry], int]:
-    """(int size, TOC entries by dump id, offset of the first data block); raises _Incomplete."""
+def parse_head(data: bytes | bytearray | memoryview) -> ArchiveHead:
+    """The archive's header and table of contents; raises _Incomplete until ``data`` holds all of it."""
     r = _Reader(data)
     if bytes(r.take(5)) != b"PGDMP":
         raise ArchiveFormatError("not a pg_dump custom-format archive (no PGDMP magic)")
     vmaj, vmin, vrev = r.byte(), r.byte(), r.byte()
     version = (vmaj, vmin)
     if not MIN_VERSION <= version <= MAX_VERSION:
-        raise ArchiveFormatError(f"pg_dump archive version {vmaj}.{vmin}.{vrev} is not supported")
+        raise UnsupportedArchive(f"pg_dump archive version {vmaj}.{vmin}.{vrev} is not one this parser knows "
+                                 f"({'.'.join(map(str, MIN_VERSION))} to {'.'.join(map(str, MAX_VERSION))})")
     r.int_size = r.byte()
     offset_size = r.byte()
     if not 1 <= r.int_size <= 8 or not 1 <= offset_size <= 16:
@@ -126,55 +146,129 @@ def parse_head(data: bytes | bytearray | memoryview) -> tuple[int, dict[int, Toc
         r.str()  # "false": with oids
         while r.str() is not None:  # dependencies
             pass
+        offset_at = r.pos
         r.byte()  # data offset flag
         r.take(offset_size)
-        entries[dump_id] = TocEntry(dump_id=dump_id, desc=desc, namespace=namespace, tag=tag)
-    return r.int_size, entries, r.pos
+        entries[dump_id] = TocEntry(dump_id=dump_id, desc=desc, namespace=namespace, tag=tag, offset_at=offset_at)
+    return ArchiveHead(version=f"{vmaj}.{vmin}.{vrev}", int_size=r.int_size, offset_size=offset_size,
+                       entries=entries, data_start=r.pos)
+
+
+# pg_restore's data-offset flags (pg_backup_archiver.h).
+_OFFSET_POS_SET = 2
+
+
+def read_head(path: str) -> ArchiveHead:
+    """The header and table of contents of the archive file at ``path``."""
+    size = 1024 * 1024
+    with open(path, "rb") as f:
+        data = f.read(size)
+        while True:
+            try:
+                return parse_head(data)
+            except _Incomplete:
+                more = f.read(size)
+                if not more or len(data) > MAX_HEAD_BYTES:
+                    raise ArchiveFormatError(f"{path}: no end of the table of contents") from None
+                data += more
+                size *= 2
+
+
+# Post-data items that take an ACCESS EXCLUSIVE lock on their table (ALTER TABLE ... ADD CONSTRAINT, CREATE
+# POLICY, ENABLE ROW LEVEL SECURITY): their tags, "<table> <name>" or "<table>", name the table.
+LOCKING_ITEMS = {"CONSTRAINT": True, "CHECK CONSTRAINT": True, "POLICY": True, "ROW SECURITY": False}
+
+
+def locking_items(head: ArchiveHead) -> dict[tuple[str, str], set[int]]:
+    """(schema, table) -> dump ids of the post-data items that will lock that table exclusively."""
+    tables = {(e.namespace or "", e.tag or "") for e in head.entries.values() if e.desc == "TABLE DATA"}
+    found: dict[tuple[str, str], set[int]] = {}
+    for entry in head.entries.values():
+        if entry.desc not in LOCKING_ITEMS or entry.tag is None:
+            continue
+        schema = entry.namespace or ""
+        for table in {(schema, entry.tag)} if not LOCKING_ITEMS[entry.desc] else {
+                (schema, entry.tag[:i]) for i, ch in enumerate(entry.tag) if ch == " "}:
+            if table in tables:
+                found.setdefault(table, set()).add(entry.dump_id)
+    return found
 
 
 class ArchiveDigest:
-    """Feed it the archive's bytes in order; ``checksums()`` at the end gives one entry per table.
+    """Feed it the archive's bytes in order; ``checksums()`` at the end gives one entry per table, and
+    ``toc_offsets()`` the data-block offsets. ``hash_rows=False`` follows the blocks without hashing rows.
 
-    Memory: the table of contents while it is incomplete, then nothing that grows with the data.
+    Memory: the table of contents while it is incomplete, then one offset per data block.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, hash_rows: bool = True) -> None:
         self._head = bytearray()
+        self._hash_rows = hash_rows
         self._scanner: Scanner | None = None
+        self._toc: ArchiveHead | None = None
         self._entries: dict[int, TocEntry] = {}
         self._results: dict[int, tuple[int, int]] = {}
+        self._starts: dict[int, int] = {}
         self.bytes = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self.bytes += len(data)
         if self._scanner is not None:
-            self._take(self._scanner.feed(data))
+            self._take(self._blocks(data))
             return
         self._head += data
         try:
-            int_size, self._entries, offset = parse_head(self._head)
+            self._toc = parse_head(self._head)
         except _Incomplete:
             if len(self._head) > MAX_HEAD_BYTES:
                 raise ArchiveFormatError(
                     f"no end of the table of contents in the first {MAX_HEAD_BYTES} bytes"
                 ) from None
             return
-        self._scanner = Scanner(int_size)
-        rest = bytes(self._head[offset:])
+        self._entries = self._toc.entries
+        self._scanner = Scanner(self._toc.int_size, hash_rows=self._hash_rows)
+        rest = bytes(self._head[self._toc.data_start:])
         self._head = bytearray()
-        self._take(self._scanner.feed(rest))
+        self._take(self._blocks(rest))
 
-    def _take(self, finished: list[tuple[int, int, int, bool]]) -> None:
-        for dump_id, rows, total, is_data in finished:
+    def _blocks(self, data: bytes | bytearray | memoryview) -> list[tuple[int, int, int, bool, int]]:
+        assert self._scanner is not None
+        try:
+            return self._scanner.feed(data)
+        except ValueError as exc:  # the C scanner's own complaint about the data blocks
+            raise ArchiveFormatError(str(exc)) from None
+
+    def _take(self, finished: list[tuple[int, int, int, bool, int]]) -> None:
+        for dump_id, rows, total, is_data, start in finished:
+            self._starts[dump_id] = start
             if is_data:
                 self._results[dump_id] = (rows, total)
 
-    def checksums(self) -> list[TableChecksum]:
-        """Every ``TABLE DATA`` entry's rows and checksum; raises if the archive ended mid-way."""
+    def _complete(self) -> None:
         if self._scanner is None:
             raise ArchiveFormatError(f"the archive ended inside its table of contents ({self.bytes} bytes)")
         if not self._scanner.between_blocks:
             raise ArchiveFormatError(f"the archive ended inside a data block ({self.bytes} bytes)")
+
+    def toc_offsets(self) -> list[tuple[int, bytes]]:
+        """(position, bytes) writes that record every data block's offset in the table of contents, as
+        ``pg_dump`` does when it writes to a file. Raises if the archive ended mid-way."""
+        self._complete()
+        assert self._toc is not None
+        size, base = self._toc.offset_size, self._toc.data_start
+        writes = []
+        for dump_id, start in sorted(self._starts.items()):
+            entry = self._entries.get(dump_id)
+            if entry is None:
+                raise ArchiveFormatError(f"a data block for dump id {dump_id}, which the table of contents lacks")
+            writes.append((entry.offset_at, bytes([_OFFSET_POS_SET]) + (base + start).to_bytes(size, "little")))
+        return writes
+
+    def checksums(self) -> list[TableChecksum]:
+        """Every ``TABLE DATA`` entry's rows and checksum; raises if the archive ended mid-way."""
+        if not self._hash_rows:
+            raise ValueError("this digest follows the blocks only (hash_rows=False)")
+        self._complete()
         tables = []
         for dump_id, entry in self._entries.items():
             if entry.desc != "TABLE DATA":

@@ -1,23 +1,39 @@
-"""Table checksums read off a streamed pg_dump archive (tasks/archive.py + the C scanner), checked against
-an independent reading of the same data: pg_restore's SQL script and a pure-Python XXH64."""
+"""The dump scanner (tasks/archive.py + tasks/_dumpscan.c): table checksums read off a streamed pg_dump
+archive, checked against an independent reading of the same data (pg_restore's SQL script and a pure-Python
+XXH64); data-block offsets, checked against the ones pg_dump writes into a file; and the SQL fallback for an
+archive version the scanner does not know."""
 
 from __future__ import annotations
 
+import logging
 import random
 import secrets
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from blocks.errors import DumpFailed
+import tasks.postgres
+from blocks.errors import DumpFailed, VerificationFailed
 from blocks.postgres import PostgresConnection
-from tasks._copyhash import xxh64
-from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError
+from blocks.store import BackupStore
+from tasks._dumpscan import xxh64
+from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError, UnsupportedArchive, parse_head
 from tasks.manifest import TableChecksum
-from tasks.postgres import _ExitChecked, checksums_like, collect_checksums, compare_checksums, digest_database
+from tasks.postgres import (
+    _ExitChecked,
+    checksums_like,
+    collect_checksums,
+    compare_checksums,
+    digest_database,
+    dump_database,
+    restore_database,
+)
 from tasks.process import child_env, pg_tool, spawn
 from tasks.scratch import ScratchPostgres
+from tasks.store import stage_part
+from tasks.stream import open_decompressed_reader
 
 M = 2**64
 P1, P2, P3, P4, P5 = (11400714785074694791, 14029467366897019727, 1609587929392839161,
@@ -135,7 +151,8 @@ def _digest(archive: bytes, piece_sizes: list[int] | None = None) -> dict[str, t
 @pytest.fixture(scope="module")
 def sample(pg: ScratchPostgres) -> PostgresConnection:
     """A database with awkward content: NULLs, tabs, newlines and backslashes in text, bytea, jsonb,
-    timestamptz, an enum, an empty table, a row of 3 MB, duplicate rows, and an odd schema name."""
+    timestamptz, an enum, an empty table, a row of 3 MB, duplicate rows, an odd schema name and a large
+    object."""
     conn_info = PostgresConnection.from_url(pg.url)
     name = f"archive_{secrets.token_hex(3)}"
     with conn_info.connect(autocommit=True) as admin:
@@ -157,6 +174,7 @@ def sample(pg: ScratchPostgres) -> PostgresConnection:
         conn.execute("INSERT INTO dupes VALUES (1), (1), (2)")
         conn.execute("CREATE TABLE big_row (b bytea)")
         conn.execute("INSERT INTO big_row VALUES (%s)", (random.Random(3).randbytes(3 * 1024 * 1024),))
+        conn.execute("SELECT lo_from_bytea(0, 'a large object: its own kind of data block')")
     return conn_info.model_copy(update={"database": name})
 
 
@@ -249,3 +267,128 @@ def test_verification_uses_the_method_the_manifest_recorded(sample: PostgresConn
     recorded[0].rows += 1
     assert compare_checksums(recorded, have) == [f"{recorded[0].qualified}: {recorded[0].rows - 1} rows, "
                                                  f"backup had {recorded[0].rows}"]
+
+
+# --- data-block offsets (stage_part) and archives of a version the scanner does not know --------------
+
+
+def test_offsets_found_in_a_piped_dump_are_the_ones_pg_dump_writes_into_a_file(
+    sample: PostgresConnection, tmp_path: Path
+) -> None:
+    piped = _dump(sample, sample.database, "--compress=0")  # to a pipe: pg_dump cannot record offsets
+    on_file = tmp_path / "file.dump"
+    subprocess.run([pg_tool("pg_dump"), "--format=custom", "--compress=0", "--no-password", f"--file={on_file}"],
+                   env=child_env({**sample.libpq_env(sample.database), **CHECKSUM_ENV}), check=True)
+    written = on_file.read_bytes()
+    head = parse_head(written)
+    scan = ArchiveDigest(hash_rows=False)
+    rng, pos = random.Random(5), 0
+    while pos < len(piped):
+        size = rng.choice([1, 3, 4096, 1 << 20])
+        scan.feed(memoryview(piped)[pos:pos + size])
+        pos += size
+    writes = scan.toc_offsets()
+    field = 1 + head.offset_size
+    data_entries = [e for e in head.entries.values() if written[e.offset_at] != 3]  # 3: the entry has no data
+    assert len(writes) == len(data_entries) >= 5  # four tables and the large objects
+    for position, data in writes:
+        assert piped[position] == 1  # "not set" in the piped dump
+        assert data == written[position:position + field]  # what pg_dump wrote when it could seek back
+    with pytest.raises(ValueError, match="hash_rows=False"):
+        scan.checksums()
+
+
+def test_a_staged_dump_gets_its_offsets_and_restores_in_parallel(
+    sample: PostgresConnection, fresh_pg: ScratchPostgres, tmp_path: Path
+) -> None:
+    store = BackupStore(backend="local", path=str(tmp_path / "store"))
+    part = dump_database.fn(sample, sample.database, store, "20260101T000000Z-abc123")
+    staged = stage_part.fn(part, store, str(tmp_path / "staging"))
+    archive = Path(staged.path).read_bytes()
+    head = parse_head(archive)
+    assert staged.data_offsets == len([e for e in head.entries.values() if archive[e.offset_at] == 2]) >= 5
+    assert {e.desc for e in head.entries.values() if archive[e.offset_at] == 2} == {"TABLE DATA", "BLOBS"}
+    assert all(archive[e.offset_at] in (2, 3) for e in head.entries.values())  # every data entry has its offset
+    target = PostgresConnection.from_url(fresh_pg.url)
+    restored = restore_database.fn(part, store, target, "staged_copy", staged_file=staged.path, jobs=2)
+    assert restored.tables == len([t for t in part.tables if not (t.checksum or "").startswith("seq:")]) >= 4
+
+
+def _renumbering_pg_dump(tmp_path: Path, minor: int) -> str:
+    """A pg_dump that writes archive version 1.<minor>: the real one, with the header's version bytes changed."""
+    script = tmp_path / "pg_dump"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import shutil, subprocess, sys\n"
+        f"child = subprocess.Popen([{pg_tool('pg_dump')!r}, *sys.argv[1:]], stdout=subprocess.PIPE)\n"
+        "head = child.stdout.read(7)\n"
+        f"if head[:5] == b'PGDMP':\n    head = head[:5] + bytes([1, {minor}])\n"
+        "sys.stdout.buffer.write(head)\n"
+        "shutil.copyfileobj(child.stdout, sys.stdout.buffer)\n"
+        "sys.stdout.buffer.flush()\n"
+        "sys.exit(child.wait())\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_an_unknown_archive_version_is_refused_by_the_scanner(sample: PostgresConnection) -> None:
+    archive = bytearray(_dump(sample, sample.database, "--compress=0"))
+    archive[6] = 99
+    with pytest.raises(UnsupportedArchive, match=r"version 1\.99\.\d+ is not one this parser knows"):
+        _digest(bytes(archive))
+
+
+def test_a_pg_dump_writing_an_unknown_archive_version_still_backs_up_with_sql_checksums(
+    sample: PostgresConnection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = _renumbering_pg_dump(tmp_path, 99)
+    real_tool = tasks.postgres.pg_tool
+    monkeypatch.setattr(tasks.postgres, "pg_tool", lambda name: fake if name == "pg_dump" else real_tool(name))
+    store = BackupStore(backend="local", path=str(tmp_path / "store"))
+    with caplog.at_level(logging.WARNING, logger="runbooks"):
+        part = dump_database.fn(sample, sample.database, store, "20260101T000000Z-abc123")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("by SQL" in w and "1.99" in w for w in warnings), warnings
+    with sample.connect() as conn:
+        by_sql = collect_checksums(conn)
+    assert part.tables == by_sql
+    tables = [t for t in part.tables if not (t.checksum or "").startswith("seq:")]
+    assert len(tables) >= 4 and all((t.checksum or "").startswith("h64sum:") for t in tables)
+    with open_decompressed_reader(store.get_client(), part.key, sha256=part.sha256, size=part.size) as src:
+        assert src.read(7)[5:] == bytes([1, 99])  # the stored dump is the one that pg_dump wrote
+    # and the manifest's SQL checksums verify a restored copy the SQL way
+    assert compare_checksums(part.tables, checksums_like(sample, sample.database, part.tables)) == []
+
+
+def test_a_local_pg_dump_writing_an_unknown_version_verifies_a_restore_by_row_counts(
+    sample: PostgresConnection, fresh_pg: ScratchPostgres, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = BackupStore(backend="local", path=str(tmp_path / "store"))
+    part = dump_database.fn(sample, sample.database, store, "20260101T000000Z-abc123")  # xxh64sum checksums
+    fake = _renumbering_pg_dump(tmp_path, 99)  # the restoring machine's pg_dump is newer than the scanner
+    real_tool = tasks.postgres.pg_tool
+    monkeypatch.setattr(tasks.postgres, "pg_tool", lambda name: fake if name == "pg_dump" else real_tool(name))
+    target = PostgresConnection.from_url(fresh_pg.url)
+    with caplog.at_level(logging.WARNING, logger="runbooks"):
+        restored = restore_database.fn(part, store, target, "rows_only")
+    assert restored.tables >= 4
+    assert any("row counts" in r.getMessage() and "1.99" in r.getMessage() for r in caplog.records)
+    bad = part.model_copy(deep=True)
+    table = next(t for t in bad.tables if t.table == "dupes")
+    table.rows += 1
+    with pytest.raises(VerificationFailed, match="public.dupes: 3 rows, backup had 4"):
+        restore_database.fn(bad, store, target, "rows_only_2")
+
+
+def test_tables_of_equal_size_are_spread_over_the_readers_and_none_reads_the_whole_database(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[list[str] | None] = []
+    monkeypatch.setattr(tasks.postgres, "_digest_dump", lambda _pg, _db, patterns: calls.append(patterns) or [])
+    tables = [("public", name, 0) for name in ("a", "b", "c")]  # sizes as a just-created table has them
+    tasks.postgres._digest_tables(None, "db", tables, 2, whole=False)  # type: ignore[arg-type]
+    assert sorted(len(c or []) for c in calls) == [1, 2]  # two readers, no empty --table list (= every table)
+    calls.clear()
+    tasks.postgres._digest_tables(None, "db", tables[:1], 2, whole=False)  # type: ignore[arg-type]
+    assert calls == [['"public"."a"']]

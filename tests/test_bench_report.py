@@ -29,3 +29,16 @@ def test_disturbed_rounds_are_left_out_and_unpaired_variants_fall_back():
     half = variant("c-half", [2.0, 2.2])
     assert paired_ratios(half, base) == []
     assert ratio_to_base(half, base) == half.seconds / base.seconds
+
+
+def test_another_benchmarks_section_is_replaced_in_place_and_kept_when_the_page_is_rewritten():
+    from bench.report import kept_sections, splice_section
+
+    page = "# Benchmarks\n\nintro\n"
+    once = splice_section(page, "restore", ["## Restore", "| a | 1.40 |"])
+    assert once == "# Benchmarks\n\nintro\n\n<!-- restore -->\n## Restore\n| a | 1.40 |\n<!-- /restore -->\n"
+    twice = splice_section(once + "tail\n", "restore", ["## Restore", "| a | 1.30 |"])
+    assert twice.count("<!-- restore -->") == 1 and "1.40" not in twice and "| a | 1.30 |" in twice
+    assert twice.endswith("<!-- /restore -->\ntail\n")
+    rewritten = kept_sections(twice, "# Benchmarks\n\nnew backup numbers\n", ["restore"])
+    assert "new backup numbers" in rewritten and "| a | 1.30 |" in rewritten and "intro" not in rewritten

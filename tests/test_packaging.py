@@ -177,8 +177,8 @@ def test_install_script_builds_a_virtualenv_that_runs_the_runbooks(tmp_path: Pat
     assert "usage: runbooks" in run("runbooks", "--help")
     assert re.search(r"Version:\s+3\.8\.8", run("prefect", "version"))
     assert re.match(r"pg_dump \(PostgreSQL\) 15\.", run("pg_dump", "--version"))
-    where = run("python", "-c", "import prefect_kubernetes.worker, tasks._copyhash, flows.backup; "
-                                "print(tasks._copyhash.__file__, flows.backup.__file__)").split()
+    where = run("python", "-c", "import prefect_kubernetes.worker, tasks._dumpscan, flows.backup; "
+                                "print(tasks._dumpscan.__file__, flows.backup.__file__)").split()
     assert all(Path(p).is_relative_to(venv) for p in where), where  # built into the venv, not the source tree
     # The venv holds exactly the locked runtime tree plus the [kubernetes] extra's: nothing unpinned came in.
     installed = closure(str(bin_ / "python"), PYPROJECT["project"]["dependencies"]

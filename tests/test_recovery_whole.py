@@ -184,6 +184,8 @@ def test_full_set_with_the_default_connection_is_restored_whole(production, pref
 
     assert state.is_completed(), state
     result = state.result()
+    assert set(result.restore_steps) == {"postgres", "shop", "icu", ODD}  # each restore beside, step by step
+    assert all(steps["create database"] >= 0 for steps in result.restore_steps.values())
     after = fingerprint(s)
     assert after == good  # every table, sequence, large object, property, Redis key and file
     assert set(after["databases"]) == {"postgres", "shop", "icu", ODD}
@@ -451,10 +453,12 @@ def test_in_place_without_a_safety_copy_drops_the_old_databases_only_after_succe
 
 
 def test_tables_are_read_back_while_the_restore_runs_and_a_difference_still_fails(fresh_pg, tmp_path, monkeypatch):
-    """The parallel restore reads each table back as pg_restore reports it loaded; names pg_restore gives
-    without a schema that exist in two schemas are read at the end. A checksum that differs fails either way."""
+    """The parallel restore reads each table back as pg_restore reports it loaded (a table with a primary key
+    once that is built too); tables of the same name in two schemas are told apart by the staged dump's table
+    of contents. A checksum that differs fails either way."""
     import tasks.postgres as postgres_tasks
     from blocks.errors import VerificationFailed
+    from tasks.archive import locking_items, read_head
     from tasks.postgres import dump_database, restore_database
     from tasks.store import stage_part
 
@@ -481,17 +485,24 @@ def test_tables_are_read_back_while_the_restore_runs_and_a_difference_still_fail
         reads.append((bool(restore_ended), patterns))
         return real_dump(conn, database, patterns)
 
-    def finishing(self: Any, workers: int) -> Any:
+    def finishing(self: Any) -> Any:
         restore_ended.append(True)
-        return real_finish(self, workers)
+        return real_finish(self)
 
     monkeypatch.setattr(postgres_tasks, "_digest_dump", recording)
     monkeypatch.setattr(postgres_tasks._ReadBack, "finish", finishing)
+    assert staged.data_offsets == 4  # pg_restore -j seeks to each table's data
     restored = restore_database.fn(part, store, pg, "copy", staged_file=staged.path, jobs=2)
     assert restored.tables == 4
+    assert list(restored.steps) == ["create database", "schema (pg_restore --section=pre-data)",
+                                    "data and indexes (pg_restore -j2, tables read back beside)",
+                                    "database properties", "tables not yet read back, sequences, comparison"]
     beside = [p for ended, batch in reads if not ended for p in batch or []]
-    assert '"public"."with space"' in beside or '"public"."small"' in beside
-    assert all("twin" not in p for p in beside)  # ambiguous without a schema: read at the end
+    assert beside  # read while pg_restore still ran
+    head = read_head(staged.path)
+    pkey = [i for i, e in head.entries.items() if e.desc == "CONSTRAINT" and e.tag == "with space with space_pkey"]
+    assert locking_items(head) == {("public", "with space"): set(pkey)}  # its primary key locks it: read after
+    assert all(batch for _ended, batch in reads)  # never a whole-database dump: each table is read once
     assert sorted(p for _ended, batch in reads for p in batch or []) == sorted(
         ['"other"."twin"', '"public"."twin"', '"public"."with space"', '"public"."small"'])
 

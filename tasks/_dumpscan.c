@@ -1,6 +1,6 @@
 /*
- * Row counts and order-independent content checksums of the tables in a pg_dump custom-format
- * archive (-Fc -Z0), computed while the archive streams past.
+ * A scanner of pg_dump custom-format archives (-Fc -Z0) as they stream past: where each data block
+ * starts, and the row count and order-independent content checksum of each table's data.
  *
  * Python parses the archive's header and table of contents (tasks/archive.py) and hands everything
  * after it to a Scanner. The data section is a series of blocks:
@@ -13,8 +13,9 @@
  *
  * For each data block the scanner splits the COPY text into lines, stops at the end marker line "\.",
  * and adds XXH64(line, seed 0) of every row into a 64-bit sum (wrapping). The sum does not depend on row
- * order, and a duplicate row counts twice. Large-object blocks are skipped. The GIL is released while
- * scanning.
+ * order, and a duplicate row counts twice. Large-object blocks are skipped. With hash_rows=False only the
+ * block structure is followed (the offsets pg_restore -j needs, see tasks/archive.py). Each finished block
+ * reports its offset from the first byte fed. The GIL is released while scanning.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -102,11 +103,13 @@ static uint64_t xxh64(const uint8_t *p, size_t len)
 enum { S_BLOCK_TYPE, S_INT, S_CHUNK, S_FAILED };
 enum { I_DUMP_ID, I_CHUNK_LEN, I_BLOB_OID, I_BLOB_CHUNK_LEN };
 
-typedef struct { int64_t dump_id; uint64_t rows; uint64_t sum; int is_data; } result_t;
+typedef struct { int64_t dump_id; uint64_t rows; uint64_t sum; int is_data; uint64_t start; } result_t;
 
 typedef struct {
     PyObject_HEAD
     int int_size;
+    int hash_rows;
+    uint64_t block_start;
     int state;
     int int_purpose;
     int int_pos;
@@ -140,6 +143,7 @@ static int push_done(Scanner *s)
     s->done[s->done_len].rows = s->rows;
     s->done[s->done_len].sum = s->sum;
     s->done[s->done_len].is_data = s->block_type == 1;
+    s->done[s->done_len].start = s->block_start;
     s->done_len++;
     return 0;
 }
@@ -246,6 +250,7 @@ static int scan(Scanner *s, const uint8_t *p, size_t len)
         case S_BLOCK_TYPE:
             if (*p != 1 && *p != 3) return fail(s, "unknown block type");
             s->block_type = *p;
+            s->block_start = s->offset;
             p++; s->offset++;
             expect_int(s, I_DUMP_ID);
             break;
@@ -259,7 +264,7 @@ static int scan(Scanner *s, const uint8_t *p, size_t len)
         }
         case S_CHUNK: {
             size_t take = (uint64_t)(end - p) < s->chunk_left ? (size_t)(end - p) : (size_t)s->chunk_left;
-            if (s->block_type == 1) scan_rows(s, p, take);
+            if (s->block_type == 1 && s->hash_rows) scan_rows(s, p, take);
             p += take; s->offset += take; s->chunk_left -= take;
             if (s->chunk_left == 0) expect_int(s, s->int_purpose == I_BLOB_CHUNK_LEN ? I_BLOB_CHUNK_LEN : I_CHUNK_LEN);
             break;
@@ -275,11 +280,13 @@ static int scan(Scanner *s, const uint8_t *p, size_t len)
 
 static int Scanner_init(Scanner *self, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"int_size", NULL};
-    int int_size;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i", kwlist, &int_size)) return -1;
+    static char *kwlist[] = {"int_size", "hash_rows", NULL};
+    int int_size, hash_rows = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|p", kwlist, &int_size, &hash_rows)) return -1;
     if (int_size < 1 || int_size > 8) { PyErr_SetString(PyExc_ValueError, "int_size must be 1..8"); return -1; }
     self->int_size = int_size;
+    self->hash_rows = hash_rows;
+    self->block_start = 0;
     self->state = S_BLOCK_TYPE;
     self->done = NULL; self->done_len = 0; self->done_cap = 0;
     self->error[0] = 0;
@@ -309,8 +316,9 @@ static PyObject *Scanner_feed(Scanner *self, PyObject *arg)
     if (!out) return NULL;
     for (size_t i = 0; i < self->done_len; i++) {
         result_t *r = &self->done[i];
-        PyObject *item = Py_BuildValue("(LKKO)", (long long)r->dump_id, (unsigned long long)r->rows,
-                                       (unsigned long long)r->sum, r->is_data ? Py_True : Py_False);
+        PyObject *item = Py_BuildValue("(LKKOK)", (long long)r->dump_id, (unsigned long long)r->rows,
+                                       (unsigned long long)r->sum, r->is_data ? Py_True : Py_False,
+                                       (unsigned long long)r->start);
         if (!item) { Py_DECREF(out); return NULL; }
         PyList_SET_ITEM(out, (Py_ssize_t)i, item);
     }
@@ -333,7 +341,7 @@ static PyObject *py_xxh64(PyObject *module, PyObject *arg)
 
 static PyMethodDef Scanner_methods[] = {
     {"feed", (PyCFunction)Scanner_feed, METH_O,
-     "feed(data) -> [(dump_id, rows, sum, is_table_data)] for the blocks that ended in data"},
+     "feed(data) -> [(dump_id, rows, sum, is_table_data, start offset)] for the blocks that ended in data"},
     {NULL}
 };
 
@@ -344,7 +352,7 @@ static PyGetSetDef Scanner_getset[] = {
 
 static PyTypeObject ScannerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "tasks._copyhash.Scanner",
+    .tp_name = "tasks._dumpscan.Scanner",
     .tp_basicsize = sizeof(Scanner),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Streaming parser of a custom-format archive's data blocks (after the TOC).",
@@ -360,9 +368,9 @@ static PyMethodDef module_methods[] = {
     {NULL}
 };
 
-static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_copyhash", NULL, -1, module_methods};
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_dumpscan", NULL, -1, module_methods};
 
-PyMODINIT_FUNC PyInit__copyhash(void)
+PyMODINIT_FUNC PyInit__dumpscan(void)
 {
     if (PyType_Ready(&ScannerType) < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
