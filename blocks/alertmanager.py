@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import httpx
-from prefect.blocks.core import Block
 from pydantic import Field
 
 from blocks._reference import REFERENCEABLE
-from blocks._secret import OptionalSecret
-from blocks.http_auth import api_client
+from blocks.http_auth import HttpApiBlock, api_client
 
 
-class AlertmanagerAPI(Block):
+class AlertmanagerAPI(HttpApiBlock):
     """An Alertmanager's HTTP API v2 (``/api/v2/silences``, ``/api/v2/alerts``)."""
 
     model_config = REFERENCEABLE
@@ -19,13 +17,6 @@ class AlertmanagerAPI(Block):
     _description = "An Alertmanager: base URL, optional basic auth or bearer token (API v2)."
 
     url: str = Field(description="e.g. http://alertmanager.monitoring:9093")
-    username: str | None = Field(default=None, description="Basic auth user (with password).")
-    password: OptionalSecret = None
-    bearer_token: OptionalSecret = Field(default=None, description="Sent as 'Authorization: Bearer ...'.")
-    verify_tls: bool = True
-
-    def describe(self) -> str:
-        return self.url.rstrip("/")
 
     def get_client(self, timeout: float = 10.0) -> httpx.Client:
         """An httpx client for the API v2; credentials are unwrapped only here."""

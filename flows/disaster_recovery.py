@@ -9,6 +9,7 @@
    failure the undos run in reverse, and maintenance goes off only when production is whole and healthy.
 A journal in the store (tasks/recovery.py) records every step, and the `recovery-report` artifact is
 written however the run ends.
+The approval text is built in flows/_recovery_approval.py, the report in flows/_recovery_report.py.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal, get_args
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run as current_run
@@ -35,8 +35,10 @@ from blocks.redis import RedisConnection
 from blocks.store import BackupStore
 from blocks.weaviate import WeaviateConnection
 from flows._form import DANGER, param
+from flows._recovery_approval import ask_recovery_approval, confirmation_name
+from flows._recovery_report import write_report
 from tasks.app import AppUnhealthy, set_maintenance, wait_until_healthy
-from tasks.approval import ApprovalForm, ask_approval, refused_at_start
+from tasks.approval import refused_at_start
 from tasks.databases import (
     Swap,
     SwapPlan,
@@ -55,7 +57,7 @@ from tasks.files import (
 )
 from tasks.locks import ensure_lock, lock_name
 from tasks.log import run_logger
-from tasks.manifest import Manifest, Part, human_size, set_time
+from tasks.manifest import Manifest, Part
 from tasks.metrics import push_flow_run_metrics
 from tasks.notify import notify_hook
 from tasks.postgres import restore_database, restore_globals
@@ -180,7 +182,7 @@ def disaster_recovery(
         _refuse_after_a_dead_recovery(store, journal)
         staging = stack.enter_context(tempfile.TemporaryDirectory(prefix="runbooks-dr-", dir=staging_dir))
         prepared = _Prepared()
-        stack.callback(_report, journal, manifest, mode, rto, prepared)  # written however the run ends
+        stack.callback(write_report, journal, manifest, mode, rto, prepared.restore_steps)  # however the run ends
         write_journal(store, journal)
 
         # 1. Prepare: production data is not touched.
@@ -194,8 +196,9 @@ def disaster_recovery(
 
         # 2. Approval.
         if not confirm:
-            answer = _ask_approval(manifest, journal, parts, mode, keep_safety_copy, store, approval_timeout_seconds,
-                                   confirmation_name(journal.targets, postgres, redis))
+            answer = ask_recovery_approval(manifest, journal, parts, mode, keep_safety_copy, store,
+                                           approval_timeout_seconds,
+                                           confirmation_name(journal.targets, postgres, redis))
             if answer is None or not answer.approved:
                 why = "timed out" if answer is None else f"rejected ({answer.note or 'no reason given'})"
                 log.warning("recovery %s; nothing was changed", why)
@@ -537,114 +540,3 @@ def _healthy(app: AppEndpoint | None, timeout: float) -> bool:
     except AppUnhealthy:
         return False
     return True
-
-
-# ---------------------------------------------------------------------------------- approval and report
-
-
-def confirmation_name(targets: list[Target], postgres: PostgresConnection | None,
-                      redis: RedisConnection | None) -> str:
-    """What the approver types: the database's name when one database is replaced, else the server's host
-    (PostgreSQL, else Redis), else the first live target (a directory, a Weaviate)."""
-    databases = [t.live for t in targets if t.kind == "postgres"]
-    if len(databases) == 1:
-        return databases[0]
-    if databases and postgres is not None:
-        return postgres.host
-    if any(t.kind == "redis" for t in targets) and redis is not None:
-        return redis.host
-    return next((t.live for t in targets if t.kind != "globals"), targets[0].live if targets else "recovery")
-
-
-def _ask_approval(manifest: Manifest, journal: Journal, parts: list[Part], mode: str, keep_safety_copy: bool,
-                  store: BackupStore, timeout: int, name: str) -> ApprovalForm | None:
-    age = datetime.now(UTC) - set_time(manifest.set_id)
-    drops = mode == "in-place" and not keep_safety_copy
-    lines = [
-        f"## Restore backup set `{manifest.set_id}`?",
-        "",
-        f"- taken {manifest.completed_at:%Y-%m-%d %H:%M} UTC ({age.total_seconds() / 3600:.1f} h ago), "
-        f"{human_size(manifest.size)} stored; every part downloaded and its sha256 checked",
-        f"- mode: **{mode}**. Everything below is already restored beside production and verified; approving "
-        "switches maintenance mode on and swaps it in, undoing every step if one fails.",
-        "",
-        "| target | now | becomes | the current data |",
-        "|---|---|---|---|",
-    ]
-    for t in journal.targets:
-        if t.kind == "postgres":
-            fate = "**DROPPED** after success" if drops else f"kept as `{t.kept}`"
-            lines.append(f"| database `{t.live}` | live | the copy restored as `{t.beside}` | {fate} |")
-        elif t.kind == "globals":
-            lines.append(f"| roles on `{t.live}` | live | missing roles created (already done) | unchanged |")
-        elif t.kind == "redis":
-            lines.append(f"| Redis `{t.live}` | live | emptied and loaded from the snapshot | saved first to "
-                         f"`{store.describe()}/{safety_copy_key(journal.recovery_id)}` |")
-        elif t.kind == "files":
-            lines.append(f"| directory `{t.live}` | live | `{t.beside}` renamed in | kept as `{t.kept}` |")
-        elif t.kind == "weaviate":
-            lines.append(f"| Weaviate `{t.live}` | lacks the set's collections (checked) | collections restored "
-                         "through its backup API | nothing is replaced; on failure they are deleted again |")
-    lines += ["", "Nothing is dropped." if not drops else "The replaced databases are dropped once the recovery "
-              "has succeeded (mode in-place, keep_safety_copy off).", "",
-              "| part | size |", "|---|---|", *[f"| {p.kind}: `{p.name}` | {human_size(p.raw_size)} |" for p in parts]]
-    lines += ["", f"To approve, choose **approve** and type `{name}` (the target) in the form."]
-    return ask_approval("\n".join(lines), name, timeout)
-
-
-_OUTCOME = {
-    "prepare": "stopped while preparing: production was not changed",
-    "prepare failed": "FAILED while preparing: production was not changed; the prepared copies were removed",
-    "cancelled": "cancelled before any change: production was not changed; the prepared copies were removed",
-    "commit": "stopped while changing production: see each target",
-    "undo": "stopped while undoing: see each target",
-    "recovered": "DONE: every target holds the backup set",
-    "rolled back": "FAILED and undone: production is as it was before the run",
-    "mixed": "FAILED and NOT fully undone: production is mixed, maintenance mode stays on",
-    "resolved": "settled by an operator",
-}
-
-
-def _report(journal: Journal, manifest: Manifest, mode: str, rto: dict[str, float], prepared: _Prepared) -> None:
-    """The recovery-report artifact: every target's state, every name kept, what to do next."""
-    if rto:
-        rows = []
-        for key, seconds in rto.items():
-            rows.append({"step": key, "seconds": seconds})
-            database = key.removeprefix("postgres:") if key.startswith("postgres:") else None
-            rows += [{"step": f"  {name}", "seconds": part_seconds}
-                     for name, part_seconds in prepared.restore_steps.get(database or "", {}).items()]
-        create_table_artifact(rows, key="recovery-rto", description=f"Recovery time per step, set {manifest.set_id}")
-    lines = [f"# Recovery `{journal.recovery_id}` from `{manifest.set_id}` ({mode})", "",
-             f"**{_OUTCOME.get(journal.phase, journal.phase)}**", ""]
-    if journal.error:
-        lines += ["Error at: `" + journal.error.replace("`", "'") + "`", ""]  # as code: hosts are no mail links
-    lines += ["| target | state | restored copy beside | replaced data kept as |", "|---|---|---|---|"]
-    for t in journal.targets:
-        lines.append(f"| {t.kind} `{t.live}` | {t.state} | {f'`{t.beside}`' if t.beside else '-'} | "
-                     f"{f'`{t.kept}`' if t.kept and t.state in ('replaced', 'undo failed') else '-'} |")
-    if journal.redis_safety_copy is not None:
-        copy = journal.redis_safety_copy
-        count, digest = (copy.redis.key_count, copy.redis.digest) if copy.redis else ("?", "?")
-        lines += ["", f"Redis safety copy (the live keyspace before the swap): `{copy.key}` in the store, "
-                  f"{count} keys, digest `{digest}`"]
-    if journal.undone:
-        lines += ["", "Undo steps:", *[f"- {u}" for u in journal.undone]]
-    lines += ["", f"Maintenance mode: **{'ON' if journal.maintenance else 'off'}**", "",
-              "Next: " + _next_steps(journal), "",
-              f"Total measured time: {sum(rto.values()):.1f} s; journal: `recoveries/{journal.recovery_id}/`"]
-    create_markdown_artifact("\n".join(lines), key="recovery-report")
-
-
-def _next_steps(journal: Journal) -> str:
-    if journal.phase == "recovered":
-        return ("check the application; drop the replaced databases and directories listed above once you no "
-                "longer need them (docs/disaster-recovery.md, 'Cleaning up').")
-    if journal.phase in ("rolled back",):
-        return ("production is as before. The restored copies stay beside under the names above: fix the cause "
-                "and run again, or drop them (docs/disaster-recovery.md, 'Cleaning up').")
-    if journal.phase in ("mixed", "commit", "undo"):
-        return (f"run `runbooks recover-status {journal.recovery_id}` and follow docs/disaster-recovery.md, "
-                "'A recovery that died': nothing is lost, every replaced database is kept and the Redis safety "
-                "copy is in the store.")
-    return "nothing to clean up."

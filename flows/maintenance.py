@@ -12,19 +12,18 @@ and maintenance goes off only when the app is healthy, then the silence is expir
 broken app is never hidden). A failed migration is not undone: the report names the restore point and the
 backup set and the runbooks that go back to them (`pitr-restore`, `disaster-recovery`). A run that dies
 mid-window leaves a silence that ends by itself (window end + margin).
+
+The window's record and summary are in flows/_maintenance_window.py; the steps that are more than one task
+call (health gate, undos, migration, housekeeping) in flows/_maintenance_steps.py.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
 from pydantic import BaseModel, Field
 
@@ -38,42 +37,39 @@ from blocks.redis import RedisConnection
 from blocks.ssh import SSHHost
 from blocks.store import BackupStore
 from flows._form import DANGER, param
+from flows._maintenance_steps import (
+    WINDOW_BY,
+    Health,
+    expire_window_silence,
+    housekeep,
+    images_now,
+    migrate,
+    off_when_healthy,
+    prove_healthy,
+    restore_compose,
+    restore_deployment,
+    safe_read,
+    undo_step,
+)
+from flows._maintenance_window import Window, flow_run_name, step_row, window_outcome, write_summary
 from flows.backup import backup
-from tasks.alertmanager import Silence, create_silence, expire_silence, matchers_of, silence_end
-from tasks.app import set_maintenance, wait_until_healthy
+from tasks.alertmanager import create_silence, matchers_of, silence_end
+from tasks.app import set_maintenance
 from tasks.approval import refused_at_start
 from tasks.compose import ComposeProject, check_variables, env_values, pull_and_up, set_env_lines, wait_compose_healthy
 from tasks.drain import DrainTimeout, wait_until_drained
-from tasks.housekeeping import (
-    HousekeepingResult,
-    Step,
-    apt_upgrade,
-    check_certificates,
-    check_disk_usage,
-    prune_containers,
-    rotate_logs,
-)
-from tasks.kubernetes import (
-    DeploymentState,
-    apply_pod_template,
-    parse_images,
-    record_deployments,
-    set_images,
-    wait_for_rollout,
-)
-from tasks.kubernetes_jobs import MigrationFailed, job_logs, job_name, migration_job_body, start_job, wait_for_job
+from tasks.housekeeping import Step
+from tasks.kubernetes import DeploymentState, parse_images, record_deployments, set_images, wait_for_rollout
 from tasks.locks import ensure_lock, lock_name
 from tasks.log import run_logger
 from tasks.metrics import push_flow_run_metrics
 from tasks.notify import notify_hook
 from tasks.pitr.restore_points import create_restore_point
-from tasks.prometheus import CheckResult, MetricCheck, MetricCheckFailed, check_metric
-from tasks.ssh import read_remote_file, run_remote, write_remote_file
+from tasks.prometheus import MetricCheck
+from tasks.ssh import read_remote_file, write_remote_file
 from tasks.undo import UndoStack
 
 Target = Literal["kubernetes", "compose-ssh", "none"]
-WINDOW_BY = "runbooks.prefect.io/maintenance-window"
-MAX_LOG_CHARS = 60_000  # per pod/command in the artifact: the end explains a failure
 
 
 class WindowFailed(RunbookError):
@@ -94,83 +90,6 @@ class MaintenanceResult(BaseModel):
     images_before: dict[str, str] = Field(default_factory=dict)
     images_after: dict[str, str] = Field(default_factory=dict)
     steps: list[dict[str, Any]] = Field(default_factory=list)
-
-
-# -- the window's record ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepRecord:
-    step: str
-    started: datetime
-    seconds: float = 0.0
-    result: str = "running"
-
-
-@dataclass
-class Window:
-    """Everything the summary reports; filled in as the steps run."""
-
-    run_name: str
-    steps: list[StepRecord] = field(default_factory=list)
-    silence: Silence | None = None
-    silence_expired: bool = False
-    maintenance_on: bool = False
-    backup_set_id: str | None = None
-    backup_store: str | None = None
-    restore_point: str | None = None
-    restore_point_lsn: str | None = None
-    before: dict[str, str] = field(default_factory=dict)  # what -> image or version
-    after: dict[str, str] = field(default_factory=dict)
-    migration: str = "not run"
-    migration_failed: bool = False
-    checks: list[CheckResult] = field(default_factory=list)
-    housekeeping: list[HousekeepingResult] = field(default_factory=list)
-    findings: list[str] = field(default_factory=list)
-
-    @contextmanager
-    def step(self, name: str) -> Iterator[StepRecord]:
-        record = StepRecord(name, datetime.now(UTC))
-        self.steps.append(record)
-        started = time.monotonic()
-        try:
-            yield record
-        except BaseException as exc:
-            record.result = f"FAILED: {exc}"
-            raise
-        else:
-            if record.result == "running":
-                record.result = "ok"
-        finally:
-            record.seconds = round(time.monotonic() - started, 2)
-
-    def skip(self, name: str, why: str) -> None:
-        self.steps.append(StepRecord(name, datetime.now(UTC), 0.0, f"skipped: {why}"))
-
-
-@dataclass(frozen=True)
-class _Health:
-    app: AppEndpoint | None
-    prometheus: PrometheusAPI | None
-    checks: list[MetricCheck]
-    timeout: float
-    poll: float
-    check_interval: float
-
-
-def _prove_healthy(health: _Health, window: Window, left_as: str) -> None:
-    """The app's health endpoint, then every Prometheus check; any failure raises."""
-    if health.app is not None:
-        wait_until_healthy(health.app, timeout_seconds=health.timeout, interval_seconds=min(health.poll, 2),
-                           left_as=left_as)
-    for check in health.checks:
-        assert health.prometheus is not None
-        result = check_metric(health.prometheus, check, interval_seconds=health.check_interval)
-        window.checks.append(result)
-        if not result.passed:
-            raise MetricCheckFailed(f"check {result.name!r} failed: {result.detail}; measured "
-                                    f"{[round(v, 6) for v in result.values]} (max {result.max:g}); {left_as}")
-
 
 # -- the flow ---------------------------------------------------------------------------------------------------
 
@@ -339,8 +258,8 @@ def maintenance_window(
     if housekeeping and "certificate-expiry" in housekeeping and not certificates:
         raise ConfigurationError("certificate-expiry needs certificates (paths on the host); nothing was changed")
     wanted = parse_images(images) if images else None
-    health = _Health(app, prometheus, checks or [], health_timeout_seconds, poll_seconds, check_interval_seconds)
-    window = Window(run_name=_run_name())
+    health = Health(app, prometheus, checks or [], health_timeout_seconds, poll_seconds, check_interval_seconds)
+    window = Window(run_name=flow_run_name())
 
     before: list[DeploymentState] = []
     project: ComposeProject | None = None
@@ -392,8 +311,9 @@ def maintenance_window(
                 # 1. silence: its expiry is the last undo, and always runs on failure
                 if alertmanager is not None:
                     with window.step("silence"):
-                        undo.register("expire the silence", _undo_step(window, "undo: expire the silence",
-                                                                       lambda: _expire(alertmanager, window)))
+                        undo.register("expire the silence",
+                                      undo_step(window, "undo: expire the silence",
+                                                lambda: expire_window_silence(alertmanager, window)))
                         ends = silence_end(datetime.now(UTC), expected_minutes, silence_margin_minutes)
                         window.silence = create_silence(
                             alertmanager, silence_matchers or [], ends, created_by=f"runbooks/{window.run_name}",
@@ -404,8 +324,8 @@ def maintenance_window(
                 if app is not None:
                     with window.step("maintenance on"):
                         undo.register("check health, then maintenance off (stays ON if unhealthy)",
-                                      _undo_step(window, "undo: health, then maintenance off",
-                                                 lambda: _off_when_healthy(app, health, window)))
+                                      undo_step(window, "undo: health, then maintenance off",
+                                                lambda: off_when_healthy(app, health, window)))
                         set_maintenance(app, True)
                         window.maintenance_on = True
                 else:
@@ -450,9 +370,9 @@ def maintenance_window(
                 for name in housekeeping or []:
                     assert ssh is not None
                     with window.step(f"housekeeping: {name}") as record:
-                        done = _housekeep(name, ssh, apt_real_upgrade, certificates or [], certificate_min_days,
-                                          disk_paths or ["/"], disk_max_percent, logrotate_config, logrotate_state,
-                                          logrotate_force)
+                        done = housekeep(name, ssh, apt_real_upgrade, certificates or [], certificate_min_days,
+                                         disk_paths or ["/"], disk_max_percent, logrotate_config, logrotate_state,
+                                         logrotate_force)
                         window.housekeeping.append(done)
                         record.result = ("ok: " if not done.finding else "FINDING: ") + done.summary + (
                             f" ({done.finding})" if done.finding else "")
@@ -469,9 +389,9 @@ def maintenance_window(
                             if not mine:
                                 continue
                             undo.register(f"put {state.target} back to {state.image_list()}",
-                                          _undo_step(window, f"undo: put {state.target} back",
-                                                     _restore_deployment(cluster, state, rollout_timeout_seconds,
-                                                                         poll_seconds)))
+                                          undo_step(window, f"undo: put {state.target} back",
+                                                    restore_deployment(cluster, state, rollout_timeout_seconds,
+                                                                       poll_seconds)))
                             set_images(cluster, ns, state.name, mine, annotations={WINDOW_BY: window.run_name})
                         for state in before:
                             wait_for_rollout(cluster, ns, state.name, timeout_seconds=rollout_timeout_seconds,
@@ -481,9 +401,9 @@ def maintenance_window(
                     assert ssh is not None and project is not None and original_env is not None
                     with window.step("update") as record:
                         undo.register(f"put {project.env_path} back and recreate {compose_service}",
-                                      _undo_step(window, f"undo: put {compose_service} back",
-                                                 _restore_compose(ssh, project, compose_service, original_env,
-                                                                  rollout_timeout_seconds, poll_seconds)))
+                                      undo_step(window, f"undo: put {compose_service} back",
+                                                restore_compose(ssh, project, compose_service, original_env,
+                                                                rollout_timeout_seconds, poll_seconds)))
                         write_remote_file(ssh, project.env_path, set_env_lines(original_env, variables))
                         pull_and_up(ssh, project, [compose_service])
                         wait_compose_healthy(ssh, project, [compose_service], timeout_seconds=rollout_timeout_seconds,
@@ -494,14 +414,14 @@ def maintenance_window(
                 # 6. the migration: not undone; the restore point and backup set are the way back
                 if migration_command:
                     with window.step("migration") as record:
-                        record.result = _migrate(window, target, cluster, ns, before, wanted, migration_container,
-                                                 migration_command, migration_timeout_seconds, poll_seconds, ssh,
-                                                 compose_dir)
+                        record.result = migrate(window, target, cluster, ns, before, wanted, migration_container,
+                                                migration_command, migration_timeout_seconds, poll_seconds, ssh,
+                                                compose_dir)
                 else:
                     window.skip("migration", "no migration_command")
                 # 7. health
                 with window.step("health"):
-                    _prove_healthy(health, window, "putting the update back")
+                    prove_healthy(health, window, "putting the update back")
             # 8. the window closes: maintenance off, silence expired (failures here change nothing back)
             if app is not None:
                 with window.step("maintenance off"):
@@ -509,16 +429,16 @@ def maintenance_window(
                     window.maintenance_on = False
             if alertmanager is not None:
                 with window.step("expire silence"):
-                    _expire(alertmanager, window)
+                    expire_window_silence(alertmanager, window)
         except BaseException as exc:  # noqa: BLE001 - reported below, then re-raised
             failure = exc
     if target == "kubernetes" and cluster is not None and before:
-        window.after = _images_now(cluster, ns, before)
+        window.after = images_now(cluster, ns, before)
     elif target == "compose-ssh" and ssh is not None and project is not None and variables:
-        text = _safe_read(ssh, project.env_path)
+        text = safe_read(ssh, project.env_path)
         window.after = {k: str(v) for k, v in env_values(text or "", list(variables)).items()}
-    outcome = _outcome(window, failure, undo)
-    _summary(window, outcome, undo, reason)
+    outcome = window_outcome(window, failure, undo)
+    write_summary(window, outcome, undo, reason)
     if isinstance(failure, Exception):
         raise WindowFailed(outcome) from failure
     if failure is not None:
@@ -528,225 +448,4 @@ def maintenance_window(
     return MaintenanceResult(outcome=outcome, silence_id=window.silence.id if window.silence else None,
                              backup_set_id=window.backup_set_id, restore_point=window.restore_point,
                              restore_point_lsn=window.restore_point_lsn, images_before=window.before,
-                             images_after=window.after, steps=[_step_row(s) for s in window.steps])
-
-
-# -- steps and undos -----------------------------------------------------------------------------------------------
-
-
-def _undo_step(window: Window, name: str, undo: Callable[[], Any]) -> Callable[[], None]:
-    """An undo that is timed as a step of the summary."""
-    def run() -> None:
-        with window.step(name):
-            undo()
-    return run
-
-
-def _expire(am: AlertmanagerAPI, window: Window) -> None:
-    if window.silence is None or window.silence_expired:
-        return
-    expire_silence(am, window.silence.id)
-    window.silence_expired = True
-
-
-def _off_when_healthy(app: AppEndpoint, health: _Health, window: Window) -> None:
-    """Maintenance off only when the app's health endpoint passes; otherwise it stays ON and this raises.
-
-    The Prometheus checks gate the *new* version; after a failure what runs is the recorded version, which
-    was serving before the window, so its health endpoint is the gate (a check still above its threshold on
-    a stale sample would otherwise keep a good old version closed)."""
-    wait_until_healthy(app, timeout_seconds=health.timeout, interval_seconds=min(health.poll, 2),
-                       left_as="maintenance mode stays ON")
-    set_maintenance(app, False)
-    window.maintenance_on = False
-
-
-def _restore_deployment(cluster: KubernetesCluster, state: DeploymentState, timeout: float,
-                        poll: float) -> Callable[[], None]:
-    def undo() -> None:
-        apply_pod_template(cluster, state.namespace, state.name, state.template, state.annotations)
-        wait_for_rollout(cluster, state.namespace, state.name, timeout_seconds=timeout, interval_seconds=poll)
-    return undo
-
-
-def _restore_compose(host: SSHHost, project: ComposeProject, service: str, original: str, timeout: float,
-                     poll: float) -> Callable[[], None]:
-    def undo() -> None:
-        write_remote_file(host, project.env_path, original)
-        pull_and_up(host, project, [service])
-        wait_compose_healthy(host, project, [service], timeout_seconds=timeout, interval_seconds=poll)
-    return undo
-
-
-def _migrate(window: Window, target: str, cluster: KubernetesCluster | None, ns: str, before: list[DeploymentState],
-             wanted: dict[str, str] | None, container: str, command: list[str], timeout: float, poll: float,
-             ssh: SSHHost | None, compose_dir: str) -> str:
-    """Run the migration, keep its logs as an artifact; a failure sets ``window.migration_failed`` and raises."""
-    if target == "kubernetes":
-        assert cluster is not None
-        state = before[0]
-        name_in_pod = container or next(iter(state.images))
-        image = (wanted or {}).get(name_in_pod, state.images[name_in_pod])
-        name = job_name("migrate", window.run_name)
-        body = migration_job_body(name, state.template, name_in_pod, image, command,
-                                  {WINDOW_BY: window.run_name[:63]}, int(timeout))
-        start_job(cluster, ns, body)
-        outcome = wait_for_job(cluster, ns, name, timeout_seconds=timeout, interval_seconds=min(poll, 2))
-        logs = job_logs(cluster, ns, name)
-        where, ok, why = f"job {ns}/{name} ({image})", outcome.succeeded, outcome.reason
-    else:
-        assert ssh is not None
-        argv = ["sh", "-c", 'cd "$1" && shift && exec "$@"', "migrate", compose_dir, *command] if compose_dir \
-            else list(command)
-        result = run_remote(ssh, argv, check=False, timeout_seconds=timeout)
-        logs = {ssh.describe(): result.stdout + result.stderr}
-        where, ok, why = f"`{' '.join(command)}` on `{ssh.describe()}`", result.exit_code == 0, \
-            f"exit {result.exit_code}"
-    lines = [f"# Migration: {where}: {'succeeded' if ok else 'FAILED (' + why + ')'}", ""]
-    for source, text in logs.items():
-        tail = text[-MAX_LOG_CHARS:]
-        lines += [f"## `{source}`", "", "```", tail.replace("```", "'''"), "```", ""]
-    create_markdown_artifact("\n".join(lines), key="maintenance-migration-logs",
-                             description="Migration output")
-    window.migration = f"{where}: {'succeeded' if ok else 'FAILED: ' + why}"
-    if not ok:
-        window.migration_failed = True
-        raise MigrationFailed(f"migration {where} failed ({why}); see the migration logs artifact")
-    return f"succeeded ({where})"
-
-
-def _housekeep(name: str, ssh: SSHHost, real: bool, certificates: list[str], min_days: float, disk_paths: list[str],
-               max_percent: float, config: str, state: str, force: bool) -> HousekeepingResult:
-    if name == "apt-upgrade":
-        return apt_upgrade(ssh, real=real)
-    if name == "container-prune":
-        return prune_containers(ssh)
-    if name == "certificate-expiry":
-        return check_certificates(ssh, certificates, min_days=min_days)
-    if name == "disk-usage":
-        return check_disk_usage(ssh, disk_paths, max_percent=max_percent)
-    if name == "log-rotation":
-        return rotate_logs(ssh, config, state_file=state, force=force)
-    raise ConfigurationError(f"unknown housekeeping step {name!r}")
-
-
-def _images_now(cluster: KubernetesCluster, ns: str, before: list[DeploymentState]) -> dict[str, str]:
-    try:
-        now = record_deployments(cluster, ns, [s.name for s in before])
-    except Exception as exc:  # noqa: BLE001 - the report is written even when the API is gone
-        run_logger().error("could not record the images after the window: %s", exc)
-        return {}
-    return {f"{s.target}/{c}": i for s in now for c, i in s.images.items()}
-
-
-def _safe_read(host: SSHHost, path: str) -> str | None:
-    try:
-        return read_remote_file(host, path)
-    except Exception as exc:  # noqa: BLE001 - the report is written even when the host is gone
-        run_logger().error("could not read %s after the window: %s", path, exc)
-        return None
-
-
-# -- the report -------------------------------------------------------------------------------------------------
-
-
-def _outcome(window: Window, failure: BaseException | None, undo: UndoStack) -> str:
-    if failure is None:
-        done = {s.step: s.result for s in window.steps}
-        parts = [what for step, what in [("update", "updated"), ("migration", "migrated"), ("backup", "backed up")]
-                 if step in done and not done[step].startswith("skipped")]
-        parts.append("healthy")
-        if "maintenance off" in done:
-            parts.append("maintenance off")
-        if window.silence_expired:
-            parts.append("silence expired")
-        if window.findings:
-            parts.append(f"{len(window.findings)} housekeeping finding(s)")
-        return "completed: " + ", ".join(parts)
-    parts = [f"FAILED: {failure}"]
-    failed_undos = [o for o in undo.outcomes if not o.ok]
-    if window.before and undo.outcomes:
-        put_back = [o for o in undo.outcomes if o.step.startswith("put ")]
-        if put_back and all(o.ok for o in put_back):
-            parts.append("the update was put back to the recorded version")
-        elif put_back:
-            parts.append("putting the update back FAILED")
-    for o in failed_undos:
-        parts.append(f"{o.step}: FAILED ({o.error})")
-    if window.maintenance_on:
-        parts.append("MAINTENANCE MODE STAYS ON (the app is not healthy): act now")
-    elif any(s.step == "maintenance on" for s in window.steps):
-        parts.append("maintenance mode is off again")
-    if window.silence is not None:
-        parts.append("silence expired" if window.silence_expired else
-                     f"silence {window.silence.id} NOT expired: it ends by itself at "
-                     f"{window.silence.ends_at:%Y-%m-%d %H:%M:%S} UTC")
-    if window.migration_failed:
-        parts.append(_way_back(window))
-    return "; ".join(parts)
-
-
-def _way_back(window: Window) -> str:
-    """What a failed migration leaves, and the runbooks that go back to before it."""
-    text = "the migration is NOT undone (the database may be partly migrated)"
-    if window.restore_point:
-        text += (f"; to go back: `pitr-restore` to restore point `{window.restore_point}` "
-                 f"(LSN {window.restore_point_lsn})")
-    if window.backup_set_id:
-        text += f"; or `disaster-recovery` from backup set `{window.backup_set_id}` ({window.backup_store})"
-    return text
-
-
-def _step_row(s: StepRecord) -> dict[str, Any]:
-    return {"step": s.step, "started": f"{s.started:%H:%M:%S}", "seconds": s.seconds, "result": s.result}
-
-
-def _summary(window: Window, outcome: str, undo: UndoStack, reason: str) -> None:
-    create_table_artifact([_step_row(s) for s in window.steps], key="maintenance-steps",
-                          description="Each step of the maintenance window, timed")
-    lines = [f"# Maintenance window `{window.run_name}`", "", f"**{outcome}**", "", f"- reason: {reason}",
-             f"- ended at {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC"]
-    if window.silence is not None:
-        lines.append(f"- silence `{window.silence.id}` ({', '.join(window.silence.matchers)}), until "
-                     f"{window.silence.ends_at:%Y-%m-%d %H:%M:%S} UTC: "
-                     f"{'expired' if window.silence_expired else 'NOT expired'}")
-    lines.append(f"- backup set: `{window.backup_set_id}` in `{window.backup_store}`" if window.backup_set_id
-                 else "- backup set: none")
-    lines.append(f"- restore point: `{window.restore_point}` at {window.restore_point_lsn}" if window.restore_point
-                 else "- restore point: none")
-    lines.append(f"- migration: {window.migration}")
-    lines.append(f"- maintenance mode: {'ON' if window.maintenance_on else 'off'}")
-    if window.migration_failed:
-        lines.append(f"- {_way_back(window)}")
-    lines += ["", "| step | started (UTC) | seconds | result |", "|---|---|---|---|"]
-    lines += [f"| {s.step} | {s.started:%H:%M:%S} | {s.seconds} | {s.result.replace('|', '/')} |"
-              for s in window.steps]
-    if window.before:
-        lines += ["", "| what | before | after |", "|---|---|---|"]
-        lines += [f"| `{k}` | `{v}` | `{window.after.get(k, '?')}` |" for k, v in window.before.items()]
-    if window.checks:
-        lines += ["", "| check | max | worst | result |", "|---|---|---|---|"]
-        lines += [f"| `{r.name}` | {r.max:g} | {r.worst if r.worst is not None else '-'} | "
-                  f"{'pass' if r.passed else 'FAIL: ' + r.detail} |" for r in window.checks]
-    if window.findings:
-        lines += ["", "Housekeeping findings:", *[f"- {f}" for f in window.findings]]
-    if window.housekeeping:
-        out = ["# Housekeeping output", ""]
-        for h in window.housekeeping:
-            out += [f"## {h.step}: {'ok' if h.ok else 'FAILED'}: {h.summary}", "",
-                    *[f"`{c}`" for c in h.commands], "", "```", h.output.replace("```", "'''"), "```", ""]
-        create_markdown_artifact("\n".join(out), key="maintenance-housekeeping", description="Housekeeping output")
-    if undo.outcomes:
-        lines += ["", "Undone (newest first):", *[f"- {o.step}: {'ok' if o.ok else 'FAILED: ' + o.error}"
-                                                  for o in undo.outcomes]]
-    create_markdown_artifact("\n".join(lines), key="maintenance-summary", description="Maintenance window summary")
-    run_logger().info("maintenance window %s: %s", window.run_name, outcome)
-
-
-def _run_name() -> str:
-    from prefect.context import get_run_context
-
-    try:
-        return str(get_run_context().flow_run.name)  # type: ignore[union-attr]
-    except (RuntimeError, AttributeError):
-        return datetime.now(UTC).strftime("run-%Y%m%dT%H%M%SZ")
+                             images_after=window.after, steps=[step_row(s) for s in window.steps])

@@ -1,5 +1,5 @@
-"""Redis steps: take an RDB snapshot over the network, restore one key by key, and the keyspace digest
-that proves a snapshot or a restore holds the same data.
+"""Redis steps: take an RDB snapshot over the network, restore one key by key, and the pre-flight of a
+recovery; each proven by the keyspace digest (tasks/redis_digest.py).
 
 Nothing here needs the Redis host's filesystem except ``mode="bgsave"``, which reads the file the
 operator's ``rdb_path`` points at. The snapshot goes over the replication protocol, like
@@ -9,18 +9,16 @@ every key with DUMP/RESTORE.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import shutil
-import struct
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import redis
 from prefect import task
@@ -29,7 +27,6 @@ from pydantic import SecretStr
 
 from blocks.errors import (
     ConfigurationError,
-    ConnectionFailed,
     DumpFailed,
     PreflightFailed,
     RestoreFailed,
@@ -39,33 +36,14 @@ from blocks.redis import RedisConnection
 from blocks.store import BackupStore
 from tasks.log import run_logger
 from tasks.manifest import Part, RedisSummary, part_key
+from tasks.redis_client import databases_with_keys, raw_client, talking_to
+from tasks.redis_digest import keyspace_digest
 from tasks.redis_replication import ByteSink, RdbMagicCheck, stream_rdb
 from tasks.retry import retry_transient
 from tasks.scratch_redis import ScratchRedis
 from tasks.stream import CHUNK, StreamResult, open_compressed_writer, open_decompressed_reader
 
-_MOD = 2**256
-_SCAN_COUNT = 2000
-
-
 # -------------------------------------------------------------------------------------------- BGSAVE
-
-
-@contextmanager
-def _talking_to(conn: RedisConnection, doing: str) -> Iterator[None]:
-    """Turn redis-py's errors into ours, naming the server (never the password)."""
-    try:
-        yield
-    except redis.AuthenticationError as exc:
-        raise ConnectionFailed(
-            f"Redis {conn.describe()} refused the credentials while {doing}: {exc}; check the RedisConnection block"
-        ) from None
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise ConnectionFailed(f"Redis {conn.describe()} could not be reached while {doing}: {exc}") from None
-    except redis.ResponseError as exc:
-        if str(exc).startswith(("NOAUTH", "NOPERM")):
-            raise ConnectionFailed(f"Redis {conn.describe()} refused {doing}: {exc}") from None
-        raise
 
 
 def bgsave_and_wait(conn: RedisConnection, *, timeout: float, poll: float = 0.2) -> int:
@@ -78,7 +56,7 @@ def bgsave_and_wait(conn: RedisConnection, *, timeout: float, poll: float = 0.2)
     deadline = time.monotonic() + timeout
     client = conn.get_client()
     requested = False
-    with _talking_to(conn, "running BGSAVE"):
+    with talking_to(conn, "running BGSAVE"):
         info = client.info("persistence")
         before = info
         while True:
@@ -114,186 +92,8 @@ def bgsave_and_wait(conn: RedisConnection, *, timeout: float, poll: float = 0.2)
             info = client.info("persistence")
 
 
-# ------------------------------------------------------------------------------------------- digest
 
 
-def _raw_client(conn: RedisConnection, db: int) -> redis.Redis:
-    """A client that returns replies exactly as sent (bytes, flat arrays): no parsing into dicts/floats.
-
-    RESP2 on purpose: redis-py 8 speaks RESP3 by default, whose maps, sets and doubles come back as
-    Python dicts, sets and floats whatever the callbacks.
-    """
-    client = conn.get_client(db=db, protocol=2)
-    client.response_callbacks.clear()
-    return client
-
-
-def _databases(conn: RedisConnection) -> dict[int, int]:
-    """Databases that hold keys, from INFO keyspace: {index: key count}."""
-    keyspace = conn.get_client().info("keyspace")
-    return {int(name[2:]): int(stats["keys"]) for name, stats in keyspace.items() if name.startswith("db")}
-
-
-def _frame(digest: Any, item: bytes) -> None:
-    digest.update(len(item).to_bytes(8, "big"))
-    digest.update(item)
-
-
-def _score(text: bytes) -> bytes:
-    # Servers format doubles differently (7.0: %.17g, 7.2+: shortest form): compare the double itself.
-    return struct.pack(">d", float(text))
-
-
-def _key_hash(db: int, key: bytes, kind: bytes, has_ttl: bool, value: Any) -> int:
-    """sha256 of one key's db, name, type, TTL flag and canonical value, as an integer."""
-    digest = hashlib.sha256()
-    _frame(digest, b"%d" % db)
-    _frame(digest, key)
-    _frame(digest, kind)
-    _frame(digest, b"1" if has_ttl else b"0")
-    if kind == b"string":
-        _frame(digest, value)
-    elif kind == b"list":
-        for item in value:
-            _frame(digest, item)
-    elif kind == b"set":
-        for item in sorted(value):
-            _frame(digest, item)
-    elif kind == b"hash":
-        for field, item in sorted(zip(value[::2], value[1::2], strict=True)):
-            _frame(digest, field)
-            _frame(digest, item)
-    elif kind == b"zset":
-        for member, score in sorted((m, _score(s)) for m, s in zip(value[::2], value[1::2], strict=True)):
-            _frame(digest, member)
-            _frame(digest, score)
-    elif kind == b"stream":
-        for entry_id, fields in value:
-            _frame(digest, entry_id)
-            for item in fields:
-                _frame(digest, item)
-    # Module types (ReJSON-RL, ...) have no portable canonical form: name, type and TTL flag only.
-    return int.from_bytes(digest.digest(), "big")
-
-
-_FETCH = {
-    b"string": ("GET",),  # a key that became a string after MGET
-    b"list": ("LRANGE", 0, -1),
-    b"set": ("SMEMBERS",),
-    b"hash": ("HGETALL",),
-    b"zset": ("ZRANGE", 0, -1, "WITHSCORES"),
-    b"stream": ("XRANGE", "-", "+"),
-}
-
-
-def _hash_batch(client: redis.Redis, db: int, keys: list[bytes]) -> list[int]:
-    """Hashes of the keys that still exist.
-
-    redis-py's cost is per command, so strings (the common case) come from one MGET, which answers nil
-    for other types; only those then need TYPE and a read by type. PTTL is one command per key.
-    """
-    pipe = client.pipeline(transaction=False)
-    pipe.execute_command("MGET", *keys)
-    for key in keys:
-        pipe.execute_command("PTTL", key)
-    strings, *ttls = pipe.execute()
-    hashes: list[int] = []
-    others: list[tuple[bytes, bool]] = []
-    for key, value, ttl in zip(keys, strings, ttls, strict=True):
-        if ttl == -2:
-            continue  # expired or deleted since SCAN returned it
-        if value is not None:
-            hashes.append(_key_hash(db, key, b"string", ttl >= 0, value))
-        else:
-            others.append((key, ttl >= 0))
-    if not others:
-        return hashes
-    pipe = client.pipeline(transaction=False)
-    for key, _ in others:
-        pipe.execute_command("TYPE", key)
-    kinds = pipe.execute()
-    pipe = client.pipeline(transaction=False)
-    present = [(key, kind, has_ttl) for (key, has_ttl), kind in zip(others, kinds, strict=True) if kind != b"none"]
-    for key, kind, _ in present:
-        fetch = _FETCH.get(kind)
-        if fetch is None:
-            pipe.execute_command("EXISTS", key)  # a placeholder reply keeps the lists aligned
-        else:
-            pipe.execute_command(fetch[0], key, *fetch[1:])
-    values = pipe.execute() if present else []
-    for (key, kind, has_ttl), value in zip(present, values, strict=True):
-        hashes.append(_key_hash(db, key, kind, has_ttl, value))
-    return hashes
-
-
-# Reads a batch of keys in one call: for each key its type, PTTL and value, read as _FETCH reads it.
-_READ_BATCH = """
-local out = {}
-for _, key in ipairs(KEYS) do
-  local kind = redis.call('TYPE', key)['ok']
-  local value = false
-  if kind == 'string' then value = redis.call('GET', key)
-  elseif kind == 'list' then value = redis.call('LRANGE', key, 0, -1)
-  elseif kind == 'set' then value = redis.call('SMEMBERS', key)
-  elseif kind == 'hash' then value = redis.call('HGETALL', key)
-  elseif kind == 'zset' then value = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-  elseif kind == 'stream' then value = redis.call('XRANGE', key, '-', '+')
-  end
-  out[#out + 1] = kind
-  out[#out + 1] = redis.call('PTTL', key)
-  out[#out + 1] = value
-end
-return out
-"""
-
-
-def _hash_batch_scripted(client: redis.Redis, db: int, keys: list[bytes]) -> list[int]:
-    """`_hash_batch` with one server-side script per batch instead of one or two commands per key."""
-    reply = client.execute_command("EVAL", _READ_BATCH, len(keys), *keys)
-    return [_key_hash(db, key, kind, ttl >= 0, value)
-            for key, kind, ttl, value in zip(keys, reply[0::3], reply[1::3], reply[2::3], strict=True)
-            if kind != b"none"]
-
-
-def keyspace_digest(conn: RedisConnection, *, count: int = _SCAN_COUNT, own_server: bool = False) -> RedisSummary:
-    """An order-independent digest of every key in every database: same data, same digest.
-
-    Per key: sha256 of db, name, type, whether it has a TTL (not the TTL itself, which moves) and the
-    value in a canonical order (hash fields and set members sorted, zset by member with its score as a
-    double, list and stream entries in order; stream consumer groups are not included). The per-key
-    hashes are added mod 2**256, so SCAN order does not matter. SCAN may return a key twice while the
-    server resizes a table, so keys seen are remembered: memory grows with the number of keys (about
-    100 bytes each). ``DEBUG DIGEST`` would be simpler but Redis 7 disables DEBUG by default.
-
-    ``own_server``: a scratch server this runbook started; each batch is then read by one Lua script, which
-    blocks the server while it runs and so is never used on a server others use. Same digest either way.
-    """
-    hash_batch = _hash_batch_scripted if own_server else _hash_batch
-    where = conn.describe()
-    total = 0
-    databases: dict[str, int] = {}
-    with _talking_to(conn, "computing the keyspace digest"):
-        for db in sorted(_databases(conn)):
-            client = _raw_client(conn, db)
-            seen: set[bytes] = set()
-            cursor: bytes | int = 0
-            while True:
-                cursor, keys = client.execute_command("SCAN", cursor, "COUNT", count)
-                fresh = [key for key in dict.fromkeys(keys) if key not in seen]
-                seen.update(fresh)
-                try:
-                    hashes = hash_batch(client, db, fresh) if fresh else []
-                except redis.ResponseError as exc:
-                    raise VerificationFailed(
-                        f"Redis {where} db {db}: a key changed while the digest was read ({exc}); "
-                        "digest a server nothing writes to"
-                    ) from None
-                total += sum(hashes)
-                databases[str(db)] = databases.get(str(db), 0) + len(hashes)
-                if int(cursor) == 0:
-                    break
-    databases = {db: keys for db, keys in databases.items() if keys}
-    return RedisSummary(key_count=sum(databases.values()), digest=f"{total % _MOD:064x}", databases=databases)
 
 
 @contextmanager
@@ -332,7 +132,7 @@ class _StoreAndCopy:
 
 
 def _server_version(conn: RedisConnection) -> str:
-    with _talking_to(conn, "reading INFO server"):
+    with talking_to(conn, "reading INFO server"):
         return str(conn.get_client().info("server")["redis_version"])
 
 
@@ -508,7 +308,7 @@ def restore_redis(
         "Restoring Redis snapshot %s (%d keys) into %s%s",
         part.key, part.redis.key_count, where, " after flushing it" if flush_first else "",
     )
-    with _talking_to(target, "checking the target"):
+    with talking_to(target, "checking the target"):
         target.get_client().ping()
     with tempfile.TemporaryDirectory(prefix="runbooks-redis-") as tmp:
         rdb = Path(staged_rdb) if staged_rdb else Path(tmp) / "snapshot.rdb"
@@ -520,14 +320,14 @@ def restore_redis(
                 shutil.copyfileobj(src, out, CHUNK)
         # The checksum has been verified: from here on the target changes.
         copied = 0
-        with _scratch_with(rdb) as source, _talking_to(target, "restoring keys"):
+        with _scratch_with(rdb) as source, talking_to(target, "restoring keys"):
             expired_on_load = int(source.get_client().info("persistence").get("rdb_last_load_keys_expired", 0))
             if flush_first:
-                for db in sorted(_databases(target)):
+                for db in sorted(databases_with_keys(target)):
                     target.get_client(db=db).flushdb()
-            for db in sorted(_databases(source)):
+            for db in sorted(databases_with_keys(source)):
                 try:
-                    copied += _copy_database(_raw_client(source, db), _raw_client(target, db), batch=batch)
+                    copied += _copy_database(raw_client(source, db), raw_client(target, db), batch=batch)
                 except redis.ResponseError as exc:
                     raise RestoreFailed(
                         f"Redis {where} db {db} refused RESTORE ({exc}) after {copied} keys; the target "
@@ -547,8 +347,8 @@ def restore_redis(
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, retry_condition_fn=retry_transient)
 def check_redis_empty(target: RedisConnection) -> None:
     """Refuse a target that holds keys: restoring into it would mix the snapshot with what is there."""
-    with _talking_to(target, "counting its keys"):
-        held = _databases(target)
+    with talking_to(target, "counting its keys"):
+        held = databases_with_keys(target)
     if held:
         raise ConfigurationError(
             f"Redis {target.describe()} holds {sum(held.values())} keys (per db: {held}): restore-set only "
@@ -582,15 +382,15 @@ def preflight_redis_restore(part: Part, target: RedisConnection, *, staged_rdb: 
         loaded = keyspace_digest(source, own_server=True)
         _check_restore(where, part.redis, loaded, loaded, expired)
         sample: tuple[int, bytes, bytes] | None = None
-        for db in sorted(_databases(source)):
-            client = _raw_client(source, db)
+        for db in sorted(databases_with_keys(source)):
+            client = raw_client(source, db)
             key = client.execute_command("RANDOMKEY")
             if key is not None:
                 sample = (db, key, client.execute_command("DUMP", key))
                 break
         used = int(source.get_client().info("memory")["used_memory"])
     note = ""
-    with _talking_to(target, "the pre-flight"):
+    with talking_to(target, "the pre-flight"):
         info = target.get_client().info()
         if info.get("role") != "master":
             raise PreflightFailed(f"Redis {where} is a {info.get('role')}, not a master: it cannot be restored "
@@ -603,7 +403,7 @@ def preflight_redis_restore(part: Part, target: RedisConnection, *, staged_rdb: 
         if sample is not None:
             db, key, payload = sample
             probe = _PREFLIGHT_PREFIX + secrets.token_hex(8)
-            client = _raw_client(target, db)
+            client = raw_client(target, db)
             try:
                 client.execute_command("RESTORE", probe, 0, payload)
             except redis.ResponseError as exc:

@@ -25,13 +25,8 @@ from blocks.errors import ChecksumMismatch, ConfigurationError, ConnectionFailed
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
 from tasks.manifest import RedisSummary, new_set_id
-from tasks.redis import (
-    _key_hash,
-    bgsave_and_wait,
-    keyspace_digest,
-    restore_redis,
-    snapshot_redis,
-)
+from tasks.redis import bgsave_and_wait, restore_redis, snapshot_redis
+from tasks.redis_digest import _key_hash, keyspace_digest
 from tasks.redis_replication import stream_rdb
 from tasks.scratch import free_port
 from tasks.scratch_redis import ScratchRedis
