@@ -64,12 +64,16 @@ def test_served_deployments_are_the_ones_prefect_yaml_declares() -> None:
     assert sorted(d.runbook.name for d in found) == sorted(entries)
     for item in found:
         entry = entries[item.runbook.name]
-        slugs = {s for v in item.runbook.parameters.values() if (s := block_slug(v))}
-        served = deployment_options(item, "UTC", slugs)
+        # Every Block saved, each under an id of its own: serve refers to a saved Block by id (what the run
+        # form's picker shows), prefect.yaml by slug (ids differ per server).
+        ids = {s: f"id-of-{s}" for v in item.runbook.parameters.values() if (s := block_slug(v))}
+        served = deployment_options(item, "UTC", ids)
         name = item.runbook.name
         assert served["name"] == entry["name"], name
         assert sorted(served["tags"]) == sorted(entry["tags"]), name
-        assert served["parameters"] == (entry.get("parameters") or {}), name
+        by_id = {k: {"$ref": {"block_document_id": ids[slug]}} if (slug := block_slug(v)) else v
+                 for k, v in (entry.get("parameters") or {}).items()}
+        assert served["parameters"] == by_id, name
         assert served["concurrency_limit"] == entry.get("concurrency_limit"), name
         assert [(s.cron, s.timezone, s.parameters or {}) for s in served["schedules"]] == [
             (s["cron"], s["timezone"], s.get("parameters") or {}) for s in entry.get("schedules", [])], name
