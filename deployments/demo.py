@@ -140,7 +140,7 @@ def run_demo() -> int:
     from flows.backup import backup
     from flows.restore import restore_set
     from tasks.files import tree_digest
-    from tasks.postgres import collect_checksums
+    from tasks.pg_checksums import collect_checksums
     from tasks.redis import keyspace_digest
     from tasks.scratch import ScratchPostgres
     from tasks.scratch_redis import ScratchRedis

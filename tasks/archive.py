@@ -13,7 +13,7 @@ them there in a staged copy, so ``pg_restore -j`` seeks to each table's data ins
 the blocks before it.
 
 The parser knows archive versions ``MIN_VERSION`` to ``MAX_VERSION``; any other raises
-``UnsupportedArchive``, and callers fall back to SQL checksums (``h64sum:``, ``tasks.postgres``).
+``UnsupportedArchive``, and callers fall back to SQL checksums (``h64sum:``, ``tasks.pg_checksums``).
 """
 
 from __future__ import annotations

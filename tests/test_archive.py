@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import tasks.pg_checksums
 import tasks.postgres
 from blocks.errors import DumpFailed, VerificationFailed
 from blocks.postgres import PostgresConnection
@@ -21,15 +22,8 @@ from blocks.store import BackupStore
 from tasks._dumpscan import xxh64
 from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError, UnsupportedArchive, parse_head
 from tasks.manifest import TableChecksum
-from tasks.postgres import (
-    _ExitChecked,
-    checksums_like,
-    collect_checksums,
-    compare_checksums,
-    digest_database,
-    dump_database,
-    restore_database,
-)
+from tasks.pg_checksums import ExitChecked, checksums_like, collect_checksums, compare_checksums, digest_database
+from tasks.postgres import dump_database, restore_database
 from tasks.process import child_env, pg_tool, spawn
 from tasks.scratch import ScratchPostgres
 from tasks.store import stage_part
@@ -245,7 +239,7 @@ def test_bad_archives_fail_clearly(sample: PostgresConnection) -> None:
 def test_a_dump_that_is_not_an_archive_fails_the_read(sample: PostgresConnection) -> None:
     # What dump_database sees if the stream is garbage: DumpFailed naming the target, not a wrong checksum.
     with spawn(["/bin/echo", "definitely not a dump"], env={}) as child:
-        source = _ExitChecked(child, "db at somewhere", tap=ArchiveDigest())
+        source = ExitChecked(child, "db at somewhere", tap=ArchiveDigest())
         with pytest.raises(DumpFailed, match="db at somewhere.*PGDMP"):
             source.readinto(memoryview(bytearray(1024)))
 
@@ -367,8 +361,8 @@ def test_a_local_pg_dump_writing_an_unknown_version_verifies_a_restore_by_row_co
     store = BackupStore(backend="local", path=str(tmp_path / "store"))
     part = dump_database.fn(sample, sample.database, store, "20260101T000000Z-abc123")  # xxh64sum checksums
     fake = _renumbering_pg_dump(tmp_path, 99)  # the restoring machine's pg_dump is newer than the scanner
-    real_tool = tasks.postgres.pg_tool
-    monkeypatch.setattr(tasks.postgres, "pg_tool", lambda name: fake if name == "pg_dump" else real_tool(name))
+    real_tool = tasks.pg_checksums.pg_tool
+    monkeypatch.setattr(tasks.pg_checksums, "pg_tool", lambda name: fake if name == "pg_dump" else real_tool(name))
     target = PostgresConnection.from_url(fresh_pg.url)
     with caplog.at_level(logging.WARNING, logger="runbooks"):
         restored = restore_database.fn(part, store, target, "rows_only")
@@ -385,10 +379,10 @@ def test_tables_of_equal_size_are_spread_over_the_readers_and_none_reads_the_who
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[list[str] | None] = []
-    monkeypatch.setattr(tasks.postgres, "_digest_dump", lambda _pg, _db, patterns: calls.append(patterns) or [])
+    monkeypatch.setattr(tasks.pg_checksums, "digest_dump", lambda _pg, _db, patterns: calls.append(patterns) or [])
     tables = [("public", name, 0) for name in ("a", "b", "c")]  # sizes as a just-created table has them
-    tasks.postgres._digest_tables(None, "db", tables, 2, whole=False)  # type: ignore[arg-type]
+    tasks.pg_checksums._digest_tables(None, "db", tables, 2, whole=False)  # type: ignore[arg-type]
     assert sorted(len(c or []) for c in calls) == [1, 2]  # two readers, no empty --table list (= every table)
     calls.clear()
-    tasks.postgres._digest_tables(None, "db", tables[:1], 2, whole=False)  # type: ignore[arg-type]
+    tasks.pg_checksums._digest_tables(None, "db", tables[:1], 2, whole=False)  # type: ignore[arg-type]
     assert calls == [['"public"."a"']]

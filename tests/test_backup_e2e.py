@@ -20,7 +20,7 @@ from flows.backup import backup
 from flows.restore import restore_set
 from tasks.files import tree_digest
 from tasks.manifest import human_size
-from tasks.postgres import collect_checksums
+from tasks.pg_checksums import collect_checksums
 from tasks.redis import keyspace_digest
 from tasks.scratch import ScratchPostgres
 from tasks.store import list_sets

@@ -231,7 +231,7 @@ def _wait_for_state(page: Any, sandbox: Sandbox, wanted: str) -> None:
 
 def _database_checksums(block: Any) -> dict[str, Any]:
     from tasks.databases import existing_databases
-    from tasks.postgres import collect_checksums
+    from tasks.pg_checksums import collect_checksums
 
     found = {}
     for database in existing_databases.fn(block, ["postgres", "shop"]):

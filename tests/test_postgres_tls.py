@@ -91,8 +91,9 @@ def test_wrong_ca_wrong_host_missing_client_cert_and_plaintext_fail_with_clear_e
 
 def test_pg_dump_pg_restore_and_pg_basebackup_use_the_same_tls_settings(tls_pg, tmp_path):
     from tasks.manifest import new_set_id
+    from tasks.pg_checksums import collect_checksums
     from tasks.pitr.base_backup import take_base_backup
-    from tasks.postgres import collect_checksums, dump_database, restore_database
+    from tasks.postgres import dump_database, restore_database
 
     block = tls_pg.block()
     with block.connect(autocommit=True) as admin:

@@ -21,7 +21,7 @@ from flows.disaster_recovery import disaster_recovery
 from flows.verify import verify_backup
 from tasks.files import tree_digest
 from tasks.manifest import Manifest, manifest_key
-from tasks.postgres import collect_checksums
+from tasks.pg_checksums import collect_checksums
 from tasks.redis import keyspace_digest
 from tasks.store import read_verification
 from tests.app_fixture import FakeApp

@@ -33,7 +33,7 @@ from flows.disaster_recovery import disaster_recovery
 from flows.restore import restore_set
 from tasks.databases import Swap, preflight_swap, read_properties
 from tasks.files import tree_digest
-from tasks.postgres import collect_checksums
+from tasks.pg_checksums import collect_checksums
 from tasks.recovery import read_journal, read_journals
 from tasks.redis import keyspace_digest
 from tests.app_fixture import FakeApp
@@ -456,7 +456,7 @@ def test_tables_are_read_back_while_the_restore_runs_and_a_difference_still_fail
     """The parallel restore reads each table back as pg_restore reports it loaded (a table with a primary key
     once that is built too); tables of the same name in two schemas are told apart by the staged dump's table
     of contents. A checksum that differs fails either way."""
-    import tasks.postgres as postgres_tasks
+    import tasks.pg_readback
     from blocks.errors import VerificationFailed
     from tasks.archive import locking_items, read_head
     from tasks.postgres import dump_database, restore_database
@@ -479,7 +479,7 @@ def test_tables_are_read_back_while_the_restore_runs_and_a_difference_still_fail
     staged = stage_part.fn(part, store, str(tmp_path / "staging"))
     reads: list[tuple[bool, list[str] | None]] = []  # (after the restore ended, patterns)
     restore_ended: list[bool] = []
-    real_dump, real_finish = postgres_tasks._digest_dump, postgres_tasks._ReadBack.finish
+    real_dump, real_finish = tasks.pg_readback.digest_dump, tasks.pg_readback.ReadBack.finish
 
     def recording(conn: Any, database: str, patterns: list[str] | None) -> Any:
         reads.append((bool(restore_ended), patterns))
@@ -489,8 +489,8 @@ def test_tables_are_read_back_while_the_restore_runs_and_a_difference_still_fail
         restore_ended.append(True)
         return real_finish(self)
 
-    monkeypatch.setattr(postgres_tasks, "_digest_dump", recording)
-    monkeypatch.setattr(postgres_tasks._ReadBack, "finish", finishing)
+    monkeypatch.setattr(tasks.pg_readback, "digest_dump", recording)
+    monkeypatch.setattr(tasks.pg_readback.ReadBack, "finish", finishing)
     assert staged.data_offsets == 4  # pg_restore -j seeks to each table's data
     restored = restore_database.fn(part, store, pg, "copy", staged_file=staged.path, jobs=2)
     assert restored.tables == 4

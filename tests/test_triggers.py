@@ -439,7 +439,7 @@ def test_the_shipped_nightly_backup_and_its_drill_pass_with_their_defaults(stack
 
     # The shipped disaster-recovery deployment, with prefect.yaml's parameters plus the targets an operator
     # picks in the form (the same saved Blocks) and confirm: every database, postgres included, and Redis back.
-    from tasks.postgres import collect_checksums
+    from tasks.pg_checksums import collect_checksums
     from tasks.redis import keyspace_digest
 
     redis = RedisConnection.from_url(scratch_redis.url)
