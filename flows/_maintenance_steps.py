@@ -31,7 +31,7 @@ from tasks.kubernetes import DeploymentState, apply_pod_template, record_deploym
 from tasks.kubernetes_jobs import MigrationFailed, job_logs, job_name, migration_job_body, start_job, wait_for_job
 from tasks.log import run_logger
 from tasks.prometheus import MetricCheck, MetricCheckFailed, check_metric
-from tasks.ssh import read_remote_file, run_remote, write_remote_file
+from tasks.ssh import run_remote, write_remote_file
 
 WINDOW_BY = "runbooks.prefect.io/maintenance-window"
 MAX_LOG_CHARS = 60_000  # per pod/command in the artifact: the end explains a failure
@@ -164,11 +164,3 @@ def images_now(cluster: KubernetesCluster, ns: str, before: list[DeploymentState
         run_logger().error("could not record the images after the window: %s", exc)
         return {}
     return {f"{s.target}/{c}": i for s in now for c, i in s.images.items()}
-
-
-def safe_read(host: SSHHost, path: str) -> str | None:
-    try:
-        return read_remote_file(host, path)
-    except Exception as exc:  # noqa: BLE001 - the report is written even when the host is gone
-        run_logger().error("could not read %s after the window: %s", path, exc)
-        return None

@@ -25,7 +25,7 @@ from tasks.compose import (
 )
 from tasks.log import run_logger
 from tasks.prometheus import CheckResult
-from tasks.ssh import read_remote_file, write_remote_file
+from tasks.ssh import read_remote_file, read_remote_file_for_report, write_remote_file
 from tasks.undo import UndoStack
 
 
@@ -72,7 +72,7 @@ def pin_compose(host: SSHHost, project: ComposeProject, service: str, variables:
         except BaseException as exc:  # noqa: BLE001 - reported below, then re-raised
             failure = exc
         after_ps = _safe_ps(host, project, [service])
-    after_text = _safe_read(host, project.env_path)
+    after_text = read_remote_file_for_report(host, project.env_path, "after the run")
     after_values = env_values(after_text, names) if after_text is not None else {}
     evidence.append("after: " + ", ".join(f"`{k}`=`{after_values.get(k)}`" for k in names)
                     + "; running: " + (_ps_line(after_ps) or "no container"))
@@ -139,7 +139,7 @@ def switch_compose(host: SSHHost, directory: str, pattern: str, env_file: str, c
     outcome = (f"switched {current} -> {other} and verified" if failure is None else
                f"FAILED ({failure}); " + (f"nginx and {colour_file} put back to {current}" if undo.whole
                                           else "putting the switch back FAILED: act now"))
-    final = _safe_read(host, colour_file)
+    final = read_remote_file_for_report(host, colour_file, "after the run")
     evidence.append(f"`{colour_file}` now says {(final or '?').strip()}")
     create_table_artifact([{"what": colour_file, "before": current, "after": (final or "?").strip()},
                            {"what": live.name, "before": _ps_line(live_ps), "after": _ps_line(_safe_ps(host, live))},
@@ -164,14 +164,6 @@ def _safe_ps(host: SSHHost, project: ComposeProject, services: list[str] | None 
     except Exception as exc:  # noqa: BLE001 - the report is written even when the host is gone
         run_logger().error("could not read the containers of %s after the run: %s", project.name, exc)
         return []
-
-
-def _safe_read(host: SSHHost, path: str) -> str | None:
-    try:
-        return read_remote_file(host, path)
-    except Exception as exc:  # noqa: BLE001 - the report is written even when the host is gone
-        run_logger().error("could not read %s after the run: %s", path, exc)
-        return None
 
 
 def _compose_table(names: list[str], before: dict[str, str | None], after: dict[str, str | None],

@@ -48,7 +48,6 @@ from flows._maintenance_steps import (
     prove_healthy,
     restore_compose,
     restore_deployment,
-    safe_read,
     undo_step,
 )
 from flows._maintenance_window import Window, flow_run_name, step_row, window_outcome, write_summary
@@ -66,7 +65,7 @@ from tasks.metrics import push_flow_run_metrics
 from tasks.notify import notify_hook
 from tasks.pitr.restore_points import create_restore_point
 from tasks.prometheus import MetricCheck
-from tasks.ssh import read_remote_file, write_remote_file
+from tasks.ssh import read_remote_file, read_remote_file_for_report, write_remote_file
 from tasks.undo import UndoStack
 
 Target = Literal["kubernetes", "compose-ssh", "none"]
@@ -435,7 +434,7 @@ def maintenance_window(
     if target == "kubernetes" and cluster is not None and before:
         window.after = images_now(cluster, ns, before)
     elif target == "compose-ssh" and ssh is not None and project is not None and variables:
-        text = safe_read(ssh, project.env_path)
+        text = read_remote_file_for_report(ssh, project.env_path, "after the window")
         window.after = {k: str(v) for k, v in env_values(text or "", list(variables)).items()}
     outcome = window_outcome(window, failure, undo)
     write_summary(window, outcome, undo, reason)

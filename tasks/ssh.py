@@ -70,6 +70,16 @@ def read_remote_file(host: SSHHost, path: str) -> str | None:
             raise RunbookError(f"{host.describe()}: cannot read {path}: {exc}") from None
 
 
+def read_remote_file_for_report(host: SSHHost, path: str, when: str) -> str | None:
+    """``read_remote_file`` for a report written even when the host is gone: a failure is logged (``could not
+    read PATH WHEN``) and gives None."""
+    try:
+        return read_remote_file(host, path)
+    except Exception as exc:  # noqa: BLE001 - the report is written even when the host is gone
+        run_logger().error("could not read %s %s: %s", path, when, exc)
+        return None
+
+
 @task(cache_policy=NO_CACHE)
 def write_remote_file(host: SSHHost, path: str, content: str, *, mode: int = 0o644) -> None:
     """Replace the file atomically: write a temporary file beside it, then rename it over the file (POSIX
