@@ -21,6 +21,10 @@ class StoreError(RunbookError):
     """The backup store failed; the message names the store and the object."""
 
 
+class StagingCancelled(StoreError):
+    """A download into staging was told to stop: the run that wanted it is ending."""
+
+
 class ObjectExists(StoreError):
     """Refused to overwrite an object that already holds different content."""
 

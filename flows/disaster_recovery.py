@@ -15,6 +15,7 @@ The approval text is built in flows/_recovery_approval.py, the report in flows/_
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ from tasks.notify import notify_hook
 from tasks.postgres import restore_database, restore_globals
 from tasks.recovery import Journal, Target, describe, find_unfinished_recoveries, safety_copy_key, write_journal
 from tasks.redis import preflight_redis_restore, restore_redis, snapshot_redis
+from tasks.staging import StagingProgress, StagingRestarted
 from tasks.store import StagedPart, find_backup_set, stage_part
 from tasks.undo import UndoStack
 from tasks.weaviate import drop_collections, preflight_weaviate_restore, restore_weaviate
@@ -175,19 +177,23 @@ def disaster_recovery(
         t0 = time.monotonic()
         stack.enter_context(concurrency(locks, occupy=1, timeout_seconds=lock_timeout_seconds, strict=True))
         rto["wait for lock"] = round(time.monotonic() - t0, 2)
+        # The download starts at once, beside the checks below (it changes nothing). Not before the lock: on a
+        # SQLite-backed Prefect server the download's task-run records then collide with the lock's slot
+        # update, and the client backs off for seconds.
+        staging = stack.enter_context(tempfile.TemporaryDirectory(prefix="runbooks-dr-", dir=staging_dir))
+        downloads = stack.enter_context(_Downloads(parts, store, staging))
         now = datetime.now(UTC)  # taken under the lock: unique per target
         journal = _new_journal(manifest, parts, postgres, redis, files_targets, weaviate, now)
         # A live recovery of these targets holds the lock: an unfinished journal now is one whose process died
         # (its lock lease then ran out).
         _refuse_after_a_dead_recovery(store, journal)
-        staging = stack.enter_context(tempfile.TemporaryDirectory(prefix="runbooks-dr-", dir=staging_dir))
         prepared = _Prepared()
         stack.callback(write_report, journal, manifest, mode, rto, prepared.restore_steps)  # however the run ends
         write_journal(store, journal)
 
         # 1. Prepare: production data is not touched.
         try:
-            _prepare(journal, parts, prepared, store, staging, postgres, redis, weaviate, jobs, rto)
+            _prepare(journal, parts, prepared, downloads, store, postgres, redis, weaviate, jobs, rto)
         except BaseException as exc:
             journal.error = str(exc)
             _discard_prepared(journal, prepared, postgres, "prepare failed")
@@ -307,38 +313,54 @@ def _refuse_after_a_dead_recovery(store: BackupStore, journal: Journal) -> None:
 # ------------------------------------------------------------------------------------------- phase 1
 
 
-def _prepare(journal: Journal, parts: list[Part], prepared: _Prepared, store: BackupStore, staging: str,
+class _Downloads:
+    """Every part downloaded and checked into ``staging``, one after another in the background, in the order
+    the recovery uses them. Leaving stops what has not started and waits for what has: nothing writes into
+    ``staging`` once it is removed."""
+
+    _ORDER = {"globals": 0, "postgres": 1, "redis": 2, "files": 3, "weaviate": 4}
+
+    def __init__(self, parts: list[Part], store: BackupStore, staging: str) -> None:
+        self.parts, self.store, self.staging = parts, store, staging
+        self.futures: dict[str, PrefectFuture[StagedPart]] = {}
+        # how far each database's download got, for a restore that follows it (tasks.pg_load)
+        self.progress = {p.key: StagingProgress() for p in parts if p.kind == "postgres"}
+        self.waited = 0.0  # seconds the recovery spent waiting for a part
+
+    def __enter__(self) -> _Downloads:
+        self.cancel = threading.Event()
+        previous: list[PrefectFuture[StagedPart]] = []
+        for part in sorted(self.parts, key=lambda p: self._ORDER[p.kind]):
+            self.futures[part.key] = stage_part.submit(part, self.store, self.staging, cancel=self.cancel,
+                                                       progress=self.progress.get(part.key), wait_for=previous)
+            previous = [self.futures[part.key]]
+        return self
+
+    def result(self, part: Part) -> StagedPart:
+        started = time.monotonic()
+        try:
+            return self.futures[part.key].result()
+        finally:
+            self.waited += time.monotonic() - started
+
+    def __exit__(self, *_exc: object) -> None:
+        self.cancel.set()
+        for future in self.futures.values():
+            future.wait()
+
+
+def _prepare(journal: Journal, parts: list[Part], prepared: _Prepared, downloads: _Downloads, store: BackupStore,
              postgres: PostgresConnection | None, redis: RedisConnection | None,
              weaviate: WeaviateConnection | None, jobs: int, rto: dict[str, float]) -> None:
     """Everything that can fail before production changes: download, restore beside, verify, pre-flight.
 
-    Parts are downloaded and checked one after another in the background, in the order they are used, so a
-    database is restored beside while the next parts are still downloading.
+    A database is restored beside while the next parts are still downloading.
     """
-    order = {"globals": 0, "postgres": 1, "redis": 2, "files": 3, "weaviate": 4}
-    futures: dict[str, PrefectFuture[StagedPart]] = {}
-    previous: list[PrefectFuture[StagedPart]] = []
-    started = time.monotonic()
-    for part in sorted(parts, key=lambda p: order[p.kind]):
-        futures[part.key] = stage_part.submit(part, store, staging, wait_for=previous)
-        previous = [futures[part.key]]
-    try:
-        _prepare_parts(journal, parts, prepared, futures, started, store, postgres, redis, weaviate, jobs, rto)
-    except BaseException:
-        for future in futures.values():  # none may still write into staging once it is removed
-            future.wait()
-        raise
-
-
-def _prepare_parts(journal: Journal, parts: list[Part], prepared: _Prepared,
-                   futures: dict[str, PrefectFuture[StagedPart]], started: float, store: BackupStore,
-                   postgres: PostgresConnection | None, redis: RedisConnection | None,
-                   weaviate: WeaviateConnection | None, jobs: int, rto: dict[str, float]) -> None:
     def staged(part: Part) -> StagedPart:
         if part.key not in prepared.staged:
             journal.step = f"downloading and checking {part.kind} part {part.name!r}"
-            prepared.staged[part.key] = futures[part.key].result()
-            rto["download + verify"] = round(time.monotonic() - started, 2)  # until the last part is in
+            prepared.staged[part.key] = downloads.result(part)
+            rto["download + verify"] = round(downloads.waited, 2)  # what the run waited: it starts first
         return prepared.staged[part.key]
 
     globals_part = next((p for p in parts if p.kind == "globals"), None)
@@ -354,11 +376,18 @@ def _prepare_parts(journal: Journal, parts: list[Part], prepared: _Prepared,
     for part in (p for p in parts if p.kind == "postgres"):
         assert postgres is not None
         target = journal.target("postgres", part.name)
-        staged_dump = staged(part).path
-        journal.step = f"restoring database {part.name!r} beside as {target.beside!r}"
+        journal.step = f"restoring database {part.name!r} beside as {target.beside!r}, as it downloads"
         t0 = time.monotonic()
         prepared.side_databases.append(target.beside)
-        restored = restore_database(part, store, postgres, target.beside, staged_file=staged_dump, jobs=jobs)
+        try:
+            restored = restore_database(part, store, postgres, target.beside, jobs=jobs,
+                                        staging=downloads.progress[part.key])
+        except StagingRestarted as exc:
+            run_logger().warning("%s; restoring %r again once the download has been checked", exc, part.name)
+            staged_dump = staged(part).path  # the download's final result: after its retries, or its error
+            journal.step = f"restoring database {part.name!r} beside as {target.beside!r}"
+            restored = restore_database(part, store, postgres, target.beside, staged_file=staged_dump, jobs=jobs)
+        prepared.staged[part.key] = downloads.result(part)  # the restore saw its download checked
         target.state = "prepared"
         swaps.append(Swap(live=part.name, restored=target.beside, kept=target.kept))
         rto[f"postgres:{part.name}"] = round(time.monotonic() - t0, 2)

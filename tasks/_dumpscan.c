@@ -15,7 +15,7 @@
  * and adds XXH64(line, seed 0) of every row into a 64-bit sum (wrapping). The sum does not depend on row
  * order, and a duplicate row counts twice. Large-object blocks are skipped. With hash_rows=False only the
  * block structure is followed (the offsets pg_restore -j needs, see tasks/archive.py). Each finished block
- * reports its offset from the first byte fed. The GIL is released while scanning.
+ * reports its offsets (start, and end: one past its last byte) from the first byte fed. The GIL is released while scanning.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -103,7 +103,7 @@ static uint64_t xxh64(const uint8_t *p, size_t len)
 enum { S_BLOCK_TYPE, S_INT, S_CHUNK, S_FAILED };
 enum { I_DUMP_ID, I_CHUNK_LEN, I_BLOB_OID, I_BLOB_CHUNK_LEN };
 
-typedef struct { int64_t dump_id; uint64_t rows; uint64_t sum; int is_data; uint64_t start; } result_t;
+typedef struct { int64_t dump_id; uint64_t rows; uint64_t sum; int is_data; uint64_t start; uint64_t end; } result_t;
 
 typedef struct {
     PyObject_HEAD
@@ -144,6 +144,7 @@ static int push_done(Scanner *s)
     s->done[s->done_len].sum = s->sum;
     s->done[s->done_len].is_data = s->block_type == 1;
     s->done[s->done_len].start = s->block_start;
+    s->done[s->done_len].end = s->offset;  /* the block's last int has been consumed */
     s->done_len++;
     return 0;
 }
@@ -316,9 +317,9 @@ static PyObject *Scanner_feed(Scanner *self, PyObject *arg)
     if (!out) return NULL;
     for (size_t i = 0; i < self->done_len; i++) {
         result_t *r = &self->done[i];
-        PyObject *item = Py_BuildValue("(LKKOK)", (long long)r->dump_id, (unsigned long long)r->rows,
+        PyObject *item = Py_BuildValue("(LKKOKK)", (long long)r->dump_id, (unsigned long long)r->rows,
                                        (unsigned long long)r->sum, r->is_data ? Py_True : Py_False,
-                                       (unsigned long long)r->start);
+                                       (unsigned long long)r->start, (unsigned long long)r->end);
         if (!item) { Py_DECREF(out); return NULL; }
         PyList_SET_ITEM(out, (Py_ssize_t)i, item);
     }
@@ -341,7 +342,7 @@ static PyObject *py_xxh64(PyObject *module, PyObject *arg)
 
 static PyMethodDef Scanner_methods[] = {
     {"feed", (PyCFunction)Scanner_feed, METH_O,
-     "feed(data) -> [(dump_id, rows, sum, is_table_data, start offset)] for the blocks that ended in data"},
+     "feed(data) -> [(dump_id, rows, sum, is_table_data, start offset, end offset)] for the blocks that ended in data"},
     {NULL}
 };
 

@@ -18,6 +18,7 @@ The parser knows archive versions ``MIN_VERSION`` to ``MAX_VERSION``; any other 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tasks._dumpscan import Scanner
@@ -52,6 +53,8 @@ class TocEntry:
     desc: str
     namespace: str | None
     tag: str | None
+    section: int  # SECTION_PRE_DATA, SECTION_DATA, SECTION_POST_DATA, or 1 (none: ACLs, comments, ...)
+    dependencies: tuple[int, ...]  # dump ids of the entries this one needs
     offset_at: int  # position in the archive of the entry's data-offset field (flag byte, then the offset)
 
 
@@ -132,7 +135,7 @@ def parse_head(data: bytes | bytearray | memoryview) -> ArchiveHead:
         r.str()  # oid
         tag = r.str()
         desc = r.str() or ""
-        r.int()  # section
+        section = r.int()
         r.str()  # definition
         r.str()  # drop statement
         r.str()  # copy statement
@@ -144,15 +147,20 @@ def parse_head(data: bytes | bytearray | memoryview) -> ArchiveHead:
             r.int()  # relkind
         r.str()  # owner
         r.str()  # "false": with oids
-        while r.str() is not None:  # dependencies
-            pass
+        dependencies = []
+        while (dependency := r.str()) is not None:
+            dependencies.append(int(dependency) if dependency.isdigit() else 0)
         offset_at = r.pos
         r.byte()  # data offset flag
         r.take(offset_size)
-        entries[dump_id] = TocEntry(dump_id=dump_id, desc=desc, namespace=namespace, tag=tag, offset_at=offset_at)
+        entries[dump_id] = TocEntry(dump_id=dump_id, desc=desc, namespace=namespace, tag=tag, section=section,
+                                    dependencies=tuple(dependencies), offset_at=offset_at)
     return ArchiveHead(version=f"{vmaj}.{vmin}.{vrev}", int_size=r.int_size, offset_size=offset_size,
                        entries=entries, data_start=r.pos)
 
+
+# pg_dump's sections (pg_backup.h).
+SECTION_PRE_DATA, SECTION_DATA, SECTION_POST_DATA = 2, 3, 4
 
 # pg_restore's data-offset flags (pg_backup_archiver.h).
 _OFFSET_POS_SET = 2
@@ -201,7 +209,9 @@ class ArchiveDigest:
     Memory: the table of contents while it is incomplete, then one offset per data block.
     """
 
-    def __init__(self, *, hash_rows: bool = True) -> None:
+    def __init__(self, *, hash_rows: bool = True,
+                 on_block: Callable[[ArchiveHead, int, int, int], None] | None = None) -> None:
+        self._on_block = on_block  # (head, dump id, start, end) of each finished block, in archive positions
         self._head = bytearray()
         self._hash_rows = hash_rows
         self._scanner: Scanner | None = None
@@ -231,18 +241,26 @@ class ArchiveDigest:
         self._head = bytearray()
         self._take(self._blocks(rest))
 
-    def _blocks(self, data: bytes | bytearray | memoryview) -> list[tuple[int, int, int, bool, int]]:
+    @property
+    def head(self) -> ArchiveHead | None:
+        """The header and table of contents, once fed."""
+        return self._toc
+
+    def _blocks(self, data: bytes | bytearray | memoryview) -> list[tuple[int, int, int, bool, int, int]]:
         assert self._scanner is not None
         try:
             return self._scanner.feed(data)
         except ValueError as exc:  # the C scanner's own complaint about the data blocks
             raise ArchiveFormatError(str(exc)) from None
 
-    def _take(self, finished: list[tuple[int, int, int, bool, int]]) -> None:
-        for dump_id, rows, total, is_data, start in finished:
+    def _take(self, finished: list[tuple[int, int, int, bool, int, int]]) -> None:
+        for dump_id, rows, total, is_data, start, end in finished:
             self._starts[dump_id] = start
             if is_data:
                 self._results[dump_id] = (rows, total)
+            if self._on_block is not None:
+                assert self._toc is not None
+                self._on_block(self._toc, dump_id, self._toc.data_start + start, self._toc.data_start + end)
 
     def _complete(self) -> None:
         if self._scanner is None:

@@ -12,6 +12,7 @@ from psycopg import sql
 
 from blocks.errors import DumpFailed
 from blocks.postgres import PostgresConnection
+from tasks._dumpscan import Scanner
 from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError, UnsupportedArchive
 from tasks.archive import METHOD as ARCHIVE_METHOD
 from tasks.findings import pattern_literal
@@ -143,6 +144,46 @@ def digest_dump(pg: PostgresConnection, database: str, patterns: list[str] | Non
     if source.unsupported is not None:
         raise source.unsupported
     return digest.checksums()
+
+
+# The session ``pg_dump`` sets up (its setup_connection), for reading a table's COPY text with ``psql``
+# exactly as ``pg_dump --data-only`` writes it.
+_PG_DUMP_SESSION = "-c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c search_path= " \
+    "-c row_security=off"
+
+
+def copy_columns(conn: psycopg.Connection, schema: str, name: str) -> list[str]:
+    """The columns ``pg_dump`` lists in a table's COPY: not dropped, not generated, in order."""
+    rows = conn.execute(
+        "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s "
+        "AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum",
+        (schema, name)).fetchall()
+    return [row[0] for row in rows]
+
+
+def digest_copy(pg: PostgresConnection, database: str, statement: str) -> tuple[int, int]:
+    """(rows, sum of XXH64 per row) of the COPY text ``statement`` (a ``COPY (...) TO STDOUT``) writes, read
+    with ``psql`` in ``pg_dump``'s session settings and hashed by the same scanner as a dump's table data."""
+    scanner = Scanner(4)
+    scanner.feed(b"\x01\x00" + (1).to_bytes(4, "little"))  # a data block of dump id 1
+    env = {**pg.libpq_env(database), **CHECKSUM_ENV}
+    env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {_PG_DUMP_SESSION}".strip()
+    argv = [pg_tool("psql"), "--no-psqlrc", "--quiet", "--no-password", "--set=ON_ERROR_STOP=1", "--file=-"]
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    with spawn(argv, env=env, stdin=True) as child:
+        child.stdin.write(statement.encode() + b"\n")
+        child.stdin.close()
+        while count := child.stdout.readinto(view):  # type: ignore[attr-defined]
+            scanner.feed(b"\x00" + count.to_bytes(4, "little"))
+            scanner.feed(view[:count])
+        code = child.wait()
+    if code != 0:
+        raise DumpFailed(f"psql COPY of {pg.describe(database)} failed ({describe_exit(code)}): "
+                         f"{child.stderr_tail()}")
+    ((_dump_id, rows, total, _is_data, _start, _end),) = scanner.feed(b"\x00" + (0).to_bytes(4, "little"))
+    return rows, total
 
 
 def digest_database(pg: PostgresConnection, database: str, *, workers: int = 2) -> list[TableChecksum]:

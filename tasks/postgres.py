@@ -8,6 +8,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psycopg
 from prefect import task
@@ -38,10 +39,12 @@ from tasks.pg_checksums import (
     rows_only,
     user_relations,
 )
+from tasks.pg_load import DataLoaders
 from tasks.pg_readback import ReadBack
 from tasks.process import describe_exit, pg_tool, run, spawn, tool_version
 from tasks.progress import Progress
 from tasks.retry import retry_transient
+from tasks.staging import StagingProgress
 from tasks.stream import CHUNK, compress_into_store, open_decompressed_reader
 
 
@@ -201,6 +204,7 @@ def restore_database(
     staged_file: str | None = None,
     jobs: int = 1,
     properties: bool = True,
+    staging: StagingProgress | None = None,
 ) -> RestoredDatabase:
     """Create ``database`` (it must not exist) and restore the dump into it, then compare checksums.
 
@@ -208,8 +212,11 @@ def restore_database(
     source's owner, privileges, settings, connection limit and comment (their roles must exist: restore the
     globals first), and ``verify`` compares them too. From the store the dump streams into one
     ``pg_restore``; from a ``staged_file`` (see ``stage_part``, checksum already verified) ``pg_restore -j
-    jobs`` runs in parallel. On any failure the database this step created is dropped again; nothing else
-    is touched.
+    jobs`` runs in parallel. With ``staging`` (the part's download under way, see ``stage_part``) the data
+    loads while the download goes on (``tasks.pg_load``), then indexes and constraints load from the finished
+    file; if that download fails or starts over this raises StagingRestarted, for the caller to wait for the
+    download's result and call again with ``staged_file``. On any failure the database this step created is
+    dropped again; nothing else is touched.
     """
     log = run_logger()
     started = time.monotonic()
@@ -246,23 +253,29 @@ def restore_database(
     try:
         argv = [pg_tool("pg_restore"), "--exit-on-error", "--no-password",
                 f"--dbname={_conninfo_dbname(database)}"]
-        read_beside = (staged_file is not None and verify and jobs > 1
+        read_beside = (verify and jobs > 1
                        and any((t.checksum or "").startswith(f"{ARCHIVE_METHOD}:") for t in part.tables))
-        if staged_file is not None and read_beside:
-            # Schema first, so the tables are known; then data and indexes in parallel, each table read
-            # back as soon as its data is in, on the core the restore leaves idle.
-            _run_restore(pg, database, [*argv, "--section=pre-data", staged_file])
-            step("schema (pg_restore --section=pre-data)")
-            readback = ReadBack(pg, database, jobs, head=_toc_of(staged_file))
-            _run_restore(pg, database, [*argv, f"--jobs={jobs}", "--section=data", "--section=post-data",
-                                        "--verbose", staged_file], on_stderr=readback.loaded)
-            step(f"data and indexes (pg_restore -j{jobs}, tables read back beside)")
-        elif staged_file is not None:
-            _run_restore(pg, database, [*argv, f"--jobs={max(jobs, 1)}", staged_file])
-            step(f"pg_restore -j{max(jobs, 1)}")
+        head = staging.wait_for(lambda: staging.head) if staging is not None and jobs > 1 else None
+        if staging is not None and head is not None:
+            readback = _restore_following(part, pg, database, argv, staging, head, jobs, read_beside, step)
         else:
-            _restore_streamed(part, store, pg, database, argv)
-            step("pg_restore (streamed)")
+            if staging is not None:
+                staged_file = staging.wait_done().path
+            if staged_file is not None and read_beside:
+                # Schema first, so the tables are known; then data and indexes in parallel, each table read
+                # back as soon as its data is in, on the core the restore leaves idle.
+                _run_restore(pg, database, [*argv, "--section=pre-data", staged_file])
+                step("schema (pg_restore --section=pre-data)")
+                readback = ReadBack(pg, database, jobs, head=_toc_of(staged_file), expected=part.tables)
+                _run_restore(pg, database, [*argv, f"--jobs={jobs}", "--section=data", "--section=post-data",
+                                            "--verbose", staged_file], on_stderr=readback.loaded)
+                step(f"data and indexes (pg_restore -j{jobs}, tables read back beside)")
+            elif staged_file is not None:
+                _run_restore(pg, database, [*argv, f"--jobs={max(jobs, 1)}", staged_file])
+                step(f"pg_restore -j{max(jobs, 1)}")
+            else:
+                _restore_streamed(part, store, pg, database, argv)
+                step("pg_restore (streamed)")
         if properties and recorded is not None:
             with pg.connect(autocommit=True) as admin:
                 for statement in apply_statements(database, recorded):
@@ -299,6 +312,28 @@ def restore_database(
     return RestoredDatabase(database=database, tables=tables, seconds=seconds, steps=steps)
 
 
+def _restore_following(part: Part, pg: PostgresConnection, database: str, argv: list[str], staging: StagingProgress,
+                       head: ArchiveHead, jobs: int, read_beside: bool,
+                       step: Callable[[str], None]) -> ReadBack | None:
+    """Schema from the table of contents, data (and the constraints of tables loaded early) by loaders that
+    follow the download, then the rest (sequence values, indexes, other constraints, anything the loaders did
+    not take) by ``pg_restore -j`` from the finished file."""
+    _run_restore(pg, database, [*argv, "--section=pre-data"], stdin=staging.head_bytes)
+    step("schema (pg_restore --section=pre-data)")
+    readback = ReadBack(pg, database, jobs, head=head, expected=part.tables) if read_beside else None
+    loaded = set(DataLoaders(pg, database, argv, staging, head, staging.head_bytes, jobs, readback).run())
+    step(f"data, then each table's indexes and constraints ({jobs} loaders following the download"
+         + ("; tables read back beside)" if readback else ")"))
+    staged = staging.wait_done()
+    listing = Path(staged.path).with_name(Path(staged.path).name + ".rest.list")
+    listing.write_text("".join(f"{dump_id}\n" for dump_id in head.entries if dump_id not in loaded))
+    _run_restore(pg, database, [*argv, f"--jobs={jobs}", "--section=data", "--section=post-data", "--verbose",
+                                f"--use-list={listing}", staged.path],
+                 on_stderr=readback.loaded if readback is not None else None)
+    step(f"foreign keys and the rest (pg_restore -j{jobs}" + ("; tables read back beside)" if readback else ")"))
+    return readback
+
+
 def _toc_of(staged_file: str) -> ArchiveHead | None:
     try:
         return read_head(staged_file)
@@ -308,8 +343,14 @@ def _toc_of(staged_file: str) -> ArchiveHead | None:
 
 
 def _run_restore(pg: PostgresConnection, database: str, argv: list[str],
-                 on_stderr: Callable[[str], None] | None = None) -> None:
-    with spawn(argv, env=pg.libpq_env(database), stdout=False, on_stderr=on_stderr) as child:
+                 on_stderr: Callable[[str], None] | None = None, stdin: bytes | None = None) -> None:
+    with spawn(argv, env=pg.libpq_env(database), stdin=stdin is not None, stdout=False, on_stderr=on_stderr) as child:
+        if stdin is not None:
+            try:
+                child.stdin.write(stdin)
+                child.stdin.close()
+            except BrokenPipeError:
+                pass  # it stopped reading: its exit status says why
         code = child.wait()
     if code != 0:
         errors = [line for line in child.stderr_lines if ": error:" in line or "ERROR" in line]

@@ -14,10 +14,11 @@ from blocks.errors import (
     ConfigurationError,
     ObjectExists,
     RestoreFailed,
+    StagingCancelled,
     VerificationFailed,
 )
 
-PERMANENT = (BackupNotFound, ChecksumMismatch, ConfigurationError, ObjectExists, VerificationFailed)
+PERMANENT = (BackupNotFound, ChecksumMismatch, ConfigurationError, ObjectExists, StagingCancelled, VerificationFailed)
 
 
 def retry_transient(_task: Any, _task_run: Any, state: Any) -> bool:

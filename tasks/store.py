@@ -10,12 +10,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from blocks.backends import private_makedirs
-from blocks.errors import BackupNotFound, ChecksumMismatch, StoreError
+from blocks.errors import BackupNotFound, ChecksumMismatch, StagingCancelled, StoreError
 from blocks.store import BackupStore, StoreClient
 from tasks.archive import ArchiveDigest
 from tasks.log import run_logger
@@ -31,6 +32,7 @@ from tasks.manifest import (
     verification_key,
 )
 from tasks.retry import retry_transient
+from tasks.staging import StagingProgress
 from tasks.stream import CHUNK, open_decompressed_reader
 
 
@@ -127,8 +129,11 @@ def staging_path(staging_dir: str, key: str) -> Path:
 
 @task(retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE, retry_condition_fn=retry_transient,
       task_run_name="stage-{part.kind}-{part.name}")
-def stage_part(part: Part, store: BackupStore, staging_dir: str) -> StagedPart:
-    """Download one part, check size and sha256, and decompress it into ``staging_dir``.
+def stage_part(part: Part, store: BackupStore, staging_dir: str, cancel: threading.Event | None = None,
+               progress: StagingProgress | None = None) -> StagedPart:
+    """Download one part, check size and sha256, and decompress it into ``staging_dir``; setting ``cancel``
+    stops it (StagingCancelled) and removes what it wrote. ``progress`` is told how far it got, for a restore
+    that follows the download (``tasks.pg_load``).
 
     The checksum is known good before anything is restored; a mismatch removes the file and raises
     ChecksumMismatch, with every target untouched. A custom-format dump (written by ``pg_dump`` to a pipe,
@@ -140,59 +145,120 @@ def stage_part(part: Part, store: BackupStore, staging_dir: str) -> StagedPart:
     target = staging_path(staging_dir, part.key)
     client = store.get_client()
     private_makedirs(target.parent)
-    scan = _BesideScan() if part.kind == "postgres" and part.tool.startswith("pg_dump -Fc") else None
+    scan = part.kind == "postgres" and part.tool.startswith("pg_dump -Fc")
+    if progress is not None:
+        progress.begin(str(target))
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         os.fchmod(fd, 0o600)
         with open(fd, "wb") as out, open_decompressed_reader(client, part.key, sha256=part.sha256,
                                                              size=part.size) as src:
-            while chunk := src.read(CHUNK):
-                out.write(chunk)
-                if scan is not None:
-                    scan.feed(chunk)
-    except BaseException:
+            writer = _BesideWriter(out, scan=scan, progress=progress)
+            try:
+                while chunk := src.read(CHUNK):
+                    if cancel is not None and cancel.is_set():
+                        raise StagingCancelled(f"{part.key}: download stopped, the recovery no longer needs it")
+                    writer.put(chunk)
+            except BaseException:
+                writer.abandon()
+                raise
+            writer.close()
+    except BaseException as exc:
         target.unlink(missing_ok=True)
+        if progress is not None:
+            progress.end(None, exc)
         raise
-    finally:
-        found = scan.finish() if scan is not None else None
-    size = target.stat().st_size
-    if size != part.raw_size:
-        target.unlink(missing_ok=True)
-        raise ChecksumMismatch(f"{part.key}: decompressed to {size} bytes, manifest says {part.raw_size}")
-    offsets = _record_data_offsets(target, found, part.key) if found is not None else 0
+    found = writer.found
+    try:
+        size = target.stat().st_size
+        if size != part.raw_size:
+            target.unlink(missing_ok=True)
+            raise ChecksumMismatch(f"{part.key}: decompressed to {size} bytes, manifest says {part.raw_size}")
+        offsets = _record_data_offsets(target, found, part.key) if found is not None else 0
+    except BaseException as exc:
+        if progress is not None:
+            progress.end(None, exc)
+        raise
     seconds = round(time.monotonic() - started, 3)
     log.info("staged %s (%s, sha256 verified) in %.1f s", part.key, human_size(size), seconds)
-    return StagedPart(key=part.key, path=str(target), raw_size=size, seconds=seconds, data_offsets=offsets)
+    staged = StagedPart(key=part.key, path=str(target), raw_size=size, seconds=seconds, data_offsets=offsets)
+    if progress is not None:
+        progress.end(staged, None)
+    return staged
 
 
-class _BesideScan:
-    """The dump scanner in a thread of its own, following the archive's blocks while the download goes on
-    (the scanner releases the GIL, so it takes the core the download leaves idle)."""
+class _BesideWriter:
+    """Writes the decompressed part to its staged file, and with ``scan`` follows the archive's blocks, in a
+    thread of its own while the download and decompression go on (file writes and the scanner release the
+    GIL, so this takes the core the download leaves idle)."""
 
-    def __init__(self) -> None:
-        self.digest = ArchiveDigest(hash_rows=False)
-        self.error: Exception | None = None
+    def __init__(self, out: BinaryIO, *, scan: bool, progress: StagingProgress | None = None) -> None:
+        self.out = out
+        self.progress = progress
+        self.written = 0
+        self.head = bytearray()  # the first bytes, until the table of contents is known
+        on_block = (lambda _head, dump_id, start, end: progress.found_block(dump_id, start, end)) \
+            if progress is not None else None
+        self.digest = ArchiveDigest(hash_rows=False, on_block=on_block) if scan else None
+        self.scan_error: Exception | None = None
+        self.write_error: BaseException | None = None
         self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
-        self.thread = threading.Thread(target=self._work, name="stage-scan", daemon=True)
+        self.thread = threading.Thread(target=self._work, name="stage-write", daemon=True)
         self.thread.start()
 
-    def feed(self, chunk: bytes) -> None:
-        if self.error is None:
-            self.queue.put(chunk)
+    def put(self, chunk: bytes) -> None:
+        if self.write_error is not None:
+            raise self.write_error
+        self.queue.put(chunk)
 
     def _work(self) -> None:
         while (chunk := self.queue.get()) is not None:
-            if self.error is not None:
+            if self.write_error is not None:
                 continue  # drain: the feeder must never block on a full queue
             try:
-                self.digest.feed(chunk)
-            except Exception as exc:  # noqa: BLE001 - reported by finish(); the staging itself goes on
-                self.error = exc
+                self.out.write(chunk)
+                if self.progress is not None:
+                    self.out.flush()
+            except BaseException as exc:  # noqa: BLE001 - raised in the feeder's thread
+                self.write_error = exc
+                continue
+            self.written += len(chunk)
+            if self.progress is not None:
+                self.progress.wrote(self.written)
+            if self.digest is not None and self.scan_error is None:
+                try:
+                    self._scan(chunk)
+                except Exception as exc:  # noqa: BLE001 - reported by found; the staging itself goes on
+                    self.scan_error = exc
 
-    def finish(self) -> ArchiveDigest | Exception:
+    def _scan(self, chunk: bytes) -> None:
+        assert self.digest is not None
+        known = self.digest.head is not None
+        if not known and self.progress is not None:
+            self.head += chunk
+        self.digest.feed(chunk)
+        head = self.digest.head
+        if not known and head is not None and self.progress is not None:
+            self.progress.found_head(head, bytes(self.head[:head.data_start]))
+            self.head = bytearray()
+
+    def close(self) -> None:
+        """Wait for every chunk to be written; raises the write's error, if any."""
         self.queue.put(None)
         self.thread.join()
-        return self.error if self.error is not None else self.digest
+        if self.write_error is not None:
+            raise self.write_error
+
+    def abandon(self) -> None:
+        """Stop writing (the chunks still queued are dropped) and wait for the thread."""
+        self.write_error = self.write_error or OSError("staging abandoned")
+        self.queue.put(None)
+        self.thread.join()
+
+    @property
+    def found(self) -> ArchiveDigest | Exception | None:
+        """The blocks the scanner followed (or why it stopped); None without ``scan``."""
+        return self.scan_error if self.scan_error is not None else self.digest
 
 
 def _record_data_offsets(path: Path, found: ArchiveDigest | Exception, key: str) -> int:
