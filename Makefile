@@ -49,7 +49,7 @@ screenshots: install
 # Kubernetes cluster or Weaviate are deselected (the summary says so) and run with the two targets below.
 test: install
 	$(VENV)/bin/ruff check .
-	RUNBOOKS_NO_SKIP=1 $(PY) -m pytest -q -rs -x -p no:cacheprovider
+	RUNBOOKS_NO_SKIP=1 $(PY) -m pytest -q -rs -x -p no:cacheprovider --durations=25
 
 # The `kind` suite: the Kubernetes runbooks' scenarios against the disposable cluster $KUBECONFIG points at.
 test-kind: install
