@@ -111,15 +111,13 @@ def test_a_block_saved_after_serve_started_becomes_the_default(served: dict[str,
 
     block_id = AppEndpoint(base_url="http://app.internal:8080").save("app", overwrite=True)
 
-    def filled() -> bool:
+    def filled() -> bool:  # serve updates the deployments one after another
         with get_client(sync_client=True) as client:
-            params = client.read_deployment_by_name("rollback/rollback").parameters
-        return params.get("app") == {"$ref": {"block_document_id": str(block_id)}}
+            return all(client.read_deployment_by_name(name).parameters.get("app")
+                       == {"$ref": {"block_document_id": str(block_id)}}
+                       for name in ("rollback/rollback", "maintenance-window/maintenance-window"))
 
-    _wait("serve to make the new Block the rollback's default", filled, 30)
-    with get_client(sync_client=True) as client:
-        window = client.read_deployment_by_name("maintenance-window/maintenance-window").parameters
-    assert window["app"] == {"$ref": {"block_document_id": str(block_id)}}
+    _wait("serve to make the new Block the default of rollback and maintenance-window", filled, 30)
 
 
 def _validate(api: str, deployment: Any, values: dict[str, Any]) -> list[dict[str, Any]]:
