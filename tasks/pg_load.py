@@ -5,8 +5,9 @@ download (``tasks.staging.StagingProgress``) instead: each takes the next data b
 they are on disk, several small ones), starts ``pg_restore --section=data --use-list=<those blocks>`` and
 pipes it the archive's table of contents followed by just those blocks, as they arrive. A block is read
 once, from the page cache, by ``sendfile``. pg_restore finds the blocks one after another in a stream (its
-way with a pipe), so it needs no offsets. When a loader's pg_restore exits 0, its tables are committed:
-they are handed to the read-back at once, before any index or constraint locks them.
+way with a pipe), so it needs no offsets. When a loader's pg_restore exits 0, its tables are committed
+and handed to the read-back: a table is read at once, or, if a primary key or unique constraint is still to
+come, once a loader has made it.
 """
 
 from __future__ import annotations

@@ -53,10 +53,11 @@ class _Split:
 
 
 class ReadBack:
-    """Reads restored tables back with the backup's own scanner, in ``workers`` threads: while pg_restore
-    runs, one read at a time, plus one for each of pg_restore's ``workers`` jobs that is idle, as ``pg_restore
-    --verbose`` reports tables loaded (their COPY committed); once the restore has ended, every table not
-    read yet, ``workers`` at a time, biggest first.
+    """Reads restored tables back with the backup's own scanner, in ``workers`` threads: while the restore
+    runs, one read at a time, plus one for each of its ``workers`` jobs that is idle, as tables are reported
+    loaded (their COPY committed) by ``pg_restore --verbose`` or by the data loaders (``tasks.pg_load``:
+    ``finished``, ``loader_busy``); once the restore has ended, every table not read yet, ``workers`` at a
+    time, biggest first.
 
     With the archive's table of contents (``head``) the items pg_restore reports are known by dump id: a
     table is read beside only once the post-data items that lock it exclusively (a primary key, a unique
