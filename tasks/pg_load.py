@@ -73,7 +73,11 @@ class DataLoaders:
         self.lists = Path(progress.path).parent
 
     def run(self) -> list[int]:
-        fd = os.open(self.progress.path, os.O_RDONLY)
+        try:
+            fd = os.open(self.progress.path, os.O_RDONLY)
+        except FileNotFoundError:  # the download failed and removed its file: StagingRestarted says so
+            self.progress.wait_for(lambda: None, attempt=self.attempt)
+            raise
         try:
             threads = [threading.Thread(target=self._loader, args=(i, fd), daemon=True) for i in range(self.jobs)]
             for thread in threads:
