@@ -7,8 +7,6 @@ full-size file.
 from __future__ import annotations
 
 import hashlib
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -120,62 +118,6 @@ def compress_into_store(
     return result[0]
 
 
-class _ReadAhead:
-    """Reads ``raw`` in a thread of its own, up to ``depth`` chunks ahead of the consumer, so fetching the
-    next bytes (from S3, say) overlaps with hashing and decompressing the last ones."""
-
-    def __init__(self, raw: BinaryIO, depth: int = 8) -> None:
-        self.raw = raw
-        self.queue: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=depth)
-        self.stop = threading.Event()
-        self.buffer, self.pos, self.eof = b"", 0, False
-        self.thread = threading.Thread(target=self._work, name="store-read-ahead", daemon=True)
-        self.thread.start()
-
-    def _work(self) -> None:
-        try:
-            while not self.stop.is_set():
-                data = self.raw.read(CHUNK)
-                self._put(data)
-                if not data:
-                    return
-        except BaseException as exc:  # noqa: BLE001 - raised in the consumer's thread
-            self._put(exc)
-
-    def _put(self, item: bytes | BaseException) -> None:
-        while not self.stop.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def read(self, size: int = -1) -> bytes:
-        if size < 0:
-            return b"".join(iter(lambda: self.read(CHUNK), b""))
-        if self.pos >= len(self.buffer):
-            if self.eof:
-                return b""
-            item = self.queue.get()
-            if isinstance(item, BaseException):
-                self.eof = True
-                raise item
-            if not item:
-                self.eof = True
-                return b""
-            self.buffer, self.pos = item, 0
-        data = self.buffer[self.pos:self.pos + size]
-        self.pos += len(data)
-        return data
-
-    def __enter__(self) -> _ReadAhead:
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-
-
 class _VerifyingReader:
     """Reads stored bytes, hashing them; ``finish`` drains the rest and compares with the manifest."""
 
@@ -218,8 +160,8 @@ def open_decompressed_reader(
 
     Callers that must not change anything before the check use ``verify_object`` first.
     """
-    with store.open_read(key) as raw, _ReadAhead(raw) as ahead:
-        checked = _VerifyingReader(ahead, key, sha256, size)
+    with store.open_read(key) as raw:
+        checked = _VerifyingReader(raw, key, sha256, size)
         reader = zstandard.ZstdDecompressor().stream_reader(checked, read_size=CHUNK, closefd=False)
         try:
             yield reader  # type: ignore[misc]
