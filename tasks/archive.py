@@ -209,9 +209,10 @@ class ArchiveDigest:
     Memory: the table of contents while it is incomplete, then one offset per data block.
     """
 
-    def __init__(self, *, hash_rows: bool = True,
-                 on_block: Callable[[ArchiveHead, int, int, int], None] | None = None) -> None:
-        self._on_block = on_block  # (head, dump id, start, end) of each finished block, in archive positions
+    def __init__(self, *, hash_rows: bool = True, on_head: Callable[[ArchiveHead, bytes], None] | None = None,
+                 on_block: Callable[[int, int, int], None] | None = None) -> None:
+        self._on_head = on_head  # (table of contents, the archive's bytes up to the first data block), once
+        self._on_block = on_block  # (dump id, start, end) of each finished block, in archive positions
         self._head = bytearray()
         self._hash_rows = hash_rows
         self._scanner: Scanner | None = None
@@ -237,14 +238,11 @@ class ArchiveDigest:
             return
         self._entries = self._toc.entries
         self._scanner = Scanner(self._toc.int_size, hash_rows=self._hash_rows)
+        if self._on_head is not None:
+            self._on_head(self._toc, bytes(self._head[:self._toc.data_start]))
         rest = bytes(self._head[self._toc.data_start:])
         self._head = bytearray()
         self._take(self._blocks(rest))
-
-    @property
-    def head(self) -> ArchiveHead | None:
-        """The header and table of contents, once fed."""
-        return self._toc
 
     def _blocks(self, data: bytes | bytearray | memoryview) -> list[tuple[int, int, int, bool, int, int]]:
         assert self._scanner is not None
@@ -260,7 +258,7 @@ class ArchiveDigest:
                 self._results[dump_id] = (rows, total)
             if self._on_block is not None:
                 assert self._toc is not None
-                self._on_block(self._toc, dump_id, self._toc.data_start + start, self._toc.data_start + end)
+                self._on_block(dump_id, self._toc.data_start + start, self._toc.data_start + end)
 
     def _complete(self) -> None:
         if self._scanner is None:

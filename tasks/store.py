@@ -196,10 +196,8 @@ class _BesideWriter:
         self.out = out
         self.progress = progress
         self.written = 0
-        self.head = bytearray()  # the first bytes, until the table of contents is known
-        on_block = (lambda _head, dump_id, start, end: progress.found_block(dump_id, start, end)) \
-            if progress is not None else None
-        self.digest = ArchiveDigest(hash_rows=False, on_block=on_block) if scan else None
+        self.digest = ArchiveDigest(hash_rows=False, on_head=progress.found_head if progress else None,
+                                    on_block=progress.found_block if progress else None) if scan else None
         self.scan_error: Exception | None = None
         self.write_error: BaseException | None = None
         self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
@@ -227,20 +225,9 @@ class _BesideWriter:
                 self.progress.wrote(self.written)
             if self.digest is not None and self.scan_error is None:
                 try:
-                    self._scan(chunk)
+                    self.digest.feed(chunk)
                 except Exception as exc:  # noqa: BLE001 - reported by found; the staging itself goes on
                     self.scan_error = exc
-
-    def _scan(self, chunk: bytes) -> None:
-        assert self.digest is not None
-        known = self.digest.head is not None
-        if not known and self.progress is not None:
-            self.head += chunk
-        self.digest.feed(chunk)
-        head = self.digest.head
-        if not known and head is not None and self.progress is not None:
-            self.progress.found_head(head, bytes(self.head[:head.data_start]))
-            self.head = bytearray()
 
     def close(self) -> None:
         """Wait for every chunk to be written; raises the write's error, if any."""
