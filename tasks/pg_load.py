@@ -27,6 +27,13 @@ from tasks.staging import Block, StagingProgress, StagingRestarted
 _GROUP_BYTES = 64 * 1024 * 1024  # blocks already on disk are loaded several to one pg_restore, up to this size
 
 
+def pg_restore_failed(what: str, child: Child, code: int) -> RestoreFailed:
+    """The error for a pg_restore that exited ``code``: its last error lines, else the end of its stderr."""
+    errors = [line for line in child.stderr_lines if ": error:" in line or "ERROR" in line]
+    detail = "\n".join(errors[-10:]) if errors else child.stderr_tail()
+    return RestoreFailed(f"{what} failed ({describe_exit(code)}): {detail[-2000:]}")
+
+
 def table_items(head: ArchiveHead) -> dict[int, list[int]]:
     """TABLE DATA dump id -> the post-data items that need that table alone: its indexes, and its constraints
     other than foreign keys (primary key, unique, exclusion), constraints first, in archive order."""
@@ -229,10 +236,8 @@ class DataLoaders:
         if self.error is not None:
             raise self.error
         if code != 0:
-            errors = [line for line in child.stderr_lines if ": error:" in line or "ERROR" in line]
-            detail = "\n".join(errors[-10:]) if errors else child.stderr_tail()
-            raise RestoreFailed(f"pg_restore of archive items {ids} into {self.pg.describe(self.database)} "
-                                f"failed ({describe_exit(code)}): {detail[-2000:]}")
+            raise pg_restore_failed(f"pg_restore of archive items {ids} into {self.pg.describe(self.database)}",
+                                    child, code)
 
     def _feed(self, child: Child, fd: int, claimed: list[Block]) -> None:
         """The table of contents, then the claimed blocks' bytes as they reach the file."""

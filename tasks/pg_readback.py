@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
@@ -46,10 +46,10 @@ class _Split:
     """A table read as several block ranges at once; the sum of their digests is the table's."""
 
     table: Table
+    parts: int
     left: int
     rows: int = 0
     total: int = 0
-    statements: list[str] = field(default_factory=list)
 
 
 class ReadBack:
@@ -88,10 +88,9 @@ class ReadBack:
         with pg.connect(database) as conn:
             relations = user_relations(conn)
             self.block_size = int(conn.execute("SELECT current_setting('block_size')::int").fetchone()[0])  # type: ignore[index]
-            ranges = conn.info.server_version >= 140000 and self.workers > 1
+            self.ranges = conn.info.server_version >= 140000 and self.workers > 1
         self.tables = {(schema, name): size for schema, name, kind, size in relations if kind == "r"}
         self.sequences = [rel for rel in relations if rel[2] == "S"]
-        self.splittable = {t for t in self.tables if t in self.expected} if ranges else set()
         counts = Counter(name for _schema, name in self.tables)
         self.by_name = {name: (schema, name) for schema, name in self.tables if counts[name] == 1}
         self.pending: list[_Item] = []
@@ -183,7 +182,11 @@ class ReadBack:
     def _batchable(self, item: _Item) -> bool:
         """A whole table small enough to share a pg_dump with others (not one to be read in block ranges)."""
         table = item.tables[0]
-        return item.split is None and not (table in self.splittable and self.tables[table] >= self._SPLIT_BYTES)
+        return item.split is None and not (self._splittable(table) and self.tables[table] >= self._SPLIT_BYTES)
+
+    def _splittable(self, table: Table) -> bool:
+        """Block ranges are possible here, and the manifest's checksum is there to check their sum."""
+        return self.ranges and table in self.expected
 
     def _work(self) -> None:
         conn: psycopg.Connection | None = None
@@ -193,7 +196,7 @@ class ReadBack:
                     item = self._next_item()
                 if item is None:
                     return
-                if item.split is None and len(item.tables) == 1 and item.tables[0] in self.splittable:
+                if item.split is None and len(item.tables) == 1 and self._splittable(item.tables[0]):
                     conn = conn or self.pg.connect(self.database, autocommit=True)
                     item = self._split(conn, item.tables[0]) or item
                 found = self._read(item)
@@ -229,7 +232,7 @@ class ReadBack:
             high = (sql.SQL(" AND ctid < {}::tid").format(sql.Literal(f"({bounds[i + 1]},0)"))
                     if i < self.workers - 1 else sql.SQL(""))
             statements.append((head + sql.SQL(" WHERE ") + low + high + sql.SQL(") TO STDOUT")).as_string(conn))
-        split = _Split(table, left=len(statements), statements=statements)
+        split = _Split(table, parts=len(statements), left=len(statements))
         with self.cond:
             self.pending[:0] = [_Item([table], statement=s, split=split) for s in statements[1:]]
             self.cond.notify_all()
@@ -253,7 +256,7 @@ class ReadBack:
         if (found.rows, found.checksum) == (want.rows, want.checksum):
             return [found]
         run_logger().warning("%s.%s read back in %d block ranges differs from the backup; reading it again with "
-                             "pg_dump", schema, name, len(split.statements))
+                             "pg_dump", schema, name, split.parts)
         return digest_dump(self.pg, self.database, [table_pattern(schema, name)])
 
     def abandon(self) -> None:

@@ -39,7 +39,7 @@ from tasks.pg_checksums import (
     rows_only,
     user_relations,
 )
-from tasks.pg_load import DataLoaders
+from tasks.pg_load import DataLoaders, pg_restore_failed
 from tasks.pg_readback import ReadBack
 from tasks.process import describe_exit, pg_tool, run, spawn, tool_version
 from tasks.progress import Progress
@@ -353,9 +353,7 @@ def _run_restore(pg: PostgresConnection, database: str, argv: list[str],
                 pass  # it stopped reading: its exit status says why
         code = child.wait()
     if code != 0:
-        errors = [line for line in child.stderr_lines if ": error:" in line or "ERROR" in line]
-        detail = "\n".join(errors[-10:]) if errors else child.stderr_tail()
-        raise RestoreFailed(f"pg_restore into {pg.describe(database)} failed ({describe_exit(code)}): {detail[-2000:]}")
+        raise pg_restore_failed(f"pg_restore into {pg.describe(database)}", child, code)
 
 
 def _restore_streamed(part: Part, store: BackupStore, pg: PostgresConnection, database: str, argv: list[str]) -> None:
