@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,40 +156,54 @@ def _custom_run(page: Any) -> None:
 RUN_PAGE = re.compile(r".*/runs/flow-run/([0-9a-f-]+).*")
 
 
-def _submit_run(page: Any) -> None:
-    """Submit the run form and open the created run.
+def _until_not_refused(page: Any, endpoint: Callable[[str], bool], act: Callable[[int], None],
+                       done: Callable[[], bool], what: str, poll_ms: int) -> None:
+    """``act(attempt)`` (which ends with a click), then ``done()`` polled until it holds.
 
     The sandbox's Prefect server runs on SQLite, which answers 503 when a write finds the database busy
-    (docs/operations.md; a Prefect server on PostgreSQL is the production setting): the form then stays
-    open with an error, and is submitted again (five times at most, 5 s apart)."""
+    (docs/operations.md; a Prefect server on PostgreSQL is the production setting). A 5xx answer to a request
+    whose URL ``endpoint`` accepts means the click was refused: ``act`` again, five times at most, 5 s apart."""
     refused: list[int] = []
 
     def listener(response: Any) -> None:
-        if "/create_flow_run" in response.url and response.status >= 500:
+        if endpoint(response.url) and response.status >= 500:
             refused.append(response.status)
 
-    for _attempt in range(5):
+    for attempt in range(5):
         refused.clear()
         page.on("response", listener)
-        page.get_by_role("button", name="Submit", exact=True).click()
-        deadline = time.monotonic() + 60
         try:
+            act(attempt)
+            deadline = time.monotonic() + 60
             while time.monotonic() < deadline and not refused:
-                if RUN_PAGE.match(page.url):
+                if done():
                     return
-                view = page.get_by_role("button", name="View run").or_(page.get_by_role("link", name="View run"))
-                if view.count():
-                    view.first.click()
-                    page.wait_for_url(RUN_PAGE)
-                    return
-                page.wait_for_timeout(250)
+                page.wait_for_timeout(poll_ms)
         finally:
             page.remove_listener("response", listener)
         if not refused:
-            raise AssertionError("submitting the run form neither opened a run nor failed within 60 s")
-        print(f"create_flow_run answered {refused}: submitting again")
+            raise AssertionError(f"{what} neither went through nor was refused within 60 s")
+        print(f"{what}: the server answered {refused}; trying again")
         page.wait_for_timeout(5000)
-    raise AssertionError("the server refused to create the run five times")
+    raise AssertionError(f"the server refused {what} five times: {refused}")
+
+
+def _submit_run(page: Any) -> None:
+    """Submit the run form and open the created run (submitted again if the server refuses to create it)."""
+
+    def opened() -> bool:
+        if RUN_PAGE.match(page.url):
+            return True
+        view = page.get_by_role("button", name="View run").or_(page.get_by_role("link", name="View run"))
+        if view.count():
+            view.first.click()
+            page.wait_for_url(RUN_PAGE)
+            return True
+        return False
+
+    _until_not_refused(page, lambda url: "/create_flow_run" in url,
+                       lambda _attempt: page.get_by_role("button", name="Submit", exact=True).click(),
+                       opened, "submitting the run form", poll_ms=250)
 
 
 def _field(page: Any, title: str) -> Any:
@@ -210,17 +224,14 @@ def _pick_block(page: Any, title: str, block_type: str, name: str) -> None:
 def _resume_with_reject(page: Any, sandbox: Sandbox, shots: Path) -> None:
     """Choose reject in the open approval dialog and submit it.
 
-    A resume refused with 503 by the sandbox's SQLite-backed server (see :func:`_submit_run`) leaves the run
-    Paused: the dialog is then opened again from the run's menu and submitted again (five times at most)."""
+    A resume refused by the sandbox's SQLite-backed server (see :func:`_until_not_refused`) leaves the run
+    Paused: the dialog is then opened again from the run's menu and submitted again."""
     run_id = RUN_PAGE.match(page.url).group(1)  # type: ignore[union-attr]
-    refused: list[int] = []
+    dialog = page.get_by_role("dialog")
 
-    def listener(response: Any) -> None:
-        if response.url.endswith("/resume") and response.status >= 500:
-            refused.append(response.status)
-
-    for attempt in range(5):
-        dialog = page.get_by_role("dialog")
+    def reject(attempt: int) -> None:
+        if attempt:
+            page.keyboard.press("Escape")  # the dialog, if the failed answer left it open
         if not dialog.is_visible():
             page.get_by_role("button", name="Open menu").first.click()
             page.get_by_role("menuitem", name="Resume").click()
@@ -229,22 +240,10 @@ def _resume_with_reject(page: Any, sandbox: Sandbox, shots: Path) -> None:
         page.get_by_role("option", name="reject", exact=True).click()
         if attempt == 0:
             _snap(page, shots, "09-disaster-recovery-reject")
-        refused.clear()
-        page.on("response", listener)
-        try:
-            dialog.get_by_role("button", name="Resume", exact=True).click()
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not refused:
-                if _run_state(sandbox, run_id) != "Paused":
-                    return
-                page.wait_for_timeout(500)
-        finally:
-            page.remove_listener("response", listener)
-        if not refused:
-            raise AssertionError("the rejection neither left the run Paused nor was refused within 60 s")
-        page.keyboard.press("Escape")  # the dialog, if the failed answer left it open
-        page.wait_for_timeout(5000)
-    raise AssertionError(f"the server refused the rejection five times: {refused}")
+        dialog.get_by_role("button", name="Resume", exact=True).click()
+
+    _until_not_refused(page, lambda url: url.endswith("/resume"), reject,
+                       lambda: _run_state(sandbox, run_id) != "Paused", "the rejection", poll_ms=500)
 
 
 def _run_state(sandbox: Sandbox, run_id: str) -> str:
