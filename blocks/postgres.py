@@ -96,25 +96,32 @@ class PostgresConnection(Block):
     def connect(self, database: str | None = None, **kwargs: Any) -> psycopg.Connection:
         """Open a psycopg connection; a failure names host and database, never the password."""
         db = database if database is not None else self.database
-        params: dict[str, Any] = {
+        params: dict[str, Any] = {**self.libpq_params(db), **kwargs}
+        try:
+            return psycopg.connect(**params)
+        except psycopg.OperationalError as exc:
+            raise self.connection_failed(db, str(exc)) from None
+
+    def connection_failed(self, database: str, message: str) -> ConnectionFailed:
+        """The error for a failed connection to ``database``: libpq's ``message``, the password redacted."""
+        reason = _redact(message.strip(), self.password)
+        return ConnectionFailed(f"cannot connect to PostgreSQL {self.describe(database)}: {reason}{_tls_hint(reason)}")
+
+    def libpq_params(self, database: str | None = None) -> dict[str, str]:
+        """libpq connection keywords (the password among them), for a connection made in this process."""
+        params = {
             "host": self.host,
-            "port": self.port,
+            "port": str(self.port),
             "user": self.user,
-            "dbname": db,
+            "dbname": database if database is not None else self.database,
             "sslmode": self.effective_sslmode,
-            "connect_timeout": 10,
+            "connect_timeout": "10",
             "application_name": "runbooks",
             **self.tls_files(),
         }
         if self.password is not None:
             params["password"] = self.password.get_secret_value()
-        params.update(kwargs)
-        try:
-            return psycopg.connect(**params)
-        except psycopg.OperationalError as exc:
-            reason = _redact(str(exc).strip(), self.password)
-            raise ConnectionFailed(f"cannot connect to PostgreSQL {self.describe(db)}: {reason}"
-                                   f"{_tls_hint(reason)}") from None
+        return params
 
     def libpq_env(self, database: str | None = None) -> dict[str, str]:
         """Environment for libpq command-line tools: the password goes here, never into argv."""

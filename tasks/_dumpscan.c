@@ -19,6 +19,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <dlfcn.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -340,6 +341,125 @@ static PyObject *py_xxh64(PyObject *module, PyObject *arg)
     return PyLong_FromUnsignedLongLong(h);
 }
 
+/* --- COPY TO STDOUT read straight from libpq --------------------------------------------------------- */
+
+/* The few libpq calls used, looked up at run time in the libpq the PostgreSQL client tools use (no
+ * headers or link step needed to build this module). Their ABI is libpq's stable public one. */
+typedef struct pg_conn PGconn;
+typedef struct pg_result PGresult;
+static struct {
+    int loaded;
+    PGconn *(*connectdbParams)(const char *const *keywords, const char *const *values, int expand_dbname);
+    int (*status)(const PGconn *conn);
+    char *(*errorMessage)(const PGconn *conn);
+    PGresult *(*exec)(PGconn *conn, const char *query);
+    int (*resultStatus)(const PGresult *res);
+    char *(*resultErrorMessage)(const PGresult *res);
+    int (*getCopyData)(PGconn *conn, char **buffer, int async);
+    PGresult *(*getResult)(PGconn *conn);
+    void (*freemem)(void *ptr);
+    void (*clear)(PGresult *res);
+    void (*finish)(PGconn *conn);
+} pq;
+
+enum { PQ_CONNECTION_OK = 0, PQ_PGRES_COMMAND_OK = 1, PQ_PGRES_COPY_OUT = 3 };
+
+static int load_libpq(const char *path)
+{
+    if (pq.loaded) return 0;
+    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!h) return -1;
+#define PQ_SYM(field, name) if (!(*(void **)&pq.field = dlsym(h, name))) return -1;
+    PQ_SYM(connectdbParams, "PQconnectdbParams") PQ_SYM(status, "PQstatus") PQ_SYM(errorMessage, "PQerrorMessage")
+    PQ_SYM(exec, "PQexec") PQ_SYM(resultStatus, "PQresultStatus") PQ_SYM(resultErrorMessage, "PQresultErrorMessage")
+    PQ_SYM(getCopyData, "PQgetCopyData") PQ_SYM(getResult, "PQgetResult") PQ_SYM(freemem, "PQfreemem")
+    PQ_SYM(clear, "PQclear") PQ_SYM(finish, "PQfinish")
+#undef PQ_SYM
+    pq.loaded = 1;
+    return 0;
+}
+
+static PyObject *ConnectError, *CopyError;
+
+/* copy_digest(libpq, keywords, values, statement) -> (rows, sum): connects with the given libpq keywords
+ * (the password among them, never in an environment or argv), runs one COPY ... TO STDOUT and hashes
+ * every row as the scanner hashes a table's data block. The GIL is released throughout. Raises OSError
+ * when libpq cannot be loaded, ConnectError or CopyError with libpq's message otherwise. */
+static PyObject *py_copy_digest(PyObject *module, PyObject *args)
+{
+    const char *libpath, *statement;
+    PyObject *kw_list, *val_list;
+    if (!PyArg_ParseTuple(args, "sO!O!s", &libpath, &PyList_Type, &kw_list, &PyList_Type, &val_list, &statement))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(kw_list);
+    if (PyList_GET_SIZE(val_list) != n) { PyErr_SetString(PyExc_ValueError, "keywords and values differ in length"); return NULL; }
+    if (load_libpq(libpath) < 0) {
+        const char *why = dlerror();
+        PyErr_Format(PyExc_OSError, "cannot load %s: %s", libpath, why ? why : "a libpq function is missing");
+        return NULL;
+    }
+    const char **keywords = PyMem_Calloc((size_t)n + 1, sizeof(char *));
+    const char **values = PyMem_Calloc((size_t)n + 1, sizeof(char *));
+    if (!keywords || !values) { PyMem_Free(keywords); PyMem_Free(values); return PyErr_NoMemory(); }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        keywords[i] = PyUnicode_AsUTF8(PyList_GET_ITEM(kw_list, i));
+        values[i] = PyUnicode_AsUTF8(PyList_GET_ITEM(val_list, i));
+        if (!keywords[i] || !values[i]) { PyMem_Free(keywords); PyMem_Free(values); return NULL; }
+    }
+    Scanner s;
+    memset(&s, 0, sizeof s);
+    char message[1024];
+    message[0] = 0;
+    PyObject *error_type = NULL;
+    Py_BEGIN_ALLOW_THREADS
+    PGconn *conn = pq.connectdbParams(keywords, values, 0);
+    if (!conn || pq.status(conn) != PQ_CONNECTION_OK) {
+        snprintf(message, sizeof message, "%s", conn ? pq.errorMessage(conn) : "out of memory");
+        error_type = ConnectError;
+    } else {
+        PGresult *res = pq.exec(conn, statement);
+        if (pq.resultStatus(res) != PQ_PGRES_COPY_OUT) {
+            snprintf(message, sizeof message, "%s", pq.resultErrorMessage(res));
+            error_type = CopyError;
+        }
+        pq.clear(res);
+        if (!error_type) {
+            char *buffer;
+            int len;
+            while ((len = pq.getCopyData(conn, &buffer, 0)) > 0) {
+                scan_rows(&s, (const uint8_t *)buffer, (size_t)len);
+                pq.freemem(buffer);
+            }
+            if (len == -2) {
+                snprintf(message, sizeof message, "%s", pq.errorMessage(conn));
+                error_type = CopyError;
+            }
+            while ((res = pq.getResult(conn)) != NULL) {
+                if (!error_type && pq.resultStatus(res) != PQ_PGRES_COMMAND_OK) {
+                    snprintf(message, sizeof message, "%s", pq.resultErrorMessage(res));
+                    error_type = CopyError;
+                }
+                pq.clear(res);
+            }
+            if (!error_type && s.line_len != 0) {
+                snprintf(message, sizeof message, "the COPY output ended inside a row");
+                error_type = CopyError;
+            }
+        }
+    }
+    if (conn) pq.finish(conn);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(keywords);
+    PyMem_Free(values);
+    if (error_type) {
+        size_t len = strlen(message);
+        while (len && (message[len - 1] == '\n' || message[len - 1] == ' ')) message[--len] = 0;
+        PyErr_SetString(error_type, message);
+        return NULL;
+    }
+    return Py_BuildValue("(KK)", (unsigned long long)s.rows, (unsigned long long)s.sum);
+}
+
 static PyMethodDef Scanner_methods[] = {
     {"feed", (PyCFunction)Scanner_feed, METH_O,
      "feed(data) -> [(dump_id, rows, sum, is_table_data, start offset, end offset)] for the blocks that ended in data"},
@@ -366,6 +486,8 @@ static PyTypeObject ScannerType = {
 
 static PyMethodDef module_methods[] = {
     {"xxh64", py_xxh64, METH_O, "xxh64(data) -> XXH64 of data with seed 0"},
+    {"copy_digest", py_copy_digest, METH_VARARGS,
+     "copy_digest(libpq, keywords, values, statement) -> (rows, sum of XXH64 per row) of a COPY ... TO STDOUT"},
     {NULL}
 };
 
@@ -376,6 +498,11 @@ PyMODINIT_FUNC PyInit__dumpscan(void)
     if (PyType_Ready(&ScannerType) < 0) return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (!m) return NULL;
+    ConnectError = PyErr_NewException("tasks._dumpscan.ConnectError", NULL, NULL);
+    CopyError = PyErr_NewException("tasks._dumpscan.CopyError", NULL, NULL);
+    if (!ConnectError || !CopyError || PyModule_AddObject(m, "ConnectError", ConnectError) < 0
+        || PyModule_AddObject(m, "CopyError", CopyError) < 0) { Py_DECREF(m); return NULL; }
+    Py_INCREF(ConnectError); Py_INCREF(CopyError);
     Py_INCREF(&ScannerType);
     if (PyModule_AddObject(m, "Scanner", (PyObject *)&ScannerType) < 0) { Py_DECREF(&ScannerType); Py_DECREF(m); return NULL; }
     return m;

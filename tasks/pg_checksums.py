@@ -4,6 +4,8 @@ or by reading a data-only ``pg_dump`` through the archive scanner (``xxh64sum:``
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 from collections.abc import Callable
 
@@ -12,7 +14,7 @@ from psycopg import sql
 
 from blocks.errors import DumpFailed
 from blocks.postgres import PostgresConnection
-from tasks._dumpscan import Scanner
+from tasks._dumpscan import ConnectError, CopyError, Scanner, copy_digest
 from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError, UnsupportedArchive
 from tasks.archive import METHOD as ARCHIVE_METHOD
 from tasks.findings import pattern_literal
@@ -163,12 +165,22 @@ def copy_columns(conn: psycopg.Connection, schema: str, name: str) -> list[str]:
 
 
 def digest_copy(pg: PostgresConnection, database: str, statement: str) -> tuple[int, int]:
-    """(rows, sum of XXH64 per row) of the COPY text ``statement`` (a ``COPY (...) TO STDOUT``) writes, read
-    with ``psql`` in ``pg_dump``'s session settings and hashed by the same scanner as a dump's table data."""
+    """(rows, sum of XXH64 per row) of the COPY text ``statement`` (a ``COPY (...) TO STDOUT``) writes, read in
+    ``pg_dump``'s session settings and hashed as the scanner hashes a dump's table data: by libpq in this
+    process (``copy_digest``, no pipe, GIL released), or by ``psql`` where no libpq can be loaded here."""
+    options = f"{CHECKSUM_ENV['PGOPTIONS']} {_PG_DUMP_SESSION}"
+    libpq = _libpq()
+    if libpq is not None:
+        params = {**pg.libpq_params(database), "options": f"{options} -c TimeZone={CHECKSUM_ENV['PGTZ']}"}
+        try:
+            return copy_digest(libpq, list(params), list(params.values()), statement)
+        except ConnectError as exc:
+            raise pg.connection_failed(database, str(exc)) from None
+        except CopyError as exc:
+            raise DumpFailed(f"COPY of {pg.describe(database)} failed: {str(exc)[-2000:]}") from None
     scanner = Scanner(4)
     scanner.feed(b"\x01\x00" + (1).to_bytes(4, "little"))  # a data block of dump id 1
-    env = {**pg.libpq_env(database), **CHECKSUM_ENV}
-    env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} {_PG_DUMP_SESSION}".strip()
+    env = {**pg.libpq_env(database), **CHECKSUM_ENV, "PGOPTIONS": options}
     argv = [pg_tool("psql"), "--no-psqlrc", "--quiet", "--no-password", "--set=ON_ERROR_STOP=1", "--file=-"]
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
@@ -184,6 +196,28 @@ def digest_copy(pg: PostgresConnection, database: str, statement: str) -> tuple[
                          f"{child.stderr_tail()}")
     ((_dump_id, rows, total, _is_data, _start, _end),) = scanner.feed(b"\x00" + (0).to_bytes(4, "little"))
     return rows, total
+
+
+_LIBPQ: list[str | None] = []
+
+
+def _libpq() -> str | None:
+    """The libpq that ``copy_digest`` can load (the one the client tools use), or None; looked up once."""
+    if not _LIBPQ:
+        found = None
+        for name in dict.fromkeys([ctypes.util.find_library("pq"), "libpq.so.5"]):
+            if name is None:
+                continue
+            try:
+                ctypes.CDLL(name)
+            except OSError:
+                continue
+            found = name
+            break
+        if found is None:
+            run_logger().warning("no libpq could be loaded in this process; table ranges are read with psql")
+        _LIBPQ.append(found)
+    return _LIBPQ[0]
 
 
 def digest_database(pg: PostgresConnection, database: str, *, workers: int = 2) -> list[TableChecksum]:
