@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
+import tasks.pg_checksums
 import tasks.pg_load
 import tasks.pg_readback
 from blocks.backends import LocalStore
-from blocks.errors import RestoreFailed
+from blocks.errors import ConnectionFailed, DumpFailed, RestoreFailed
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
 from tasks.archive import read_head
@@ -304,3 +306,23 @@ def test_a_loader_that_fails_stops_the_others_and_leaves_no_database(
     assert len(calls) >= 2
     with target.connect() as conn:
         assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = 'followed_bad'").fetchone()[0] == 0
+
+
+def test_a_range_is_read_by_libpq_in_process_as_psql_reads_it_and_failures_say_why(
+    source: PostgresConnection, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    statement = (f'COPY (SELECT id, note, doc, raw, at, n FROM ONLY "{SCHEMA.replace(chr(34), 2 * chr(34))}".'
+                 "\"big.table\" WHERE ctid >= '(10,0)'::tid) TO STDOUT")
+    assert tasks.pg_checksums._libpq() is not None  # this machine's client tools come with a libpq
+    in_process = tasks.pg_checksums.digest_copy(source, source.database, statement)
+    monkeypatch.setattr(tasks.pg_checksums, "_LIBPQ", [None])  # as where no libpq can be loaded: psql reads
+    assert tasks.pg_checksums.digest_copy(source, source.database, statement) == in_process
+    assert 100000 < in_process[0] < 120000
+    monkeypatch.undo()
+
+    with pytest.raises(DumpFailed, match='COPY of .* failed: ERROR: +relation "nowhere" does not exist'):
+        tasks.pg_checksums.digest_copy(source, source.database, "COPY (SELECT * FROM nowhere) TO STDOUT")
+    wrong = source.model_copy(update={"password": SecretStr("not-the-password-8c1f")})
+    with pytest.raises(ConnectionFailed, match="cannot connect to PostgreSQL .*password authentication failed") as err:
+        tasks.pg_checksums.digest_copy(wrong, source.database, statement)
+    assert "not-the-password-8c1f" not in str(err.value)
