@@ -56,6 +56,8 @@ class TocEntry:
     section: int  # SECTION_PRE_DATA, SECTION_DATA, SECTION_POST_DATA, or 1 (none: ACLs, comments, ...)
     dependencies: tuple[int, ...]  # dump ids of the entries this one needs
     offset_at: int  # position in the archive of the entry's data-offset field (flag byte, then the offset)
+    copy_stmt: str | None = None  # a TABLE DATA entry's "COPY ... FROM stdin;\n"
+    copy_span: tuple[int, int] = (0, 0)  # where that string (its length int, then its bytes) lies in the archive
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,9 @@ def parse_head(data: bytes | bytearray | memoryview) -> ArchiveHead:
         section = r.int()
         r.str()  # definition
         r.str()  # drop statement
-        r.str()  # copy statement
+        copy_start = r.pos
+        copy_stmt = r.str()
+        copy_span = (copy_start, r.pos)
         namespace = r.str()
         r.str()  # tablespace
         if version >= (1, 14):
@@ -154,9 +158,24 @@ def parse_head(data: bytes | bytearray | memoryview) -> ArchiveHead:
         r.byte()  # data offset flag
         r.take(offset_size)
         entries[dump_id] = TocEntry(dump_id=dump_id, desc=desc, namespace=namespace, tag=tag, section=section,
-                                    dependencies=tuple(dependencies), offset_at=offset_at)
+                                    dependencies=tuple(dependencies), offset_at=offset_at, copy_stmt=copy_stmt,
+                                    copy_span=copy_span)
     return ArchiveHead(version=f"{vmaj}.{vmin}.{vrev}", int_size=r.int_size, offset_size=offset_size,
                        entries=entries, data_start=r.pos)
+
+
+def with_copy_statements(head: ArchiveHead, head_bytes: bytes, statements: dict[int, str]) -> bytes:
+    """``head_bytes`` (the archive up to its first data block) with the COPY statements of the TABLE DATA
+    entries in ``statements`` (dump id -> new statement) replaced. The data offsets in the result are no
+    longer true: it is for a ``pg_restore`` that reads its archive from a pipe, which ignores them."""
+    pieces: list[bytes] = []
+    at = 0
+    for start, end, text in sorted((head.entries[i].copy_span + (text,) for i, text in statements.items())):
+        encoded = text.encode()
+        pieces += [head_bytes[at:start], b"\x00", len(encoded).to_bytes(head.int_size, "little"), encoded]
+        at = end
+    pieces.append(head_bytes[at:])
+    return b"".join(pieces)
 
 
 # pg_dump's sections (pg_backup.h).

@@ -13,6 +13,7 @@ come, once a loader has made it.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,36 @@ def pg_restore_failed(what: str, child: Child, code: int) -> RestoreFailed:
     errors = [line for line in child.stderr_lines if ": error:" in line or "ERROR" in line]
     detail = "\n".join(errors[-10:]) if errors else child.stderr_tail()
     return RestoreFailed(f"{what} failed ({describe_exit(code)}): {detail[-2000:]}")
+
+
+_IDENT = r'(?:"(?:[^"]|"")*"|[a-z_][a-z0-9_$]*)'
+_COPY = re.compile(rf"COPY ({_IDENT}(?:\.{_IDENT})?) (.*)FROM stdin;\n", re.DOTALL)
+
+
+def frozen_copies(pg: PostgresConnection, database: str, head: ArchiveHead) -> dict[int, str]:
+    """TABLE DATA dump id -> its COPY statement made ``TRUNCATE ONLY t; COPY t ... FROM stdin WITH (FREEZE);``,
+    for every table that is a plain table this connection may truncate (not a partitioned root that a
+    ``--load-via-partition-root`` dump loads into). Sent as one query, the two run in one transaction, so the
+    rows go in frozen and their pages all-visible: no reader (the index builds, the read-back) has to set
+    their hint bits, which on a server with data checksums writes every page again and logs it whole.
+    The tables were just created by this restore and are empty, and no foreign key points at them yet."""
+    found: dict[int, tuple[str, str]] = {}
+    for entry in head.entries.values():
+        match = _COPY.fullmatch(entry.copy_stmt or "") if entry.desc == "TABLE DATA" else None
+        if match is not None:
+            found[entry.dump_id] = (match.group(1), entry.copy_stmt or "")
+    if not found:
+        return {}
+    with pg.connect(database) as conn:
+        # quote_ident quotes as pg_dump's fmtId does; a name quoted otherwise is simply not found (not frozen).
+        rows = conn.execute(
+            "SELECT q.target FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, "
+            "LATERAL (SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) AS target) q "
+            "WHERE c.relkind = 'r' AND has_table_privilege(c.oid, 'TRUNCATE') AND q.target = ANY(%s)",
+            ([target for target, _ in found.values()],)).fetchall()
+    plain = {target for (target,) in rows}
+    return {dump_id: f"TRUNCATE ONLY {target}; {copy[:-2]} WITH (FREEZE);\n"
+            for dump_id, (target, copy) in found.items() if target in plain}
 
 
 def table_items(head: ArchiveHead) -> dict[int, list[int]]:

@@ -18,7 +18,15 @@ from psycopg import sql
 from blocks.errors import ConfigurationError, DumpFailed, RestoreFailed, RunbookError, VerificationFailed
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
-from tasks.archive import CHECKSUM_ENV, ArchiveDigest, ArchiveFormatError, ArchiveHead, UnsupportedArchive, read_head
+from tasks.archive import (
+    CHECKSUM_ENV,
+    ArchiveDigest,
+    ArchiveFormatError,
+    ArchiveHead,
+    UnsupportedArchive,
+    read_head,
+    with_copy_statements,
+)
 from tasks.archive import METHOD as ARCHIVE_METHOD
 from tasks.databases import (
     apply_statements,
@@ -39,7 +47,7 @@ from tasks.pg_checksums import (
     rows_only,
     user_relations,
 )
-from tasks.pg_load import DataLoaders, pg_restore_failed
+from tasks.pg_load import DataLoaders, frozen_copies, pg_restore_failed
 from tasks.pg_readback import ReadBack
 from tasks.process import describe_exit, pg_tool, run, spawn, tool_version
 from tasks.progress import Progress
@@ -321,7 +329,8 @@ def _restore_following(part: Part, pg: PostgresConnection, database: str, argv: 
     _run_restore(pg, database, [*argv, "--section=pre-data"], stdin=staging.head_bytes)
     step("schema (pg_restore --section=pre-data)")
     readback = ReadBack(pg, database, jobs, head=head, expected=part.tables) if read_beside else None
-    loaded = set(DataLoaders(pg, database, argv, staging, head, staging.head_bytes, jobs, readback).run())
+    head_bytes = with_copy_statements(head, staging.head_bytes, frozen_copies(pg, database, head))
+    loaded = set(DataLoaders(pg, database, argv, staging, head, head_bytes, jobs, readback).run())
     step(f"data, then each table's indexes and constraints ({jobs} loaders following the download"
          + ("; tables read back beside)" if readback else ")"))
     staged = staging.wait_done()

@@ -5,6 +5,7 @@ same checksums; a download that fails or starts over, or a loader that fails, le
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import subprocess
 import threading
@@ -24,10 +25,10 @@ from blocks.backends import LocalStore
 from blocks.errors import ConnectionFailed, DumpFailed, RestoreFailed
 from blocks.postgres import PostgresConnection
 from blocks.store import BackupStore
-from tasks.archive import read_head
+from tasks.archive import parse_head, read_head, with_copy_statements
 from tasks.manifest import Part
 from tasks.pg_checksums import collect_checksums, digest_database
-from tasks.pg_load import table_items
+from tasks.pg_load import frozen_copies, table_items
 from tasks.pg_readback import ReadBack
 from tasks.postgres import dump_database, restore_database
 from tasks.process import child_env, pg_tool
@@ -174,6 +175,16 @@ def test_a_restore_that_follows_its_download_gives_the_same_database(
 
     assert _content(target, "followed") == _content(source, source.database)
     assert _schema(target, "followed") == _schema(source, source.database)
+    # Every table a loader filled went in with COPY FREEZE: each of its pages is all-frozen (and so all-visible).
+    with target.connect("followed", autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION pg_visibility")
+        pages = conn.execute(
+            "SELECT c.oid::regclass::text, v.all_frozen, pg_relation_size(c.oid) / current_setting('block_size')::int "
+            "FROM pg_class c, pg_visibility_map_summary(c.oid) v "
+            "WHERE c.relkind = 'r' AND c.relnamespace::regnamespace::text NOT IN ('pg_catalog', 'information_schema')"
+        ).fetchall()
+    assert len(pages) == 36 and sum(size for _, _, size in pages) > 1000
+    assert [(table, frozen) for table, frozen, size in pages if frozen != size] == []
 
 
 def test_table_items_are_a_tables_own_indexes_and_constraints(backed_up: tuple[BackupStore, Part],
@@ -306,6 +317,51 @@ def test_a_loader_that_fails_stops_the_others_and_leaves_no_database(
     assert len(calls) >= 2
     with target.connect() as conn:
         assert conn.execute("SELECT count(*) FROM pg_database WHERE datname = 'followed_bad'").fetchone()[0] == 0
+
+
+def test_copy_statements_are_replaced_in_the_table_of_contents_and_freeze_only_what_may_be_truncated(
+    source: PostgresConnection, backed_up: tuple[BackupStore, Part], fresh_pg: ScratchPostgres, tmp_path: Path,
+) -> None:
+    store, part = backed_up
+    staged = stage_part.fn(part, store, str(tmp_path / "staging"))
+    head = read_head(staged.path)
+    head_bytes = Path(staged.path).read_bytes()[:head.data_start]
+    big = next(e for e in head.entries.values() if e.desc == "TABLE DATA" and e.tag == "big.table")
+    quoted = '"we ""ird"".schema é"."big.table"'
+    assert big.copy_stmt == f"COPY {quoted} (id, note, doc, raw, at, n) FROM stdin;\n"
+
+    # A copy of the database, then a role that may insert into every table but truncate only some.
+    target = PostgresConnection.from_url(fresh_pg.url)
+    restore_database.fn(part, store, target, "frozen_src", jobs=1)
+    with target.connect("frozen_src", autocommit=True) as conn:
+        conn.execute("CREATE ROLE loader LOGIN PASSWORD 'loader-pw'")
+        conn.execute("GRANT USAGE ON SCHEMA public TO loader")  # not on the other schema: its names stay unseen
+        conn.execute("GRANT INSERT ON ALL TABLES IN SCHEMA public TO loader")
+        conn.execute("GRANT TRUNCATE ON customers, orders, events_2025, events_2026 TO loader")
+    as_owner = frozen_copies(target, "frozen_src", head)
+    as_loader = frozen_copies(target.model_copy(update={"user": "loader", "password": SecretStr("loader-pw")}),
+                              "frozen_src", head)
+
+    tables = {e.dump_id: e.tag for e in head.entries.values() if e.desc == "TABLE DATA"}
+    assert sorted(tables[i] for i in as_owner) == sorted(tables.values())  # every table has its own data here
+    assert sorted(tables[i] for i in as_loader) == ["customers", "events_2025", "events_2026", "orders"]
+    assert as_owner[big.dump_id] == (f"TRUNCATE ONLY {quoted}; COPY {quoted} (id, note, doc, raw, at, n) "
+                                     "FROM stdin WITH (FREEZE);\n")
+
+    # A dump made with --load-via-partition-root loads each partition through its root, which is never frozen.
+    entry = next(e for e in head.entries.values() if e.tag == "events_2025" and e.desc == "TABLE DATA")
+    via_root = dataclasses.replace(head, entries={**head.entries, entry.dump_id: dataclasses.replace(
+        entry, copy_stmt="COPY public.events (at, what) FROM stdin;\n")})
+    assert entry.dump_id in as_owner and entry.dump_id not in frozen_copies(target, "frozen_src", via_root)
+
+    # The rewritten table of contents parses back with the new statements and everything else as it was.
+    rewritten = with_copy_statements(head, head_bytes, as_owner)
+    again = parse_head(rewritten)
+    assert again.data_start == len(rewritten)
+    assert {i: e.copy_stmt for i, e in again.entries.items() if i in as_owner} == as_owner
+    assert [(e.dump_id, e.desc, e.tag, e.namespace, e.dependencies, e.copy_stmt) for e in again.entries.values()
+            if e.dump_id not in as_owner] == [(e.dump_id, e.desc, e.tag, e.namespace, e.dependencies, e.copy_stmt)
+                                              for e in head.entries.values() if e.dump_id not in as_owner]
 
 
 def test_a_range_is_read_by_libpq_in_process_as_psql_reads_it_and_failures_say_why(
