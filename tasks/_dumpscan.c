@@ -419,7 +419,9 @@ static PyObject *py_copy_digest(PyObject *module, PyObject *args)
     } else {
         PGresult *res = pq.exec(conn, statement);
         if (pq.resultStatus(res) != PQ_PGRES_COPY_OUT) {
-            snprintf(message, sizeof message, "%s", pq.resultErrorMessage(res));
+            /* no result at all (the connection broke): the connection's message says why */
+            const char *why = res ? pq.resultErrorMessage(res) : "";
+            snprintf(message, sizeof message, "%s", *why ? why : pq.errorMessage(conn));
             error_type = CopyError;
         }
         pq.clear(res);
