@@ -51,6 +51,8 @@ trap 'rm -rf "$build"' EXIT
   "$(grep '^uv==' "$root/requirements-dev.lock")"
 export UV_SYSTEM_CERTS="${UV_SYSTEM_CERTS:-true}"
 pip=("$build/uv/bin/uv" pip install -q --python "$venv/bin/python" --no-deps)
+# Byte-compiled, as pip does by default (the image's root filesystem is read-only); PIP_NO_COMPILE=1 skips it.
+[ -n "${PIP_NO_COMPILE:-}" ] || pip+=(--compile-bytecode)
 locks=(-r "$root/requirements.lock")
 spec="$root"
 if [ ${#extras[@]} -gt 0 ]; then
