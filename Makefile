@@ -28,10 +28,16 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
+# pip bootstraps uv at its locked version; uv installs exactly the locked trees (they are whole: --no-deps) from
+# PyPI, byte-compiled as pip did (the postgres OS user runs wal-push from these packages and cannot write .pyc).
+# UV_SYSTEM_CERTS: uv trusts the system's certificate store, as pip does (a proxy's CA, where there is one).
+UV := UV_SYSTEM_CERTS=$${UV_SYSTEM_CERTS:-true} $(VENV)/bin/uv pip install -q --python $(PY) --no-deps
+
 $(STAMP): pyproject.toml requirements.lock requirements-dev.lock tasks/_dumpscan.c
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock -r requirements-dev.lock
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps "$$(grep '^uv==' requirements-dev.lock)"
+	$(UV) --compile-bytecode -r requirements.lock -r requirements-dev.lock
+	$(UV) -e .
 	@touch $(STAMP)
 
 demo: install

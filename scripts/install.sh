@@ -11,7 +11,7 @@
 #
 # The PostgreSQL binaries are linked into VENV/bin, so the venv's PATH finds the tools of the supported server
 # version. Ends by running `runbooks --help`, `prefect version` and `pg_dump --version` from VENV.
-# tests/test_packaging.py runs it (CI) into a fresh virtualenv; pip's wheel cache is reused between runs.
+# tests/test_packaging.py runs it (CI) into a fresh virtualenv; uv's cache (~/.cache/uv) is reused between runs.
 set -euo pipefail
 
 PG_MAJOR="${PG_MAJOR:-15}"  # the PostgreSQL version the runbooks are tested against (Debian 12's)
@@ -42,8 +42,17 @@ pg_bin="/usr/lib/postgresql/$PG_MAJOR/bin"
 [ -x "$pg_bin/pg_dump" ] || { echo "install.sh: no PostgreSQL $PG_MAJOR tools in $pg_bin (--system-deps installs them)" >&2; exit 1; }
 
 python3 -m venv "$venv"
-# The lock files are whole trees (tests/test_packaging.py checks it): one pip run, no resolver (--no-deps).
-pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps)
+# uv at the version requirements-dev.lock pins, outside the venv (a build tool, not part of the runtime), installs
+# the lock files: they are whole trees (tests/test_packaging.py checks it), so no resolver (--no-deps).
+# UV_SYSTEM_CERTS: it trusts the system's certificate store, as pip does.
+build="$(mktemp -d)"
+trap 'rm -rf "$build"' EXIT
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps --target "$build/uv" \
+  "$(grep '^uv==' "$root/requirements-dev.lock")"
+export UV_SYSTEM_CERTS="${UV_SYSTEM_CERTS:-true}"
+pip=("$build/uv/bin/uv" pip install -q --python "$venv/bin/python" --no-deps)
+# Byte-compiled, as pip does by default (the image's root filesystem is read-only); PIP_NO_COMPILE=1 skips it.
+[ -n "${PIP_NO_COMPILE:-}" ] || pip+=(--compile-bytecode)
 locks=(-r "$root/requirements.lock")
 spec="$root"
 if [ ${#extras[@]} -gt 0 ]; then
@@ -54,10 +63,9 @@ if [ ${#extras[@]} -gt 0 ]; then
 fi
 "${pip[@]}" "${locks[@]}"
 # Then the package itself, built in a temporary copy so the source tree gets no build/ or egg-info.
-build="$(mktemp -d)"
-trap 'rm -rf "$build"' EXIT
-tar -C "$root" --exclude=./.venv --exclude=./.git --exclude=./.demo --exclude=./.bench --exclude=./build --exclude='*.so' --exclude='*.egg-info' -cf - . | tar -C "$build" -xf -
-"${pip[@]}" "${spec/#$root/$build}"
+mkdir "$build/src"
+tar -C "$root" --exclude=./.venv --exclude=./.git --exclude=./.demo --exclude=./.bench --exclude=./build --exclude='*.so' --exclude='*.egg-info' -cf - . | tar -C "$build/src" -xf -
+"${pip[@]}" "${spec/#$root/$build/src}"
 
 for tool in "$pg_bin"/*; do
   ln -sf "$tool" "$venv/bin/$(basename "$tool")"
