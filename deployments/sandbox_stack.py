@@ -8,16 +8,19 @@ deployments' defaults name are saved (``backup-store/backups``, ``postgres-conne
 click works at once. Ctrl-C (or SIGTERM) stops everything and removes every directory it created.
 
 Passwords are random per start, kept in the services' own files and the saved Blocks; never printed.
+``kill -USR1 <pid>`` writes the stack of every thread of this process to its stderr (a start that hangs).
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -228,8 +231,14 @@ def run_sandbox(args: argparse.Namespace) -> int:
             print("runbooks sandbox: stopped" + (f", {home} removed" if created else ""), flush=True)
 
 
+def dump_stacks_on_sigusr1() -> None:
+    """SIGUSR1 writes every thread's stack to stderr, and the process goes on: what a hung start waits for."""
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+
+
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv)[1:])
+    dump_stacks_on_sigusr1()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     return run_sandbox(args)

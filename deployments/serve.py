@@ -16,7 +16,6 @@ stops them in reverse order and waits for each.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import secrets
@@ -253,12 +252,25 @@ def serve_main(args: argparse.Namespace) -> int:
 # -- up ----------------------------------------------------------------------------------------------------
 
 
-def _set_parent_death_signal() -> None:
-    """Children get SIGTERM if `runbooks up` dies without cleaning up (Linux prctl PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
+_PR_SET_PDEATHSIG = 1
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A call that makes the calling process get SIGTERM when its parent dies (Linux prctl PR_SET_PDEATHSIG), so
+    children get SIGTERM if `runbooks up` dies without cleaning up; None where libc has no prctl.
+
+    Resolved here, in the parent: the child between fork and exec (``preexec_fn``) must not import or dlopen.
+    Another thread of the parent may hold that module's import lock or the loader's lock at the fork (the
+    sandbox starts its services in a thread, importing psycopg, which imports ctypes), and the child then
+    waits for a lock nobody will release, while ``Popen`` waits for the child's exec without a timeout."""
+    try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    sigterm = int(signal.SIGTERM)
+    return lambda: prctl(_PR_SET_PDEATHSIG, sigterm)
 
 
 class ChildProcesses:
@@ -267,10 +279,14 @@ class ChildProcesses:
     def __init__(self, home: Path) -> None:
         self.home = home
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.death_signal = _parent_death_signal()
 
     def start(self, name: str, argv: list[str], env: Mapping[str, str], *, nice: int = 0) -> subprocess.Popen[bytes]:
-        def prepare() -> None:
-            _set_parent_death_signal()
+        death_signal = self.death_signal
+
+        def prepare() -> None:  # runs in the child before exec: no imports, no dlopen (see _parent_death_signal)
+            if death_signal is not None:
+                death_signal()
             if nice:
                 os.nice(nice)
 

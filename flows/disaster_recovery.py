@@ -30,7 +30,7 @@ from prefect.states import Cancelled, State
 from pydantic import BaseModel, Field
 
 from blocks.app import AppEndpoint
-from blocks.errors import ConfigurationError, RestoreFailed
+from blocks.errors import ConfigurationError, RestoreFailed, VerificationFailed
 from blocks.postgres import PostgresConnection
 from blocks.redis import RedisConnection
 from blocks.store import BackupStore
@@ -346,6 +346,14 @@ class _Downloads:
         finally:
             self.waited += time.monotonic() - started
 
+    def failure(self, part: Part) -> Exception | None:
+        """Once the part's download has ended: its error, or None if it was checked good."""
+        try:
+            self.result(part)
+        except Exception as exc:  # noqa: BLE001 - returned: the caller raises it
+            return exc
+        return None
+
     def __exit__(self, *_exc: object) -> None:
         self.cancel.set()
         for future in self.futures.values():
@@ -390,6 +398,12 @@ def _prepare(journal: Journal, parts: list[Part], prepared: _Prepared, downloads
             staged_dump = staged(part).path  # the download's final result: after its retries, or its error
             journal.step = f"restoring database {part.name!r} beside as {target.beside!r}"
             restored = restore_database(part, store, postgres, target.beside, staged_file=staged_dump, jobs=jobs)
+        except (RestoreFailed, VerificationFailed) as exc:
+            # It restored bytes whose download was not yet checked: a part that then fails its check is what
+            # made pg_restore (or the comparison) fail, and the run says so.
+            if (failed := downloads.failure(part)) is not None:
+                raise failed from exc
+            raise
         prepared.staged[part.key] = downloads.result(part)  # the restore saw its download checked
         target.state = "prepared"
         swaps.append(Swap(live=part.name, restored=target.beside, kept=target.kept))

@@ -2,7 +2,7 @@
 
 Put it between a client and a real service (S3, PostgreSQL, Redis) and point the client at
 ``127.0.0.1:proxy.port``. ``go_down()`` resets every live connection and every new one until
-``come_up()``; ``trip_after_bytes()`` does that mid-transfer, after a given upload volume.
+``come_up()``; ``trip_after_bytes()`` does that mid-transfer, after a given upload (or download) volume.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Self
+from typing import Literal, Self
 
 from tasks.process import Service
 from tasks.scratch import LOOPBACK
@@ -105,10 +105,12 @@ class FaultyProxy(Service):
         self._lifetime_timer: threading.Timer | None = None
         self._trip_remaining: int | None = None
         self._trip_down_for: float | None = None
+        self._trip_upstream = True  # which direction's bytes the armed trip counts
         self.bytes_up = 0  # client -> server, all connections, since start()
         self.bytes_down = 0  # server -> client
         self.connections = 0  # accepted while up
         self.resets = 0  # connections cut by go_down() or refused while down
+        self.down_delay = 0.0  # seconds each server -> client chunk (up to 64 KiB) waits: a slow link
 
     # -- public API ---------------------------------------------------------------------------
     @property
@@ -186,14 +188,16 @@ class FaultyProxy(Service):
             self._up_timer = None
             self._down.clear()
 
-    def trip_after_bytes(self, n: int, down_for_seconds: float | None) -> None:
-        """Pass ``n`` more bytes client -> server (all connections together), then go down for a while
-        (``None``: until ``come_up()``)."""
+    def trip_after_bytes(self, n: int, down_for_seconds: float | None,
+                         direction: Literal["up", "down"] = "up") -> None:
+        """Pass ``n`` more bytes client -> server (``direction="down"``: server -> client), all connections
+        together, then go down for a while (``None``: until ``come_up()``)."""
         if n < 0:
             raise ValueError("n must be >= 0")
         with self._lock:
             self._trip_remaining = n
             self._trip_down_for = down_for_seconds
+            self._trip_upstream = direction == "up"
 
     # -- internals ----------------------------------------------------------------------------
     def _drop_all(self) -> None:
@@ -271,11 +275,9 @@ class FaultyProxy(Service):
                     with contextlib.suppress(OSError):
                         dst.shutdown(socket.SHUT_WR)
                     break
-                if upstream:
-                    data, trip = self._account_up(data)
-                else:
-                    with self._lock:
-                        self.bytes_down += len(data)
+                if not upstream and self.down_delay:
+                    time.sleep(self.down_delay)
+                data, trip = self._account(data, upstream)
                 if data and not self._send_all(link, dst, data):
                     link.abort.set()
                     break
@@ -289,18 +291,21 @@ class FaultyProxy(Service):
                 with self._lock:
                     self._links.discard(link)
 
-    def _account_up(self, data: bytes) -> tuple[bytes, bool]:
-        """Count client -> server bytes; cut ``data`` where an armed trip fires."""
+    def _account(self, data: bytes, upstream: bool) -> tuple[bytes, bool]:
+        """Count the bytes of one direction; cut ``data`` where a trip armed for that direction fires."""
         with self._lock:
             trip = False
-            if self._trip_remaining is not None:
+            if self._trip_remaining is not None and self._trip_upstream == upstream:
                 if len(data) >= self._trip_remaining:
                     data = data[: self._trip_remaining]
                     self._trip_remaining = None
                     trip = True
                 else:
                     self._trip_remaining -= len(data)
-            self.bytes_up += len(data)
+            if upstream:
+                self.bytes_up += len(data)
+            else:
+                self.bytes_down += len(data)
             return data, trip
 
     def _send_all(self, link: _Link, dst: socket.socket, data: bytes) -> bool:

@@ -56,10 +56,19 @@ class Sandbox:
     def ui(self) -> str:
         return str(self.about["ui"])
 
-    def log_tail(self) -> str:
+    def log_tail(self, lines: int = 40) -> str:
         if self.log is None or not self.log.exists():
             return ""
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stacks_and_log_tail(self) -> str:
+        """Ask the running sandbox for every thread's stack (SIGUSR1: faulthandler writes it to its log), and
+        give the log's tail with it: where a start that hangs is waiting."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGUSR1)  # the sandbox process only: its children have no such handler
+            time.sleep(1)
+        return self.log_tail(lines=200)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +91,8 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
             if proc.poll() is not None:
                 raise RuntimeError(f"runbooks sandbox exited with {proc.returncode}:\n{box.log_tail()}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"runbooks sandbox not ready within {START_TIMEOUT:.0f} s:\n{box.log_tail()}")
+                raise RuntimeError(f"runbooks sandbox not ready within {START_TIMEOUT:.0f} s; its threads' stacks "
+                                   f"and log:\n{box.stacks_and_log_tail()}")
             time.sleep(1)
         time.sleep(0.2)  # written in one call; let it land
         box.about = json.loads((home / "sandbox.json").read_text())
