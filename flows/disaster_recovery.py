@@ -14,6 +14,7 @@ The approval text is built in flows/_recovery_approval.py, the report in flows/_
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import time
@@ -162,6 +163,9 @@ def disaster_recovery(
         raise ConfigurationError("mode=in-place needs confirm=True; nothing was changed")
     if not keep_safety_copy and mode != "in-place":
         raise ConfigurationError("keep_safety_copy=False is for mode=in-place; nothing was changed")
+    if staging_dir and not (os.path.isdir(staging_dir) and os.access(staging_dir, os.W_OK | os.X_OK)):
+        raise ConfigurationError(f"staging_dir {staging_dir!r} is not a directory this run can write into; "
+                                 "nothing was changed")
     # A plain call, not a task run: on a SQLite-backed Prefect server a task run's records, written just as
     # the per-target lock below asks for its slot, make the slot's UPDATE meet "database is locked", and the
     # client backs off 2 s or more. Its log line still goes to the run's log.

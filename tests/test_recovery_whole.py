@@ -251,6 +251,20 @@ def test_a_fault_in_the_commit_phase_leaves_production_as_before(fault, producti
     assert journal.redis_safety_copy.key in report
 
 
+def test_a_staging_dir_that_is_not_there_is_refused_before_anything_changes(production, prefect_harness, tmp_path):
+    s = production
+    set_id = _backup(s)
+    _damage(s)
+    before = fingerprint(s)
+    journals = len(read_journals(s["store"].get_client()))
+    state = _recover(s, set_id, staging_dir=str(tmp_path / "not-there"))
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "staging_dir" in message and "not-there" in message and "nothing was changed" in message
+    assert fingerprint(s) == before and s["app"].events == []
+    assert len(read_journals(s["store"].get_client())) == journals  # refused before the recovery began
+
+
 def test_redis_that_refuses_restore_fails_the_prepare_phase_and_changes_nothing(production, prefect_harness):
     s = production
     set_id = _backup(s)
