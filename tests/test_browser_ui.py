@@ -240,14 +240,27 @@ def _resume_with_reject(page: Any, sandbox: Sandbox, shots: Path) -> None:
     dialog = page.get_by_role("dialog")
 
     def reject(attempt: int) -> None:
-        if attempt:
-            page.keyboard.press("Escape")  # the dialog, if the failed answer left it open
-        if not dialog.is_visible():
-            page.get_by_role("button", name="Open menu").first.click()
-            page.get_by_role("menuitem", name="Resume").click()
-            dialog.get_by_text("Decision", exact=True).wait_for()
-        dialog.get_by_role("button", name="Select Decision").click()
-        page.get_by_role("option", name="reject", exact=True).click()
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        for opening in range(3):
+            if attempt or opening:
+                page.keyboard.press("Escape")  # the dialog, if the failed answer (or a stuck one) left it open
+                dialog.wait_for(state="hidden")
+            if not dialog.is_visible():
+                page.get_by_role("button", name="Open menu").first.click()
+                page.get_by_role("menuitem", name="Resume").click()
+                dialog.get_by_text("Decision", exact=True).wait_for()
+            try:
+                # Seen once in six runs: this button re-rendered under every click for a minute. A dialog
+                # opened afresh from the menu then takes the click.
+                dialog.get_by_role("button", name="Select Decision").click(timeout=15_000)
+                page.get_by_role("option", name="reject", exact=True).click(timeout=15_000)
+            except PlaywrightTimeout:
+                if opening == 2:
+                    raise
+                print("the approval dialog's decision picker took no click for 15 s; opening the dialog again")
+                continue
+            break
         if attempt == 0:
             _snap(page, shots, "09-disaster-recovery-reject")
         dialog.get_by_role("button", name="Resume", exact=True).click()
